@@ -1,0 +1,72 @@
+# MoE from Scratch: two commands do everything.
+#   make lab    set up (or reuse) .venv and open the course in JupyterLab
+#   make test   set up (or reuse) .venv and run the whole test suite (unit tests + every notebook)
+#
+# TORCH_SPEC chooses the PyTorch requirement installed before the package. CI and machines that
+# carry a local CPU wheel set it to e.g. "torch==2.13.0". On Linux without an NVIDIA driver we ask
+# PyTorch's CPU index so that no CUDA libraries are downloaded.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.moe_course_installed
+SANITIZE   := tests/nbval_sanitize.cfg
+NBVAL      := --nbval-current-env --nbval-sanitize-with $(SANITIZE) --nbval-cell-timeout=600
+
+UNAME_S    := $(shell uname -s)
+HAS_NVIDIA := $(shell command -v nvidia-smi 2>/dev/null)
+ifeq ($(UNAME_S)-$(HAS_NVIDIA),Linux-)
+TORCH_SPEC       ?= torch
+TORCH_INDEX_ARGS ?= --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+else
+TORCH_SPEC       ?= torch
+TORCH_INDEX_ARGS ?=
+endif
+
+.PHONY: help setup lab test test-unit test-notebooks lint exercises execute clean
+
+help:
+	@echo "make lab    - set up .venv and open the course in JupyterLab"
+	@echo "make test   - set up .venv and run every test (unit tests, exercise checks, all notebooks)"
+	@echo "make exercises - regenerate notebooks/ from solutions/"
+	@echo "make execute   - re-execute the solution notebooks in place (after editing them)"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is required, found " + sys.version.split()[0]'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_INDEX_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=. notebooks/00_welcome.ipynb
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-notebooks: $(STAMP)
+	$(BIN)/python -m pytest --nbval $(NBVAL) solutions
+	$(BIN)/python -m pytest --nbval-lax $(NBVAL) notebooks
+
+# Notebook outputs were recorded on the CPU: compare on the CPU even where a GPU is present.
+test test-notebooks: export MOE_DEVICE = cpu
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --nbval $(NBVAL) solutions
+	$(BIN)/python -m pytest --nbval-lax $(NBVAL) notebooks
+
+exercises: $(STAMP)
+	$(BIN)/python -m moe_course.notebooks generate
+
+execute: $(STAMP)
+	$(BIN)/python -m moe_course.notebooks execute
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
