@@ -1,0 +1,558 @@
+"""The Python standard library as a byte-level text corpus, with a Python token type for every byte.
+
+Every Python installation ships its standard library as source, so this corpus needs no download
+(Colab and Binder included). The pieces:
+
+* **Files**: the fixed list :data:`STDLIB_FILES` (paths relative to ``sysconfig.get_paths()["stdlib"]``),
+  long-lived pure-Python modules present in every CPython 3.10 to 3.13. A missing file is skipped with a
+  warning; fewer than half found is an error.
+* **Tokens**: the raw UTF-8 bytes, so the vocabulary is 256 (:data:`VOCAB_SIZE`). Each file is preceded
+  by the header ``"\\n# ==== NAME ====\\n\\n"`` (:data:`FILE_HEADER`), a Python comment, so decoded text
+  stays readable and a model sees where one file ends and the next begins.
+* **Split by file**: a file belongs to validation when ``zlib.crc32(path) % 10 == 0`` (12 of the 117
+  files, about 10% of the bytes), so validation text comes from files the model never saw. The rule looks
+  at the path only, so it is the same on every machine and does not shift when a file is missing.
+* **Token types**: :func:`label_token_types` labels every byte with a :class:`TokenType` using the
+  standard :mod:`tokenize` module (and :mod:`ast` to tell docstrings from other strings). The labels let
+  the notebooks ask which experts the router sends comments, strings, keywords or numbers to.
+
+:func:`load_corpus` builds the arrays once (some seconds) and caches them as ``.npz`` in
+``$MOE_COURSE_CACHE`` or ``~/.cache/moe_course``, never in the repository; :func:`get_batch` samples
+nanoGPT-style training batches.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import keyword
+import os
+import sys
+import sysconfig
+import tokenize
+import warnings
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import overload
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FILE_HEADER",
+    "STDLIB_FILES",
+    "TOKEN_TYPE_NAMES",
+    "VOCAB_SIZE",
+    "Corpus",
+    "TokenType",
+    "cache_path",
+    "decode",
+    "default_cache_dir",
+    "encode",
+    "get_batch",
+    "is_val_file",
+    "label_token_types",
+    "load_corpus",
+    "split_files",
+    "stdlib_dir",
+]
+
+VOCAB_SIZE = 256
+"""Byte-level vocabulary: token ``i`` is the byte value ``i``."""
+
+FILE_HEADER = "\n# ==== {name} ====\n\n"
+"""Separator written before every file (a Python comment, labelled COMMENT and WHITESPACE)."""
+
+_FORMAT_VERSION = 1  # bump when the arrays or labels change meaning, so old caches are not reused
+
+# Sorted. Pure-Python modules present in CPython 3.10, 3.11, 3.12 and 3.13 (about 3.2 MB in all). Left out
+# on purpose: modules removed in 3.12/3.13 (distutils, asyncore, imp, smtpd, ...), modules turned into
+# packages (pathlib, zipfile in 3.12/3.13; string in 3.14), tests, generated tables and the largest files.
+STDLIB_FILES: tuple[str, ...] = (
+    "abc.py", "argparse.py", "ast.py", "asyncio/events.py", "asyncio/locks.py", "asyncio/queues.py",
+    "asyncio/tasks.py", "base64.py", "bisect.py", "calendar.py", "cmd.py", "code.py", "codeop.py",
+    "collections/__init__.py", "colorsys.py", "concurrent/futures/_base.py",
+    "concurrent/futures/thread.py", "configparser.py", "contextlib.py", "copy.py", "copyreg.py", "csv.py",
+    "dataclasses.py", "datetime.py", "decimal.py", "difflib.py", "dis.py", "email/charset.py",
+    "email/feedparser.py", "email/header.py", "email/message.py", "email/parser.py", "email/utils.py",
+    "enum.py", "filecmp.py", "fileinput.py", "fnmatch.py", "fractions.py", "functools.py",
+    "genericpath.py", "getopt.py", "gettext.py", "glob.py", "graphlib.py", "gzip.py", "hashlib.py",
+    "heapq.py", "hmac.py", "html/parser.py", "http/client.py", "http/cookies.py", "http/server.py",
+    "importlib/__init__.py", "inspect.py", "ipaddress.py", "json/__init__.py", "json/decoder.py",
+    "json/encoder.py", "json/scanner.py", "json/tool.py", "linecache.py", "logging/__init__.py",
+    "logging/config.py", "logging/handlers.py", "lzma.py", "mimetypes.py", "numbers.py", "operator.py",
+    "optparse.py", "os.py", "pdb.py", "pickle.py", "pkgutil.py", "platform.py", "plistlib.py",
+    "posixpath.py", "pprint.py", "profile.py", "pstats.py", "queue.py", "quopri.py", "random.py",
+    "reprlib.py", "rlcompleter.py", "runpy.py", "sched.py", "secrets.py", "selectors.py", "shelve.py",
+    "shlex.py", "shutil.py", "signal.py", "smtplib.py", "socket.py", "socketserver.py", "statistics.py",
+    "struct.py", "subprocess.py", "symtable.py", "tabnanny.py", "tempfile.py", "textwrap.py",
+    "threading.py", "timeit.py", "tokenize.py", "trace.py", "traceback.py", "types.py", "unittest/case.py",
+    "urllib/parse.py", "uuid.py", "warnings.py", "wave.py", "weakref.py", "wsgiref/simple_server.py",
+    "xml/etree/ElementTree.py", "zipapp.py",
+)  # fmt: skip
+
+
+class TokenType(IntEnum):
+    """The Python token type a byte belongs to (see :func:`label_token_types`)."""
+
+    OTHER = 0  # line-continuation backslashes, stray characters, a BOM, every byte of an untokenizable file
+    WHITESPACE = 1  # spaces, tabs, newlines and indentation outside any other token
+    COMMENT = 2  # "# ..." up to (not including) the newline
+    STRING = 3  # string literals, bytes, f-strings (all of it, including the {expressions} inside)
+    DOCSTRING = 4  # a string that is the first statement of a module, class or function
+    NAME = 5  # identifiers, including soft keywords (match, case, type, _)
+    KEYWORD = 6  # keyword.iskeyword: def, return, if, None, True, ...
+    NUMBER = 7  # numeric literals
+    OPERATOR = 8  # tokenize OP tokens: punctuation, brackets, operators
+
+
+TOKEN_TYPE_NAMES: list[str] = [t.name for t in TokenType]
+"""``TOKEN_TYPE_NAMES[i]`` is the name of label ``i`` (for plot legends)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Byte labels
+# ---------------------------------------------------------------------------------------------------------
+
+_WHITESPACE_BYTES = np.zeros(256, dtype=bool)
+_WHITESPACE_BYTES[list(b" \t\n\r\f")] = True
+
+# Tokens that open/close an f-string (3.12+) or t-string (3.14+); the whole literal is labelled STRING,
+# as older Pythons do, so labels do not depend on the version's tokenizer.
+_FSTRING_START = {getattr(tokenize, n) for n in ("FSTRING_START", "TSTRING_START") if hasattr(tokenize, n)}
+_FSTRING_END = {getattr(tokenize, n) for n in ("FSTRING_END", "TSTRING_END") if hasattr(tokenize, n)}
+
+
+class _Positions:
+    """Converts tokenize's (row, character column) and ast's (row, UTF-8 column) to byte offsets."""
+
+    def __init__(self, text: str, encoding: str, base: int) -> None:
+        self.lines = text.split("\n")  # the same physical lines that io.StringIO.readline yields
+        self.encoding = encoding
+        self.starts: list[int] = []  # byte offset of the start of each line
+        self.ascii: list[bool] = []
+        offset = base
+        for line in self.lines:
+            self.starts.append(offset)
+            is_ascii = line.isascii()
+            self.ascii.append(is_ascii)
+            offset += (len(line) if is_ascii else len(line.encode(encoding))) + 1
+
+    def byte(self, row: int, col: int) -> int:
+        """Byte offset of character ``col`` of line ``row`` (1-based, as tokenize counts)."""
+        i = row - 1
+        if i >= len(self.lines):  # ENDMARKER sits one line past the end
+            return self.starts[-1] + len(self.lines[-1].encode(self.encoding))
+        if self.ascii[i]:
+            return self.starts[i] + col
+        return self.starts[i] + len(self.lines[i][:col].encode(self.encoding))
+
+    def byte_from_utf8(self, row: int, col: int) -> int:
+        """Byte offset of UTF-8 byte column ``col`` of line ``row`` (ast's convention)."""
+        i = row - 1
+        if self.ascii[i]:
+            return self.starts[i] + col
+        chars = len(self.lines[i].encode("utf-8")[:col].decode("utf-8", errors="ignore"))
+        return self.byte(row, chars)
+
+
+def _token_spans(text: str, pos: _Positions) -> tuple[list[int], list[int], list[int]]:
+    """(starts, ends, labels) in bytes of every labelled token; raises what tokenize raises."""
+    starts: list[int] = []
+    ends: list[int] = []
+    labels: list[int] = []
+    fstring_depth = 0
+    fstring_start = (0, 0)
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        kind = tok.type
+        if kind in _FSTRING_START:
+            if fstring_depth == 0:
+                fstring_start = tok.start
+            fstring_depth += 1
+            continue
+        if fstring_depth:
+            if kind in _FSTRING_END:
+                fstring_depth -= 1
+                if fstring_depth == 0:
+                    starts.append(pos.byte(*fstring_start))
+                    ends.append(pos.byte(*tok.end))
+                    labels.append(TokenType.STRING)
+            continue
+        if kind == tokenize.NAME:
+            label = TokenType.KEYWORD if keyword.iskeyword(tok.string) else TokenType.NAME
+        elif kind == tokenize.OP:
+            label = TokenType.OPERATOR
+        elif kind == tokenize.STRING:
+            label = TokenType.STRING
+        elif kind == tokenize.COMMENT:
+            label = TokenType.COMMENT
+        elif kind == tokenize.NUMBER:
+            label = TokenType.NUMBER
+        else:  # NEWLINE, NL, INDENT, DEDENT, ENDMARKER, ERRORTOKEN: left to the whitespace/other pass
+            continue
+        starts.append(pos.byte(*tok.start))
+        ends.append(pos.byte(*tok.end))
+        labels.append(label)
+    return starts, ends, labels
+
+
+def _docstring_spans(text: str, pos: _Positions) -> list[tuple[int, int]]:
+    """Byte spans of module, class and function docstrings (empty if ``ast`` cannot parse the text)."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    spans: list[tuple[int, int]] = []
+    owners = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    stack: list[ast.AST] = [tree]
+    while stack:  # visit statements only (much cheaper than ast.walk over every expression)
+        node = stack.pop()
+        body = getattr(node, "body", None)
+        if isinstance(node, owners) and body:
+            first = body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                v = first.value
+                if v.end_lineno is not None and v.end_col_offset is not None:
+                    start = pos.byte_from_utf8(v.lineno, v.col_offset)
+                    spans.append((start, pos.byte_from_utf8(v.end_lineno, v.end_col_offset)))
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            children = getattr(node, field, None)
+            if isinstance(children, list):
+                stack.extend(c for c in children if isinstance(c, ast.AST))
+    return spans
+
+
+def label_token_types(source: bytes) -> np.ndarray:
+    """Return a uint8 array, one :class:`TokenType` per byte of the Python ``source``.
+
+    Bytes outside tokens are WHITESPACE (space, tab, newline, CR, form feed) or OTHER. If ``tokenize``
+    rejects the source (a syntax error it detects, an unterminated bracket or string, a bad encoding),
+    every byte is OTHER.
+    """
+    source = bytes(source)
+    n = len(source)
+    out = np.full(n, TokenType.OTHER, dtype=np.uint8)
+    if n == 0:
+        return out
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(source).readline)
+        base = 0
+        if encoding == "utf-8-sig":
+            encoding, base = "utf-8", 3 if source.startswith(b"\xef\xbb\xbf") else 0
+        text = source[base:].decode(encoding)
+        pos = _Positions(text, encoding, base)
+        starts, ends, labels = _token_spans(text, pos)
+    except (tokenize.TokenError, SyntaxError, UnicodeError, LookupError, ValueError):
+        return out
+    out[_WHITESPACE_BYTES[np.frombuffer(source, dtype=np.uint8)]] = TokenType.WHITESPACE
+    if starts:
+        s = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(ends, dtype=np.int64) - s
+        total = int(lengths.sum())
+        # indices of all bytes of all tokens: for each token, s, s+1, ..., e-1 (vectorised)
+        idx = np.arange(total, dtype=np.int64) + np.repeat(s - (np.cumsum(lengths) - lengths), lengths)
+        out[idx] = np.repeat(np.asarray(labels, dtype=np.uint8), lengths)
+    for start, end in _docstring_spans(text, pos):
+        segment = out[start:end]
+        segment[segment == TokenType.STRING] = TokenType.DOCSTRING
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files and split
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stdlib_dir() -> Path:
+    """Directory of the running Python's standard library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_val_file(name: str) -> bool:
+    """True when ``name`` (a path in :data:`STDLIB_FILES`) is a validation file: ``crc32(name) % 10 == 0``."""
+    return zlib.crc32(name.encode("utf-8")) % 10 == 0
+
+
+def split_files(names: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split file names into (train, validation), keeping their order, with :func:`is_val_file`."""
+    names = tuple(names)
+    return tuple(n for n in names if not is_val_file(n)), tuple(n for n in names if is_val_file(n))
+
+
+def _read_files(names: Sequence[str]) -> dict[str, bytes]:
+    """Read the files that exist; warn about missing ones; fail if fewer than half are there."""
+    root = stdlib_dir()
+    found: dict[str, bytes] = {}
+    missing: list[str] = []
+    for name in names:
+        try:
+            found[name] = (root / name).read_bytes()
+        except OSError:
+            missing.append(name)
+    if missing:
+        warnings.warn(
+            f"{len(missing)} standard-library file(s) not found under {root} and skipped: "
+            + ", ".join(missing),
+            stacklevel=3,
+        )
+    if len(found) * 2 < len(names):
+        raise FileNotFoundError(
+            f"only {len(found)} of the {len(names)} corpus files were found under {root}; this Python "
+            "installation does not ship its standard library as .py source files"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoding helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def encode(text: str) -> torch.Tensor:
+    """Encode text to byte tokens (a uint8 tensor)."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def decode(tokens: torch.Tensor | np.ndarray | Sequence[int]) -> str:
+    """Decode byte tokens to text (invalid UTF-8, e.g. a cut multi-byte character, becomes U+FFFD)."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    return np.asarray(tokens, dtype=np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The corpus
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """Train/validation byte tokens (uint8 tensors) and the token type of every byte."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    train_types: torch.Tensor
+    val_types: torch.Tensor
+    files_train: tuple[str, ...]
+    files_val: tuple[str, ...]
+    vocab_size: int = VOCAB_SIZE
+
+    def decode(self, tokens: torch.Tensor | np.ndarray | Sequence[int]) -> str:
+        """Decode byte tokens to text."""
+        return decode(tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"Corpus(train={len(self.train):,} bytes from {len(self.files_train)} files, "
+            f"val={len(self.val):,} bytes from {len(self.files_val)} files, vocab_size={self.vocab_size})"
+        )
+
+
+def default_cache_dir() -> Path:
+    """``$MOE_COURSE_CACHE`` if set, else ``~/.cache/moe_course``."""
+    env = os.environ.get("MOE_COURSE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moe_course"
+
+
+def _list_hash(names: Sequence[str]) -> str:
+    text = "\n".join([f"v{_FORMAT_VERSION}", FILE_HEADER, *names])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def cache_path(cache_dir: str | Path | None = None, max_bytes: int | None = None) -> Path:
+    """Where :func:`load_corpus` caches its arrays (depends on the Python version and the file list)."""
+    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    version = "{}.{}.{}".format(*sys.version_info[:3])
+    suffix = "" if max_bytes is None else f"_max{max_bytes}"
+    return directory / f"stdlib_corpus_py{version}_{_list_hash(STDLIB_FILES)}{suffix}.npz"
+
+
+def _build_part(
+    names: Sequence[str], files: dict[str, bytes], cap: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """Concatenate (header + file) for each name, with labels, stopping once ``cap`` bytes are reached."""
+    tokens: list[bytes] = []
+    types: list[np.ndarray] = []
+    used: list[str] = []
+    offsets: list[int] = []
+    size = 0
+    for name in names:
+        if cap is not None and size >= cap:
+            break
+        if name not in files:
+            continue
+        header = FILE_HEADER.format(name=name).encode("utf-8")
+        used.append(name)
+        offsets.append(size)
+        for chunk in (header, files[name]):
+            tokens.append(chunk)
+            types.append(label_token_types(chunk))
+            size += len(chunk)
+    data = np.frombuffer(b"".join(tokens), dtype=np.uint8)
+    labels = np.concatenate(types) if types else np.zeros(0, dtype=np.uint8)
+    if cap is not None:
+        data, labels = data[:cap], labels[:cap]
+    return data, labels, used, np.array(offsets, dtype=np.int64)
+
+
+def _caps(max_bytes: int | None) -> tuple[int | None, int | None]:
+    if max_bytes is None:
+        return None, None
+    if max_bytes < 2:
+        raise ValueError(f"max_bytes must be at least 2 (one train and one validation byte), got {max_bytes}")
+    val_cap = max(1, max_bytes // 10)
+    return max_bytes - val_cap, val_cap
+
+
+_KEYS = ("train", "val", "train_types", "val_types", "files_train", "files_val", "offsets_train", "offsets_val")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in _KEYS}
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+    if len(arrays["train"]) != len(arrays["train_types"]) or len(arrays["val"]) != len(arrays["val_types"]):
+        return None
+    return arrays
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically (temporary file, then rename); warn instead of failing if the directory is read-only."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not cache the corpus in {path.parent}: {err}", stacklevel=3)
+
+
+def _truncate(arrays: dict[str, np.ndarray], max_bytes: int | None) -> dict[str, np.ndarray]:
+    """Cut a full build to ``max_bytes``; equal to what ``_build(max_bytes)`` makes."""
+    train_cap, val_cap = _caps(max_bytes)
+    if train_cap is None:
+        return arrays
+    out = dict(arrays)
+    for key, cap in (("train", train_cap), ("val", val_cap)):
+        out[key] = arrays[key][:cap]
+        out[f"{key}_types"] = arrays[f"{key}_types"][:cap]
+        keep = arrays[f"offsets_{key}"] < cap  # files whose header starts inside the kept bytes
+        out[f"files_{key}"] = arrays[f"files_{key}"][keep]
+        out[f"offsets_{key}"] = arrays[f"offsets_{key}"][keep]
+    return out
+
+
+def _build(max_bytes: int | None) -> dict[str, np.ndarray]:
+    files = _read_files(STDLIB_FILES)
+    train_names, val_names = split_files(STDLIB_FILES)
+    train_cap, val_cap = _caps(max_bytes)
+    train, train_types, used_train, offsets_train = _build_part(train_names, files, train_cap)
+    val, val_types, used_val, offsets_val = _build_part(val_names, files, val_cap)
+    return {
+        "train": train,
+        "val": val,
+        "train_types": train_types,
+        "val_types": val_types,
+        "files_train": np.array(used_train, dtype=str),
+        "files_val": np.array(used_val, dtype=str),
+        "offsets_train": offsets_train,
+        "offsets_val": offsets_val,
+    }
+
+
+def load_corpus(cache_dir: str | Path | None = None, max_bytes: int | None = None) -> Corpus:
+    """Load the standard-library corpus, building and caching it on first use (some seconds).
+
+    ``max_bytes`` keeps only the first ``max_bytes`` bytes in all: 90% from the training files and 10%
+    from the validation files, in file order (for quick tests and demos).
+    """
+    full = cache_path(cache_dir)
+    arrays = _load_npz(full)
+    if arrays is not None:
+        arrays = _truncate(arrays, max_bytes)
+    elif max_bytes is None:
+        arrays = _build(None)
+        _save_npz(full, arrays)
+    else:
+        small = cache_path(cache_dir, max_bytes)
+        arrays = _load_npz(small)
+        if arrays is None:
+            arrays = _build(max_bytes)
+            _save_npz(small, arrays)
+    return Corpus(
+        train=torch.from_numpy(np.ascontiguousarray(arrays["train"], dtype=np.uint8)),
+        val=torch.from_numpy(np.ascontiguousarray(arrays["val"], dtype=np.uint8)),
+        train_types=torch.from_numpy(np.ascontiguousarray(arrays["train_types"], dtype=np.uint8)),
+        val_types=torch.from_numpy(np.ascontiguousarray(arrays["val_types"], dtype=np.uint8)),
+        files_train=tuple(str(n) for n in arrays["files_train"]),
+        files_val=tuple(str(n) for n in arrays["files_val"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------
+
+
+@overload
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator | None = ...,
+    device: torch.device | str | None = ...,
+    types: None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator | None = ...,
+    device: torch.device | str | None = ...,
+    *,
+    types: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    types: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Sample ``batch_size`` random windows: ``x = data[i:i+T]`` and ``y = data[i+1:i+T+1]`` as long (B, T).
+
+    With ``types`` (the per-byte labels of ``data``) also return the token types of ``y`` (long, B x T).
+    ``generator`` must be a CPU generator (sampling happens on the CPU, then tensors move to ``device``).
+    """
+    if data.dim() != 1:
+        raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
+    if len(data) <= block_size:
+        raise ValueError(f"data has {len(data)} tokens, need more than block_size={block_size}")
+    if types is not None and types.shape != data.shape:
+        raise ValueError(f"types has shape {tuple(types.shape)} but data has {tuple(data.shape)}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    index = starts[:, None] + torch.arange(block_size + 1)
+    window = data.cpu()[index].long()
+    out = [window[:, :-1], window[:, 1:]]
+    if types is not None:
+        out.append(types.cpu()[index[:, 1:]].long())
+    if device is not None:
+        out = [t.to(device) for t in out]
+    return tuple(out)

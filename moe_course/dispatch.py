@@ -1,0 +1,114 @@
+"""Token dispatch: send each token to its k experts, run them, and add the weighted results back.
+
+Three implementations that compute the same function (tested equal in forward and backward):
+
+* :func:`dispatch_dense`: every expert on every token, then mask by the routing weights (the reference;
+  as slow as the soft mixture).
+* :func:`dispatch_loop`: one boolean mask per expert, gather its tokens, scatter the result back.
+* :func:`dispatch_sorted`: sort the (token, expert) pairs by expert so each expert sees one contiguous
+  slice, run the experts on their slices, and scatter-add the weighted outputs (the layout used by grouped
+  GEMM kernels and by expert parallelism's all-to-all).
+
+Capacity (GShard, Switch Transformer): each expert takes at most
+``ceil(capacity_factor · tokens · k / N)`` assignments; first choices claim slots before second choices,
+and an assignment past capacity is dropped (the token then passes through the residual connection).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Experts = Sequence[nn.Module]
+
+
+def _check(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_experts: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"dispatch expects tokens of shape (T, d), got {tuple(x.shape)}; flatten (B, T)")
+    if weights.shape != indices.shape or weights.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be (T, k) "
+            f"with T = {x.shape[0]} tokens"
+        )
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts):
+        raise ValueError(f"expert indices must lie in [0, {n_experts}), got {indices.min()}..{indices.max()}")
+
+
+def dispatch_dense(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Run every expert on every token, then keep only the routed ones. x: (T, d) -> (T, d)."""
+    _check(x, weights, indices, len(experts))
+    gates = torch.zeros(x.shape[0], len(experts), dtype=weights.dtype, device=x.device)
+    gates = gates.scatter_add(1, indices, weights)  # (T, N), zero for experts not chosen
+    outs = torch.stack([expert(x) for expert in experts], dim=1)  # (T, N, d)
+    return (gates.unsqueeze(-1).to(outs.dtype) * outs).sum(dim=1)
+
+
+def dispatch_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """For each expert: find its tokens with a mask, run it on them, add the weighted output back."""
+    _check(x, weights, indices, len(experts))
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where(indices == e)  # which tokens chose e, and as which choice
+        if token.numel() == 0:
+            continue
+        y = expert(x[token]) * weights[token, slot].unsqueeze(-1).to(x.dtype)
+        out = out.index_add(0, token, y)
+    return out
+
+
+def dispatch_sorted(
+    x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Experts
+) -> torch.Tensor:
+    """Permute token copies into contiguous per-expert slices, run each expert once, scatter-add back."""
+    _check(x, weights, indices, len(experts))
+    k = indices.shape[1]
+    flat = indices.reshape(-1)  # (T*k,) expert of each (token, slot) pair
+    order = flat.argsort(stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()  # tokens per expert
+    token_of = order // k  # which token each sorted pair came from
+    xs = x[token_of]  # (T*k, d), expert 0's tokens first, then expert 1's, ...
+    ys = torch.cat([expert(chunk) for expert, chunk in zip(experts, xs.split(counts), strict=True)])
+    ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+    return torch.zeros_like(x).index_add(0, token_of, ys)
+
+
+DISPATCHERS: dict[str, Callable[..., torch.Tensor]] = {
+    "dense": dispatch_dense,
+    "loop": dispatch_loop,
+    "sorted": dispatch_sorted,
+}
+
+
+def get_dispatcher(name: str) -> Callable[..., torch.Tensor]:
+    """Look up a dispatch implementation by name."""
+    try:
+        return DISPATCHERS[name]
+    except KeyError:
+        raise ValueError(f"unknown dispatch {name!r}; choose one of {sorted(DISPATCHERS)}") from None
+
+
+def expert_capacity(n_tokens: int, n_experts: int, k: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor · tokens · k / N) (Switch Transformer, eq. 4)."""
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+    if not 1 <= k <= n_experts:
+        raise ValueError(f"k must be between 1 and n_experts={n_experts}, got {k}")
+    return math.ceil(capacity_factor * n_tokens * k / n_experts)
+
+
+def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Which (token, slot) assignments fit: (T, k) bool.
+
+    Priority follows GShard: every token's first choice claims a slot before any second choice, and within
+    one choice rank tokens go in order.
+    """
+    t, k = indices.shape
+    by_rank = indices.t().reshape(-1)  # (k*T,): all first choices, then all second choices, ...
+    onehot = F.one_hot(by_rank, n_experts)  # (k*T, N)
+    position = ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=-1)  # place in its expert's queue
+    keep = position < capacity
+    return keep.reshape(k, t).t()

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from moe_course.balancing import router_z_loss, switch_aux_loss
+from moe_course.metrics import (
+    coefficient_of_variation,
+    expert_counts,
+    expert_load,
+    load_entropy,
+    max_violation,
+    routing_entropy,
+)
+
+
+def test_load_maxvio_cv_hand_computed():
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0]])  # counts: 4, 2, 1, 1 of 8
+    assert expert_counts(idx, 4).tolist() == [4, 2, 1, 1]
+    load = expert_load(idx, 4)
+    assert load.tolist() == pytest.approx([0.5, 0.25, 0.125, 0.125])
+    assert max_violation(load) == pytest.approx((0.5 - 0.25) / 0.25)  # 1.0
+    std = math.sqrt(((0.25**2) + 0 + 2 * (0.125**2)) / 4)
+    assert coefficient_of_variation(load) == pytest.approx(std / 0.25)
+    assert max_violation(torch.full((8,), 0.125)) == 0.0
+    assert load_entropy(torch.full((8,), 0.125)) == pytest.approx(math.log(8))
+
+
+def test_routing_entropy():
+    uniform = torch.full((5, 4), 0.25)
+    assert routing_entropy(uniform) == pytest.approx(math.log(4))
+    assert routing_entropy(uniform, normalized=True) == pytest.approx(1.0)
+    peaked = torch.tensor([[1.0, 0, 0, 0]])
+    assert routing_entropy(peaked) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_metrics_errors():
+    with pytest.raises(ValueError, match="must lie in"):
+        expert_counts(torch.tensor([[4]]), 4)
+    with pytest.raises(ValueError, match="empty"):
+        expert_load(torch.zeros(0, 2, dtype=torch.long), 4)
+
+
+def test_switch_aux_loss_is_one_when_uniform_and_n_when_collapsed():
+    n = 4
+    scores = torch.full((8, n), 1 / n)
+    idx = torch.arange(8).remainder(n).unsqueeze(1)
+    assert switch_aux_loss(scores, idx, n).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(8, n)
+    collapsed[:, 0] = 1
+    assert switch_aux_loss(collapsed, torch.zeros(8, 1, dtype=torch.long), n).item() == pytest.approx(n)
+
+
+def test_switch_aux_loss_hand_value_and_gradient_only_through_probabilities():
+    scores = torch.tensor([[0.7, 0.3], [0.4, 0.6]], requires_grad=True)
+    idx = torch.tensor([[0], [0]])
+    loss = switch_aux_loss(scores, idx, 2)
+    # f = [1, 0], P = [0.55, 0.45] -> 2 * 0.55
+    assert loss.item() == pytest.approx(1.1)
+    loss.backward()
+    assert torch.allclose(scores.grad, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+
+
+def test_router_z_loss_hand_value():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
+    expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected)

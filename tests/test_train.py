@@ -1,0 +1,90 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moe_course.model import TinyLM
+from moe_course.train import (
+    PRESETS,
+    TrainConfig,
+    evaluate,
+    get_preset,
+    load_checkpoint,
+    lr_at,
+    main,
+    random_batch,
+    save_checkpoint,
+    train,
+)
+
+# a tiny, very learnable "corpus": a repeated sentence
+TEXT = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 60), dtype=torch.uint8)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="available presets: .*cpu-moe"):
+        get_preset("huge")
+    with pytest.raises(SystemExit):
+        main(["--preset", "huge"])
+
+
+def test_presets_dense_and_moe_twins_have_equal_active_ffn_width():
+    for size in ("cpu", "gpu"):
+        moe, dense = PRESETS[f"{size}-moe"].model, PRESETS[f"{size}-dense"].model
+        assert moe.top_k * moe.expert_hidden == dense.d_hidden
+        assert (moe.d_model, moe.n_layer) == (dense.d_model, dense.n_layer)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_random_batch_shift_and_error():
+    gen = torch.Generator().manual_seed(0)
+    x, y = random_batch(TEXT, 3, 8, gen, torch.device("cpu"))
+    assert x.shape == y.shape == (3, 8) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match="block_size"):
+        random_batch(TEXT[:5], 1, 8, gen, torch.device("cpu"))
+
+
+def test_smoke_training_learns_records_load_and_checkpoints(tmp_path):
+    preset = get_preset("smoke")
+    cfg = replace(preset.train, steps=60, lr=1e-2, eval_every=30)
+    torch.manual_seed(0)
+    model = TinyLM(preset.model)
+    before = evaluate(model, TEXT, batch_size=4, n_batches=2)
+    hist = train(model, TEXT, TEXT, cfg, device=torch.device("cpu"), progress=False)
+    assert before == pytest.approx(math.log(256), abs=0.3)
+    assert hist.val_loss[-1] < before - 2.0  # a repeated sentence is easy
+    assert hist.val_step == [30, 60]
+    assert len(hist.load) == len(hist.step) == 6
+    assert len(hist.load[0]) == len(model.moe_layers()) == 2
+    assert all(sum(layer) == pytest.approx(1.0) for point in hist.load for layer in point)
+    assert hist.tokens_per_s > 0
+    path = save_checkpoint(tmp_path / "ck.pt", model, hist, cfg)
+    loaded, hist2 = load_checkpoint(path)
+    assert hist2.val_loss == hist.val_loss
+    x = TEXT[:32].long().unsqueeze(0)
+    model.eval()
+    assert torch.allclose(loaded(x)[0], model(x)[0], atol=1e-6)
+
+
+def test_training_is_deterministic():
+    preset = get_preset("smoke")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TinyLM(preset.model)
+        runs.append(train(model, TEXT, TEXT, preset.train, device=torch.device("cpu"), progress=False).train_loss)
+    assert runs[0] == runs[1]
+
+
+def test_cli_lists_presets(capsys):
+    assert main(["--list"]) == 0
+    assert "cpu-moe" in capsys.readouterr().out
