@@ -299,9 +299,8 @@ def _read_files(names: Sequence[str]) -> dict[str, bytes]:
             missing.append(name)
     if missing:
         warnings.warn(
-            f"{len(missing)} standard-library file(s) not found under {root} and skipped: "
-            + ", ".join(missing),
-            stacklevel=3,
+            f"{len(missing)} standard-library file(s) not found under {root} and skipped: " + ", ".join(missing),
+            stacklevel=4,
         )
     if len(found) * 2 < len(names):
         raise FileNotFoundError(
@@ -471,6 +470,10 @@ def _build(max_bytes: int | None) -> dict[str, np.ndarray]:
     }
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))  # a writable, contiguous copy
+
+
 def load_corpus(cache_dir: str | Path | None = None, max_bytes: int | None = None) -> Corpus:
     """Load the standard-library corpus, building and caching it on first use (some seconds).
 
@@ -491,10 +494,10 @@ def load_corpus(cache_dir: str | Path | None = None, max_bytes: int | None = Non
             arrays = _build(max_bytes)
             _save_npz(small, arrays)
     return Corpus(
-        train=torch.from_numpy(np.ascontiguousarray(arrays["train"], dtype=np.uint8)),
-        val=torch.from_numpy(np.ascontiguousarray(arrays["val"], dtype=np.uint8)),
-        train_types=torch.from_numpy(np.ascontiguousarray(arrays["train_types"], dtype=np.uint8)),
-        val_types=torch.from_numpy(np.ascontiguousarray(arrays["val_types"], dtype=np.uint8)),
+        train=_tensor(arrays["train"]),
+        val=_tensor(arrays["val"]),
+        train_types=_tensor(arrays["train_types"]),
+        val_types=_tensor(arrays["val_types"]),
         files_train=tuple(str(n) for n in arrays["files_train"]),
         files_val=tuple(str(n) for n in arrays["files_val"]),
     )
@@ -539,7 +542,8 @@ def get_batch(
     """Sample ``batch_size`` random windows: ``x = data[i:i+T]`` and ``y = data[i+1:i+T+1]`` as long (B, T).
 
     With ``types`` (the per-byte labels of ``data``) also return the token types of ``y`` (long, B x T).
-    ``generator`` must be a CPU generator (sampling happens on the CPU, then tensors move to ``device``).
+    ``generator`` must be a CPU generator (start positions are drawn on the CPU); the windows are
+    gathered where ``data`` lives, then moved to ``device``.
     """
     if data.dim() != 1:
         raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
@@ -548,11 +552,11 @@ def get_batch(
     if types is not None and types.shape != data.shape:
         raise ValueError(f"types has shape {tuple(types.shape)} but data has {tuple(data.shape)}")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    index = starts[:, None] + torch.arange(block_size + 1)
-    window = data.cpu()[index].long()
+    index = (starts[:, None] + torch.arange(block_size + 1)).to(data.device)  # gather where data lives
+    window = data[index].long()
     out = [window[:, :-1], window[:, 1:]]
     if types is not None:
-        out.append(types.cpu()[index[:, 1:]].long())
+        out.append(types[index[:, 1:].to(types.device)].long())
     if device is not None:
         out = [t.to(device) for t in out]
     return tuple(out)

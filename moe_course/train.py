@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moe_course.corpus import get_batch, load_corpus
 from moe_course.device import pick_device, seed_everything
 from moe_course.metrics import expert_counts
 from moe_course.model import ModelConfig, TinyLM
@@ -123,17 +124,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def random_batch(
-    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of ``block_size`` tokens, targets shifted by one: (B, T), (B, T) long."""
-    if len(data) <= block_size + 1:
-        raise ValueError(f"data has {len(data)} tokens, need more than block_size + 1 = {block_size + 1}")
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    window = torch.stack([data[s : s + block_size + 1] for s in starts.tolist()]).long()
-    return window[:, :-1].to(device), window[:, 1:].to(device)
-
-
 def _autocast(device: torch.device, enabled: bool):
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -153,7 +143,7 @@ def evaluate(
     model.eval()
     losses = []
     for _ in range(n_batches):
-        x, y = random_batch(data, batch_size, model.cfg.block_size, gen, device)
+        x, y = get_batch(data, batch_size, model.cfg.block_size, gen, device)
         with _autocast(device, amp):
             logits, _ = model(x)
         losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
@@ -193,7 +183,7 @@ def train(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = random_batch(train_data, cfg.batch_size, model.cfg.block_size, gen, device)
+        x, y = get_batch(train_data, cfg.batch_size, model.cfg.block_size, gen, device)
         with _autocast(device, cfg.amp):
             logits, _ = model(x)
             ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -273,8 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset(args.preset)
     except ValueError as exc:
         parser.error(str(exc))
-    from moe_course.corpus import load_corpus
-
     train_cfg = replace(preset.train, steps=args.steps) if args.steps else preset.train
     device = pick_device(args.device)
     seed_everything(train_cfg.seed)

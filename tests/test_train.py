@@ -13,7 +13,6 @@ from moe_course.train import (
     load_checkpoint,
     lr_at,
     main,
-    random_batch,
     save_checkpoint,
     train,
 )
@@ -42,15 +41,6 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.55)
     assert lr_at(100, cfg) == pytest.approx(0.1)
-
-
-def test_random_batch_shift_and_error():
-    gen = torch.Generator().manual_seed(0)
-    x, y = random_batch(TEXT, 3, 8, gen, torch.device("cpu"))
-    assert x.shape == y.shape == (3, 8) and x.dtype == torch.long
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    with pytest.raises(ValueError, match="block_size"):
-        random_batch(TEXT[:5], 1, 8, gen, torch.device("cpu"))
 
 
 def test_smoke_training_learns_records_load_and_checkpoints(tmp_path):
@@ -88,3 +78,12 @@ def test_training_is_deterministic():
 def test_cli_lists_presets(capsys):
     assert main(["--list"]) == 0
     assert "cpu-moe" in capsys.readouterr().out
+
+
+def test_cli_trains_a_preset_on_the_corpus_and_saves_a_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_COURSE_CACHE", str(tmp_path / "cache"))
+    rc = main(["--preset", "smoke", "--steps", "4", "--max-bytes", "30000", "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    assert "final val loss" in capsys.readouterr().out
+    model, hist = load_checkpoint(tmp_path / "smoke.pt")
+    assert hist.step[-1] == 4 and model.cfg.n_layer == 2
