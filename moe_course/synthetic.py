@@ -73,13 +73,13 @@ def piecewise_1d_target(x: torch.Tensor) -> torch.Tensor:
     """The noise-free 1-D target at ``x`` (any shape): each interval of [-1, 1] has its own function.
 
     ====================  ==========================
-    x in [-1, -0.5)       1.6 x + 1.2  (a rising line, 0.4 -> 0.4... see below)
+    x in [-1, -0.5)       1.6 x + 1.2  (a rising line from -0.4 to 0.4)
     x in [-0.5, 0)        -0.6 + 0.4 sin(4 pi x)
     x in [0, 0.5)         0.8
-    x in [0.5, 1]         -2.4 x + 1.4
+    x in [0.5, 1]         -2.4 x + 1.4  (a falling line from 0.2 to -1.0)
     ====================  ==========================
 
-    The first line runs from -0.4 to 0.4, so the target jumps at every cut point (by 1.0, 1.4 and 0.4):
+    The target jumps at every cut point (by 1.0, 1.4 and 0.6):
     one smooth network has to bend hard there, while a mixture can simply hand over to another expert.
     """
     x = torch.as_tensor(x, dtype=torch.float32)

@@ -1,0 +1,247 @@
+"""Checks for the dispatch exercises: ``check.dispatch_combine(fn)`` and ``check.capacity_mask(fn)``.
+
+``dispatch_combine``: the learner's ``fn(x (T, d), weights (T, k), indices (T, k), experts) -> (T, d)``
+must compute ``y_t = sum_j weights[t, j] * experts[indices[t, j]](x_t)``, equal to
+:func:`moe_course.dispatch.dispatch_dense` in the forward pass and in the gradients of x and of the
+weights. The cases include k = 1, k = 2, and experts that receive no token at all.
+
+``capacity_mask``: the learner's ``fn(indices (T, k), n_experts, capacity) -> keep (T, k) bool`` must equal
+:func:`moe_course.dispatch.capacity_mask`: every first choice claims a slot before any second choice,
+tokens in order within one choice rank, and an expert keeps exactly ``capacity`` assignments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_course.check._core import CheckError, as_tensor, call, close, expect_shape, fail, ok
+from moe_course.dispatch import capacity_mask as _ref_capacity_mask
+from moe_course.dispatch import dispatch_dense
+from moe_course.experts import make_experts
+
+__all__ = ["capacity_mask", "dispatch_combine"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatch_combine
+# ----------------------------------------------------------------------------------------------------------
+
+def _dispatch_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, nn.ModuleList, str | None]]:
+    """(label, x, weights, indices, experts, empty-expert note). Built without touching the global RNG."""
+    g = torch.Generator().manual_seed(2024)
+    cases = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        experts4 = make_experts(4, 6, 12)
+        experts5 = make_experts(5, 6, 12)
+    # k = 2, every expert used; weights differ per slot and need not sum to 1 (as after capacity drops)
+    t = 8
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(t)])
+    idx[:4] = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
+    w = torch.rand(t, 2, generator=g) + 0.1
+    cases.append(("8 tokens, 4 experts, k=2", torch.randn(t, 6, generator=g), w, idx, experts4, None))
+    # k = 1
+    t = 7
+    idx = torch.tensor([[2], [0], [1], [2], [3], [0], [2]])
+    w = torch.rand(t, 1, generator=g) + 0.1
+    cases.append(("7 tokens, 4 experts, k=1", torch.randn(t, 6, generator=g), w, idx, experts4, None))
+    # k = 2 with experts 1 and 4 (a middle one and the last one) receiving no token
+    t = 6
+    idx = torch.tensor([[0, 2], [3, 0], [2, 3], [0, 3], [2, 0], [3, 2]])
+    w = torch.rand(t, 2, generator=g) + 0.1
+    cases.append(("6 tokens, 5 experts, k=2", torch.randn(t, 6, generator=g), w, idx, experts5,
+                  "experts 1 and 4 receive no token"))
+    return cases
+
+
+def _dispatch_variant(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Sequence[nn.Module],
+                      mode: str) -> torch.Tensor:
+    """Typical wrong combines, written out with the per-token sum."""
+    t, k = indices.shape
+    outs = torch.stack([expert(x) for expert in experts], dim=1)  # (T, N, d)
+    picked = outs[torch.arange(t).unsqueeze(1), indices]  # (T, k, d)
+    w = weights.unsqueeze(-1)
+    if mode == "unweighted":
+        return picked.sum(dim=1)
+    if mode == "first":
+        return (w * picked)[:, 0]
+    if mode == "first_unweighted":
+        return picked[:, 0]
+    if mode == "last_slot":  # assignment in slot order: the last slot overwrites the first
+        return (w * picked)[:, -1]
+    if mode == "last_expert":  # assignment in expert order: the larger expert id overwrites
+        last = indices.argmax(dim=1)
+        return (w * picked)[torch.arange(t), last]
+    if mode == "slot0_weight":
+        return (weights[:, :1].unsqueeze(-1) * picked).sum(dim=1)
+    if mode == "swapped_slots":
+        return (weights.flip(1).unsqueeze(-1) * picked).sum(dim=1)
+    if mode == "normalised":
+        return ((w / w.sum(dim=1, keepdim=True)) * picked).sum(dim=1)
+    raise ValueError(mode)
+
+
+_DISPATCH_MISTAKES = [
+    ("unweighted", "forgot to multiply each expert's output by its routing weight"),
+    ("first_unweighted", "used only the first choice (column 0) and forgot the routing weight"),
+    ("first", "used only each token's first choice (column 0 of indices); add up all k choices"),
+    ("last_slot", "overwrote the output instead of accumulating: a token's k weighted expert outputs must be "
+                  "added up (out.index_add / +=), not assigned (out[token] = ..., index_copy); only the last "
+                  "choice survived"),
+    ("last_expert", "overwrote the output instead of accumulating: a token's k weighted expert outputs must be "
+                    "added up (out.index_add / +=), not assigned (out[token] = ..., index_copy); only the "
+                    "expert processed last survived"),
+    ("slot0_weight", "weighted every choice with the first choice's weight; the expert in slot j gets "
+                     "weights[t, j]"),
+    ("swapped_slots", "weighted each expert with the other slot's weight; the expert in slot j gets "
+                      "weights[t, j] (take the slot from the same torch.where/nonzero that found the token)"),
+    ("normalised", "renormalised the weights; use them as given (after capacity drops they need not sum to 1)"),
+]
+
+
+def _grads(fn: Callable[..., Any], x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+           experts: Sequence[nn.Module], what: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    xg = x.clone().requires_grad_(True)
+    wg = weights.clone().requires_grad_(True)
+    out = as_tensor(call(fn, xg, wg, indices.clone(), experts, what=what), what)
+    expect_shape(out, tuple(x.shape), what)
+    if not out.requires_grad:
+        return out, None, None
+    probe = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+    gx, gw = torch.autograd.grad((out * probe).sum(), (xg, wg), allow_unused=True)
+    return out, gx, gw
+
+
+def dispatch_combine(fn: Callable[..., Any]) -> None:
+    """Check a learner's ``fn(x, weights, indices, experts) -> (T, d)`` against ``dispatch_dense``."""
+    for label, x, weights, indices, experts, empty in _dispatch_cases():
+        what = f"dispatch_combine on {label}"
+        try:
+            out, gx, gw = _grads(fn, x, weights, indices, experts, what)
+        except CheckError as exc:
+            if empty and exc.__cause__ is not None:  # the learner's function crashed
+                fail(f"{exc}\nIn this case {empty}: an expert with no tokens must simply be skipped (or run "
+                     "on an empty batch) and contribute nothing.")
+            raise
+        ref, ref_gx, ref_gw = _grads(dispatch_dense, x, weights, indices, experts, "dispatch_dense")
+        if not close(out, ref):
+            with torch.no_grad():
+                for mode, hint in _DISPATCH_MISTAKES:
+                    if close(out, _dispatch_variant(x, weights, indices, experts, mode)):
+                        fail(f"{what}: it looks like you {hint}.")
+            bad = (out.detach() - ref.detach()).abs().amax(dim=1)
+            token = int(bad.argmax())
+            fail(f"{what}: wrong output (largest error {float(bad.max()):.3g}, at token {token}, which chose "
+                 f"experts {indices[token].tolist()} with weights "
+                 f"{[round(v, 3) for v in weights[token].tolist()]}). Each token's output is "
+                 "sum_j weights[t, j] * experts[indices[t, j]](x[t]).")
+        if gx is None or gw is None:
+            missing = [name for name, g in (("x", gx), ("weights", gw)) if g is None]
+            fail(f"{what}: no gradient reaches {' and '.join(missing)}; keep the computation in torch "
+                 "(no .detach(), .item(), .tolist() of values, NumPy or torch.no_grad()) and use "
+                 "out-of-place or autograd-friendly ops (index_add, +=) so the router and the layer below learn")
+        if not close(gx, ref_gx):
+            fail(f"{what}: the output is right but the gradient with respect to x is not")
+        if not close(gw, ref_gw):
+            fail(f"{what}: the output is right but the gradient with respect to the weights is not")
+    ok("dispatch_combine", "matches dispatch_dense (forward and gradients); k = 1, 2; empty experts")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# capacity_mask
+# ----------------------------------------------------------------------------------------------------------
+
+def _capacity_cases() -> list[tuple[str, torch.Tensor, int, int]]:
+    """(label, indices, n_experts, capacity): skewed, so that some experts overflow."""
+    return [
+        # expert 0 is popular as a first choice, expert 1 as a second choice
+        ("8 tokens, 4 experts, k=2, capacity 3",
+         torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1], [2, 1], [0, 3], [1, 0], [0, 1]]), 4, 3),
+        ("10 tokens, 3 experts, k=1, capacity 4",
+         torch.tensor([[2], [0], [2], [2], [1], [2], [0], [2], [2], [1]]), 3, 4),
+        ("6 tokens, 5 experts, k=3, capacity 2",
+         torch.tensor([[4, 0, 1], [4, 1, 0], [0, 4, 2], [4, 2, 1], [1, 4, 0], [4, 0, 3]]), 5, 2),
+        ("5 tokens, 4 experts, k=2, capacity 10 (nothing dropped)",
+         torch.tensor([[0, 1], [0, 1], [0, 1], [2, 3], [0, 2]]), 4, 10),
+    ]
+
+
+def _queue_position(order: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Place of each assignment in its expert's queue, for assignments listed in ``order``."""
+    onehot = torch.nn.functional.one_hot(order, n_experts)
+    return ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=-1)
+
+
+def _capacity_variant(indices: torch.Tensor, n_experts: int, capacity: int, mode: str) -> torch.Tensor:
+    t, k = indices.shape
+    if mode == "token_major":  # token 0's choices, then token 1's, ...
+        return _queue_position(indices.reshape(-1), n_experts).reshape(t, k) < capacity
+    rank_major = indices.t().reshape(-1)
+    pos = _queue_position(rank_major, n_experts)
+    if mode == "plus_one":
+        return (pos <= capacity).reshape(k, t).t()
+    if mode == "minus_one":
+        return (pos < capacity - 1).reshape(k, t).t()
+    if mode == "latest":  # the whole queue reversed: keep the last arrivals
+        return (_queue_position(rank_major.flip(0), n_experts).flip(0) < capacity).reshape(k, t).t()
+    if mode == "latest_tokens":  # first choices still first, but later tokens win within a rank
+        rev = indices.flip(0).t().reshape(-1)
+        return (_queue_position(rev, n_experts) < capacity).reshape(k, t).t().flip(0)
+    if mode == "per_token":  # counts a token's own choices, not the expert's queue
+        return torch.arange(k).expand(t, k) < capacity
+    if mode == "global":  # one counter for all experts
+        return (torch.arange(t * k) < capacity).reshape(k, t).t()
+    if mode == "first_tokens":  # keeps the first `capacity` tokens whatever their expert
+        return (torch.arange(t) < capacity).unsqueeze(1).expand(t, k)
+    raise ValueError(mode)
+
+
+_CAPACITY_MISTAKES = [
+    ("token_major", "filled the queues in token order (token 0's choices, then token 1's, ...); every "
+                    "token's first choice must claim a slot before any second choice: walk indices rank by rank "
+                    "(indices.t())"),
+    ("plus_one", "let each expert keep capacity + 1 assignments (off by one: queue places 0..capacity-1 fit, "
+                 "so keep position < capacity)"),
+    ("minus_one", "let each expert keep only capacity - 1 assignments (off by one: queue places "
+                  "0..capacity-1 fit, so keep position < capacity)"),
+    ("latest", "dropped the earliest assignments instead of the latest; the first to arrive keep their slots"),
+    ("latest_tokens", "dropped the earliest tokens instead of the latest; within a choice rank, tokens claim "
+                      "slots in order (token 0 first)"),
+    ("per_token", "counted assignments per token instead of per expert; each expert has its own queue"),
+    ("global", "used one counter for all experts; each expert has its own queue of capacity slots"),
+    ("first_tokens", "kept the first capacity tokens whatever their expert; count per expert"),
+]
+
+
+def capacity_mask(fn: Callable[..., Any]) -> None:
+    """Check a learner's ``fn(indices, n_experts, capacity) -> keep (T, k) bool``."""
+    for label, indices, n_experts, capacity in _capacity_cases():
+        what = f"capacity_mask on {label}"
+        keep = as_tensor(call(fn, indices.clone(), n_experts, capacity, what=what), what)
+        t, k = indices.shape
+        if tuple(keep.shape) == (k, t) and k != t:
+            fail(f"{what} returned shape {(k, t)}; transpose back to (T, k), one row per token")
+        expect_shape(keep, (t, k), what)
+        if keep.dtype != torch.bool:
+            fail(f"{what} returned {keep.dtype}; return a bool tensor (True = the assignment fits), "
+                 "e.g. position < capacity")
+        expected = _ref_capacity_mask(indices, n_experts, capacity)
+        if torch.equal(keep.cpu(), expected):
+            continue
+        for mode, hint in _CAPACITY_MISTAKES:
+            if torch.equal(keep.cpu(), _capacity_variant(indices, n_experts, capacity, mode)):
+                fail(f"{what}: it looks like you {hint}.")
+        kept = torch.bincount(indices[keep.cpu()], minlength=n_experts)
+        over = [e for e in range(n_experts) if int(kept[e]) > capacity]
+        if over:
+            fail(f"{what}: expert {over[0]} keeps {int(kept[over[0]])} assignments, more than its capacity "
+                 f"{capacity}")
+        wrong = (keep.cpu() != expected).nonzero()[0].tolist()
+        fail(f"{what}: wrong at token {wrong[0]}, choice {wrong[1]} (expert {int(indices[wrong[0], wrong[1]])}): "
+             f"expected {'kept' if expected[wrong[0], wrong[1]] else 'dropped'}. First choices of all tokens "
+             "claim slots first (in token order), then second choices; each expert keeps `capacity`.")
+    ok("capacity_mask", "first choices before second choices, exactly `capacity` slots per expert")

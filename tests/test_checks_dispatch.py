@@ -1,0 +1,190 @@
+"""check.dispatch_combine and check.capacity_mask: references pass; typical mistakes are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_course import check
+from moe_course.check import CheckError
+from moe_course.dispatch import capacity_mask, dispatch_dense, dispatch_loop, dispatch_sorted
+
+# ---------------------------------------------------------------------------------------------------------
+# dispatch_combine: learner-style loops with one mistake switched on
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_dispatch(mistake: str | None = None):
+    def dispatch(x, weights, indices, experts):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(experts):
+            token, slot = torch.where(indices == e)
+            if token.numel() == 0:
+                if mistake == "crash_on_empty":
+                    raise IndexError(f"expert {e} has no tokens")
+                continue
+            if mistake == "first_only":
+                keep = slot == 0
+                token, slot = token[keep], slot[keep]
+            y = expert(x[token])
+            if mistake == "wrong_slot":
+                w = weights[token, 1 - slot] if weights.shape[1] == 2 else weights[token, slot]
+            elif mistake == "first_slot_weight":
+                w = weights[token, 0]
+            else:
+                w = weights[token, slot]
+            if mistake != "no_weights":
+                y = y * w.unsqueeze(-1)
+            if mistake == "overwrite":
+                out = out.index_copy(0, token, y)
+            elif mistake == "detach":
+                out = out.index_add(0, token, y.detach())
+            else:
+                out = out.index_add(0, token, y)
+        return out
+
+    return dispatch
+
+
+def overwrite_by_slot(x, weights, indices, experts):
+    out = torch.zeros_like(x)
+    for j in range(indices.shape[1]):
+        for t in range(x.shape[0]):
+            out[t] = weights[t, j] * experts[int(indices[t, j])](x[t])
+    return out
+
+
+def split_without_minlength(x, weights, indices, experts):
+    """The sorted dispatch, but counts from bincount without minlength: breaks when the last expert is idle."""
+    k = indices.shape[1]
+    order = indices.reshape(-1).argsort(stable=True)
+    counts = torch.bincount(indices.reshape(-1)).tolist()
+    token_of = order // k
+    chunks = x[token_of].split(counts)
+    ys = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks, strict=True)])
+    ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
+    return torch.zeros_like(x).index_add(0, token_of, ys)
+
+
+@pytest.mark.parametrize("fn", [dispatch_dense, dispatch_loop, dispatch_sorted, make_dispatch()])
+def test_references_pass(fn, capsys):
+    check.dispatch_combine(fn)
+    assert "OK  dispatch_combine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (make_dispatch("no_weights"), "forgot to multiply each expert's output by its routing weight"),
+        (make_dispatch("overwrite"), "overwrote the output instead of accumulating"),
+        (overwrite_by_slot, "overwrote the output instead of accumulating"),
+        (make_dispatch("first_only"), "only each token's first choice"),
+        (make_dispatch("wrong_slot"), "other slot's weight"),
+        (make_dispatch("first_slot_weight"), "first choice's weight"),
+        (make_dispatch("crash_on_empty"), "experts 1 and 4 receive no token"),
+        (split_without_minlength, "experts 1 and 4 receive no token"),
+        (make_dispatch("detach"), "no gradient reaches x and weights"),
+    ],
+)
+def test_dispatch_mistakes_are_named(fn, message):
+    with pytest.raises(CheckError, match=message):
+        check.dispatch_combine(fn)
+
+
+def test_dispatch_wrong_shape():
+    with pytest.raises(CheckError, match="has shape"):
+        check.dispatch_combine(lambda x, w, i, e: x.sum(dim=0))
+
+
+def test_dispatch_check_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check.dispatch_combine(dispatch_loop)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# capacity_mask
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_capacity(mistake: str | None = None):
+    def mask(indices, n_experts, capacity):
+        t, k = indices.shape
+        if mistake == "token_major":
+            order = indices.reshape(-1)
+        elif mistake == "latest_tokens":
+            order = indices.flip(0).t().reshape(-1)
+        else:
+            order = indices.t().reshape(-1)
+        onehot = F.one_hot(order, n_experts)
+        if mistake == "per_token":
+            position = torch.arange(k).repeat_interleave(t)
+        elif mistake == "global":
+            position = torch.arange(t * k)
+        else:
+            position = ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=-1)
+        if mistake == "plus_one":
+            keep = position <= capacity
+        elif mistake == "minus_one":
+            keep = position < capacity - 1
+        else:
+            keep = position < capacity
+        if mistake == "token_major":
+            return keep.reshape(t, k)
+        if mistake == "latest_tokens":
+            return keep.reshape(k, t).t().flip(0)
+        if mistake == "transposed":
+            return keep.reshape(k, t)
+        if mistake == "int":
+            return keep.reshape(k, t).t().long()
+        return keep.reshape(k, t).t()
+
+    return mask
+
+
+def keep_last_arrivals(indices, n_experts, capacity):
+    t, k = indices.shape
+    order = indices.t().reshape(-1).flip(0)
+    onehot = F.one_hot(order, n_experts)
+    position = ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=-1)
+    return (position < capacity).flip(0).reshape(k, t).t()
+
+
+def loop_reference(indices, n_experts, capacity):
+    keep = torch.zeros_like(indices, dtype=torch.bool)
+    used = [0] * n_experts
+    for j in range(indices.shape[1]):
+        for t in range(indices.shape[0]):
+            e = int(indices[t, j])
+            if used[e] < capacity:
+                keep[t, j] = True
+                used[e] += 1
+    return keep
+
+
+@pytest.mark.parametrize("fn", [capacity_mask, make_capacity(), loop_reference])
+def test_capacity_references_pass(fn, capsys):
+    check.capacity_mask(fn)
+    assert "OK  capacity_mask" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (make_capacity("token_major"), "first choice must claim a slot before any second choice"),
+        (make_capacity("plus_one"), "capacity \\+ 1"),
+        (make_capacity("minus_one"), "capacity - 1"),
+        (make_capacity("per_token"), "per token instead of per expert"),
+        (make_capacity("global"), "one counter for all experts"),
+        (make_capacity("latest_tokens"), "dropped the earliest tokens"),
+        (keep_last_arrivals, "dropped the earliest assignments"),
+        (make_capacity("transposed"), "transpose back"),
+        (make_capacity("int"), "return a bool tensor"),
+    ],
+)
+def test_capacity_mistakes_are_named(fn, message):
+    with pytest.raises(CheckError, match=message):
+        check.capacity_mask(fn)
