@@ -333,6 +333,7 @@ def train_mixture(
     loss: str = "competitive",
     steps: int = 1500,
     lr: float = 0.02,
+    gate_lr: float | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     x_test: torch.Tensor | None = None,
@@ -344,6 +345,7 @@ def train_mixture(
 
     ``loss`` is ``"competitive"`` (eq. 1.3), ``"cooperative"`` (eq. 1.1), ``"weighted"`` (eq. 1.2) or
     ``"mse"`` (the mean squared error of the prediction; the only choice for a plain network).
+    ``gate_lr`` gives the gating network its own learning rate (default: ``lr``).
     ``batch_size=None`` uses the whole training set at every step (deterministic); otherwise minibatches
     are drawn with a local generator seeded with ``seed``. Every ``log_every`` steps the history records
     the training loss and the MSE of the prediction on the training and (if given) test data, so that
@@ -358,7 +360,12 @@ def train_mixture(
     if x_test is not None and d_test is not None:
         x_test, d_test = x_test.to(device), d_test.to(device)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if gate_lr is not None and isinstance(model, MixtureOfLocalExperts):
+        groups = [{"params": model.experts.parameters(), "lr": lr},
+                  {"params": model.gate.parameters(), "lr": gate_lr}]
+    else:
+        groups = [{"params": model.parameters(), "lr": lr}]
+    opt = torch.optim.Adam(groups)
     history = TrainHistory(loss_name=loss)
     start = time.perf_counter()
     model.train()

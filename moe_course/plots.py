@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 __all__ = [
     "COLORS",
     "COMPONENT_COLORS",
+    "COMPONENT_LABELS",
     "plot_expert_load",
     "plot_loss_curves",
     "plot_param_breakdown",
@@ -119,7 +120,7 @@ def plot_param_breakdown(
         keys += [k for k in parts if k not in keys]
     keys = [k for k in keys if any(parts.get(k, 0) for parts in breakdowns.values())]
     totals = np.array([sum(parts.values()) for parts in breakdowns.values()], dtype=float)
-    fig, ax = _axes(ax, (8.0, 1.0 + 0.7 * len(names)))
+    fig, ax = _axes(ax, (9.0, 1.4 + 0.6 * len(names)))
     y = np.arange(len(names))
     left = np.zeros(len(names))
     for i, key in enumerate(keys):
@@ -133,11 +134,12 @@ def plot_param_breakdown(
                     va="center", fontsize=9)
     ax.set_yticks(y, names)
     ax.invert_yaxis()  # first model on top
-    ax.set_xlim(0, (100 if relative else left.max()) * 1.2)
+    ax.set_xlim(0, (100 if relative else left.max()) * 1.2)  # room for the totals
+    if relative:
+        ax.set_xticks(range(0, 101, 20))
     _style(ax, title, "share of all parameters (%)" if relative else "parameters (billions)")
     ax.grid(False, axis="y")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(names) < 3 else -0.15),
-              ncol=min(len(keys), 4), frameon=False, fontsize=9)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
     return fig
 
 

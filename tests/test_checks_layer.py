@@ -78,6 +78,15 @@ def test_expert_bias_message_gives_parameter_counts() -> None:
     assert "180" in str(info.value)  # 3 * 6 * 10 weights expected
 
 
+def test_expert_without_down_projection() -> None:
+    class NoDown(SwiGLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.silu(self.gate(x)) * self.up(x)
+
+    with pytest.raises(CheckError, match="finish with self.down"):
+        check.expert_ffn(NoDown)
+
+
 def test_expert_not_a_module() -> None:
     with pytest.raises(CheckError, match="nn.Module"):
         check.expert_ffn(lambda d, h: (lambda x: x))
@@ -178,3 +187,12 @@ def test_soft_mixture_stub_propagates_not_implemented() -> None:
 
     with pytest.raises(NotImplementedError):
         check.soft_mixture(stub)
+
+
+def test_checks_leave_the_global_random_state_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    check.expert_ffn(SwiGLU)
+    check.soft_mixture(reference_mixture)
+    assert torch.equal(torch.rand(3), expected)

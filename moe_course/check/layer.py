@@ -89,13 +89,18 @@ def _expert_mistakes(ref: SwiGLU, x: torch.Tensor) -> list[tuple[str, torch.Tens
          "down(silu(gate(x)) * up(x))", down(F.silu(u))),
         ("built a plain GELU MLP (down(gelu(...))): SwiGLU is down(silu(gate(x)) * up(x))", down(F.gelu(g))),
         ("built a plain GELU MLP (down(gelu(up(x)))): SwiGLU is down(silu(gate(x)) * up(x))", down(F.gelu(u))),
-        ("forgot down: the expert must map back to d_model with self.down", g),
     ]
 
 
 def expert_ffn(expert_cls: Callable[[int, int], nn.Module]) -> None:
     """Check a learner's SwiGLU expert class ``MyExpert(d_model, d_hidden)`` against :class:`SwiGLU`."""
-    torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # leave the notebook's random stream untouched
+        torch.manual_seed(0)
+        _check_expert(expert_cls)
+    ok("expert_ffn", "MyExpert matches SwiGLU: down(silu(gate(x)) * up(x)), 3 bias-free matrices")
+
+
+def _check_expert(expert_cls: Callable[[int, int], nn.Module]) -> None:
     mine = call(expert_cls, D_MODEL, D_HIDDEN, what=f"MyExpert({D_MODEL}, {D_HIDDEN})")
     if not isinstance(mine, nn.Module):
         fail(f"MyExpert({D_MODEL}, {D_HIDDEN}) should build an nn.Module (subclass nn.Module and call "
@@ -111,13 +116,15 @@ def expert_ffn(expert_cls: Callable[[int, int], nn.Module]) -> None:
     with torch.no_grad():
         expected = ref(x)
         got = as_tensor(call(mine, x, what="MyExpert(...)(x)"), "MyExpert.forward")
+        if tuple(got.shape) == (*x.shape[:-1], D_HIDDEN):
+            fail(f"MyExpert returns {D_HIDDEN} = d_hidden features per token; finish with self.down to map "
+                 f"back to d_model = {D_MODEL}")
         expect_shape(got, tuple(x.shape), f"MyExpert(...)(x) for x of shape {tuple(x.shape)}")
         if not close(got, expected):
             for hint, wrong in _expert_mistakes(ref, x):
                 if wrong.shape == got.shape and close(got, wrong):
                     fail(f"MyExpert gives the wrong output: it looks like you {hint}")
             fail("MyExpert gives the wrong output. Expected self.down(F.silu(self.gate(x)) * self.up(x))")
-    ok("expert_ffn", "MyExpert matches SwiGLU: down(silu(gate(x)) * up(x)), 3 bias-free matrices")
 
 
 def _mixture(x: torch.Tensor, gates: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
@@ -148,6 +155,12 @@ def _soft_mistakes(x: torch.Tensor, logits: torch.Tensor, outs: torch.Tensor) ->
 
 def soft_mixture(fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]) -> None:
     """Check ``fn(x (T, d), gate_weight (N, d), experts) -> (T, d)`` = Σ_i softmax(x·Wᵀ)_i · E_i(x)."""
+    with torch.random.fork_rng(devices=[]):  # leave the notebook's random stream untouched
+        _check_soft_mixture(fn)
+    ok("soft_mixture", "every expert runs on every token, weighted by a softmax over the experts")
+
+
+def _check_soft_mixture(fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]) -> None:
     for n_tokens, d_model, n_experts in ((7, 6, 4), (5, 8, 3)):
         torch.manual_seed(n_experts)
         experts = make_experts(n_experts, d_model, 2 * d_model)
@@ -180,4 +193,3 @@ def soft_mixture(fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]) 
         if gate_weight.grad is None or not bool(gate_weight.grad.abs().sum() > 0):
             fail("no gradient reaches gate_weight: compute the gate from gate_weight with differentiable "
                  "operations (no .detach(), no argmax)")
-    ok("soft_mixture", "every expert runs on every token, weighted by a softmax over the experts")

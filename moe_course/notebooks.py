@@ -1,0 +1,536 @@
+"""The notebook pipeline: learner's copies from the solved notebooks, execution, and consistency checks.
+
+``solutions/NN_topic.ipynb`` is the only notebook anyone edits. This module
+
+* stamps the shared setup cell (:data:`SETUP_CELL`) at the top of every solution notebook,
+* writes ``notebooks/NN_topic.ipynb``: the solution with each nbgrader ``### BEGIN SOLUTION`` ...
+  ``### END SOLUTION`` region replaced by a stub and all outputs cleared (:func:`make_exercise`),
+* executes solution notebooks in place on the CPU (:func:`execute`), and
+* reports anything out of date (:func:`check`).
+
+Command line (run from the repository root)::
+
+    python -m moe_course.notebooks generate [SOLUTION.ipynb ...]   # make exercises
+    python -m moe_course.notebooks execute [SOLUTION.ipynb ...]    # make execute
+    python -m moe_course.notebooks check [SOLUTION.ipynb ...]      # exit status 1 on problems
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import nbformat
+from nbformat import NotebookNode
+
+from moe_course import REPO_URL
+
+__all__ = [
+    "BEGIN_SOLUTION",
+    "END_SOLUTION",
+    "EXERCISE_STUB",
+    "MARKDOWN_STUB",
+    "RAISES_TAG",
+    "SETUP_CELL",
+    "SETUP_MARKER",
+    "check",
+    "execute",
+    "generate",
+    "is_setup_cell",
+    "main",
+    "make_exercise",
+    "normalize_notebook",
+    "read_notebook",
+    "stamp_setup_cell",
+    "stubbed_names",
+    "write_notebook",
+    "writes_notebook",
+]
+
+SETUP_MARKER = "# MoE from Scratch setup cell"
+"""The first line of the setup cell starts with this comment; it is how the generator recognises it."""
+
+SETUP_CELL = f"""\
+{SETUP_MARKER} (the same in every notebook). On Google Colab it installs the course package
+# from GitHub and turns on interactive widgets. In JupyterLab or on Binder it does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "git+{REPO_URL}"],
+        check=True,
+    )
+    from google.colab import output as colab_output
+
+    colab_output.enable_custom_widget_manager()"""
+"""Source of the first code cell of every notebook (the repository URL comes from ``moe_course.REPO_URL``)."""
+
+SETUP_CELL_ID = "setup"
+BEGIN_SOLUTION = "### BEGIN SOLUTION"
+END_SOLUTION = "### END SOLUTION"
+EXERCISE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
+MARKDOWN_STUB = "*Your answer here.*"
+RAISES_TAG = "raises-exception"
+"""nbval's cell tag for a cell that is allowed to raise (``--nbval-lax`` runs the exercise copies)."""
+
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+CELL_TIMEOUT_S = 600
+
+_MD_MARKER = re.compile(r"<!--\s*(BEGIN|END) SOLUTION\s*-->")
+_DEF_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_SCOPE_NODES = (*_DEF_NODES, ast.Lambda)
+
+
+# --------------------------------------------------------------------------------------------------------
+# reading, writing, normalising
+
+
+def _cell_source(cell: NotebookNode) -> str:
+    source = cell.get("source", "")
+    return "".join(source) if isinstance(source, list) else source
+
+
+def _stable_id(index: int, source: str, taken: set[str]) -> str:
+    base = hashlib.sha1(f"{index}\n{source}".encode()).hexdigest()[:8]
+    candidate, n = base, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def read_notebook(path: str | Path) -> NotebookNode:
+    """Read a v4 notebook; cells without an id get a deterministic one (nbformat would pick random ids)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("nbformat") == 4:
+        cells = data.get("cells", [])
+        taken = {c["id"] for c in cells if isinstance(c.get("id"), str)}
+        for i, cell in enumerate(cells):
+            if not isinstance(cell.get("id"), str):
+                source = cell.get("source", "")
+                cell["id"] = _stable_id(i, "".join(source) if isinstance(source, list) else source, taken)
+                taken.add(cell["id"])
+        data["nbformat_minor"] = max(int(data.get("nbformat_minor", 0)), 5)
+    return nbformat.reads(json.dumps(data), as_version=4)
+
+
+def normalize_notebook(nb: NotebookNode) -> NotebookNode:
+    """Make a notebook independent of the machine that saved it (in place; returns ``nb``).
+
+    Notebook metadata becomes just the ``python3`` kernelspec and ``language_info.name`` (this drops
+    Python versions, saved widget state with random model ids, and editor settings). Each cell loses its
+    ``execution`` timing metadata, and cells without an id get a deterministic one.
+    """
+    nb.metadata = nbformat.from_dict({"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}})
+    nb.nbformat = 4
+    nb.nbformat_minor = max(int(nb.get("nbformat_minor", 0)), 5)
+    taken = {c.id for c in nb.cells if isinstance(c.get("id"), str)}
+    for i, cell in enumerate(nb.cells):
+        cell.metadata.pop("execution", None)
+        if not isinstance(cell.get("id"), str):
+            cell["id"] = _stable_id(i, _cell_source(cell), taken)
+            taken.add(cell["id"])
+    return nb
+
+
+def writes_notebook(nb: NotebookNode) -> str:
+    """The exact text :func:`write_notebook` writes: nbformat's JSON (sorted keys) and a final newline."""
+    text = nbformat.writes(nb, version=4)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def write_notebook(nb: NotebookNode, path: str | Path) -> None:
+    """Write ``nb`` to ``path`` deterministically (UTF-8, ``\\n`` line ends, trailing newline)."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(writes_notebook(nb))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the setup cell
+
+
+def is_setup_cell(cell: NotebookNode) -> bool:
+    """True for a code cell whose first line starts with :data:`SETUP_MARKER`."""
+    return cell.cell_type == "code" and _cell_source(cell).lstrip().startswith(SETUP_MARKER)
+
+
+def stamp_setup_cell(nb: NotebookNode) -> bool:
+    """Make the first cell a code cell holding exactly :data:`SETUP_CELL`; return whether ``nb`` changed.
+
+    A first cell that is not a setup cell gets a new setup cell inserted before it; a setup cell with other
+    source gets the current source (and loses its outputs). An up-to-date setup cell is left alone.
+    """
+    if nb.cells and is_setup_cell(nb.cells[0]):
+        cell = nb.cells[0]
+        if _cell_source(cell) == SETUP_CELL:
+            return False
+        cell.source = SETUP_CELL
+        cell.outputs = []
+        cell.execution_count = None
+        return True
+    cell = nbformat.v4.new_code_cell(SETUP_CELL)
+    taken = {c.get("id") for c in nb.cells}
+    cell.id = SETUP_CELL_ID if SETUP_CELL_ID not in taken else _stable_id(0, SETUP_CELL, taken)
+    nb.cells.insert(0, cell)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# making the exercise copy
+
+
+def _strip_code_regions(source: str, index: int) -> tuple[str, list[tuple[int, int]]]:
+    """Replace solution regions by the stub; return the new source and the regions' 1-based line spans."""
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    begin: int | None = None
+    for lineno, line in enumerate(source.split("\n"), start=1):
+        marker = line.strip()
+        if marker == BEGIN_SOLUTION:
+            if begin is not None:
+                raise ValueError(f"cell {index}: nested {BEGIN_SOLUTION} on line {lineno} (open: {begin})")
+            begin = lineno
+            indent = line[: len(line) - len(line.lstrip())]
+            out.extend(indent + stub for stub in EXERCISE_STUB)
+        elif marker == END_SOLUTION:
+            if begin is None:
+                raise ValueError(f"cell {index}: {END_SOLUTION} without {BEGIN_SOLUTION} (line {lineno})")
+            spans.append((begin, lineno))
+            begin = None
+        elif begin is None:
+            out.append(line)
+    if begin is not None:
+        raise ValueError(f"cell {index}: {BEGIN_SOLUTION} on line {begin} has no {END_SOLUTION}")
+    return "\n".join(out), spans
+
+
+def _strip_markdown_regions(source: str, index: int) -> str:
+    pieces: list[str] = []
+    pos, begin = 0, None
+    for m in _MD_MARKER.finditer(source):
+        if m.group(1) == "BEGIN":
+            if begin is not None:
+                raise ValueError(f"cell {index}: nested <!-- BEGIN SOLUTION --> in a markdown cell")
+            pieces.append(source[pos : m.start()])
+            begin = m.start()
+        else:
+            if begin is None:
+                raise ValueError(f"cell {index}: <!-- END SOLUTION --> without <!-- BEGIN SOLUTION -->")
+            pieces.append(MARKDOWN_STUB)
+            pos, begin = m.end(), None
+    if begin is not None:
+        raise ValueError(f"cell {index}: <!-- BEGIN SOLUTION --> has no <!-- END SOLUTION -->")
+    pieces.append(source[pos:])
+    return "".join(pieces)
+
+
+def _python_only(source: str) -> str:
+    """Blank IPython magics and shell escapes (``%...``, ``!...``) with ``pass``, keeping line numbers."""
+    lines = []
+    for line in source.split("\n"):
+        stripped = line.lstrip()
+        if stripped.startswith(("%", "!")):
+            line = line[: len(line) - len(stripped)] + "pass"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _parse(source: str) -> ast.Module | None:
+    try:
+        return ast.parse(_python_only(source))
+    except SyntaxError:
+        return None
+
+
+def _loads(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _binds(stmt: ast.stmt) -> set[str]:
+    """Names a top-level statement binds in the notebook's namespace (not inside nested scopes)."""
+    names: set[str] = set()
+    stack: list[ast.AST] = [stmt]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DEF_NODES):
+            names.add(node.name)
+            if node is not stmt:
+                continue
+            stack.extend(node.decorator_list)  # the body is a new scope
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        stack.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def _overlapping(stmt: ast.stmt, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The solution regions (line spans) that share a line with ``stmt``."""
+    end = stmt.end_lineno or stmt.lineno
+    return [(b, e) for b, e in spans if stmt.lineno <= e and b <= end]
+
+
+def _holds_stub(stmt: ast.stmt, spans: Sequence[tuple[int, int]]) -> bool:
+    """True when ``stmt`` is a def/class and every region it touches begins inside its body.
+
+    (A region's ``### END SOLUTION`` comment may come after the last line of the body.)
+    """
+    touched = _overlapping(stmt, spans)
+    end = stmt.end_lineno or stmt.lineno
+    inside = all(stmt.lineno < b <= end for b, _ in touched)
+    return isinstance(stmt, _DEF_NODES) and bool(touched) and inside
+
+
+def _scan_cell(source: str, spans: Sequence[tuple[int, int]], stubbed: set[str], index: int) -> bool:
+    """Update ``stubbed`` with this cell's stubbed names; return whether the exercise cell may raise."""
+    tree = _parse(source)
+    if tree is None:
+        if spans:
+            raise ValueError(f"cell {index}: a cell with a solution region must be valid Python")
+        return any(re.search(rf"\b{re.escape(name)}\b", source) for name in stubbed)
+    raises = False
+    for stmt in tree.body:
+        if _holds_stub(stmt, spans):
+            stubbed.add(stmt.name)  # the definition runs; calling it raises NotImplementedError
+        elif _overlapping(stmt, spans) or _loads(stmt) & stubbed:
+            raises = True  # runs stubbed code, or uses a name that a stub left undefined or raising
+            stubbed.update(_binds(stmt))
+    return raises
+
+
+def stubbed_names(nb: NotebookNode) -> set[str]:
+    """The names that are stubbed (or depend on a stub) in the exercise copy of solution ``nb``."""
+    stubbed: set[str] = set()
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            _, spans = _strip_code_regions(_cell_source(cell), index)
+            _scan_cell(_cell_source(cell), spans, stubbed, index)
+    return stubbed
+
+
+def make_exercise(nb: NotebookNode) -> NotebookNode:
+    """Return the learner's copy of solution notebook ``nb`` (which is not modified).
+
+    * In code cells every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region becomes
+      ``# YOUR CODE HERE`` / ``raise NotImplementedError()`` at the marker's indentation; in markdown
+      cells every ``<!-- BEGIN SOLUTION -->`` ... ``<!-- END SOLUTION -->`` region becomes
+      ``*Your answer here.*``. Unbalanced or nested markers raise ``ValueError`` naming the cell index.
+    * Functions and classes whose body holds a region are *stubbed*; every code cell that uses a stubbed
+      name (or a name defined from one, or that runs a region at top level) gets nbval's
+      ``raises-exception`` tag, so the copy still runs top to bottom under ``pytest --nbval-lax``.
+    * Outputs and execution counts are cleared and metadata is normalised (:func:`normalize_notebook`).
+    """
+    ex = copy.deepcopy(nb)
+    stubbed: set[str] = set()
+    for index, cell in enumerate(ex.cells):
+        source = _cell_source(cell)
+        if cell.cell_type == "markdown":
+            cell.source = _strip_markdown_regions(source, index)
+        elif cell.cell_type == "code":
+            cell.source, spans = _strip_code_regions(source, index)
+            if _scan_cell(source, spans, stubbed, index):
+                tags = list(cell.metadata.get("tags", []))
+                if RAISES_TAG not in tags:
+                    cell.metadata["tags"] = [*tags, RAISES_TAG]
+            cell.outputs = []
+            cell.execution_count = None
+    return normalize_notebook(ex)
+
+
+# --------------------------------------------------------------------------------------------------------
+# generate, check, execute
+
+
+def _solution_paths(solutions_dir: Path, paths: Iterable[str | Path] | None) -> list[Path]:
+    if paths:
+        return [Path(p) for p in paths]
+    return sorted(solutions_dir.glob("*.ipynb"))
+
+
+def _prepared_solution(path: Path) -> tuple[NotebookNode, str, str]:
+    """The solution as :func:`generate` leaves it: (notebook, its text now, its text after generate)."""
+    text = path.read_text(encoding="utf-8")
+    nb = read_notebook(path)
+    stamp_setup_cell(nb)
+    normalize_notebook(nb)
+    return nb, text, writes_notebook(nb)
+
+
+def _exercise_text(nb: NotebookNode, path: Path) -> str:
+    try:
+        return writes_notebook(make_exercise(nb))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def generate(
+    solutions_dir: str | Path = "solutions",
+    notebooks_dir: str | Path = "notebooks",
+    paths: Iterable[str | Path] | None = None,
+) -> list[Path]:
+    """Stamp the setup cell into each solution and write its exercise copy; return the files changed.
+
+    ``paths`` limits the work to some solution notebooks (default: all of ``solutions_dir``). Exercise
+    notebooks whose solution no longer exists are removed. Files are only written when their text changes.
+    """
+    solutions_dir, notebooks_dir = Path(solutions_dir), Path(notebooks_dir)
+    notebooks_dir.mkdir(parents=True, exist_ok=True)
+    changed: list[Path] = []
+    for path in _solution_paths(solutions_dir, paths):
+        nb, before, after = _prepared_solution(path)
+        exercise = _exercise_text(nb, path)
+        if after != before:
+            path.write_text(after, encoding="utf-8", newline="\n")
+            changed.append(path)
+        target = notebooks_dir / path.name
+        if not target.exists() or target.read_text(encoding="utf-8") != exercise:
+            target.write_text(exercise, encoding="utf-8", newline="\n")
+            changed.append(target)
+    solution_names = {p.name for p in solutions_dir.glob("*.ipynb")}
+    for orphan in sorted(notebooks_dir.glob("*.ipynb")):
+        if orphan.name not in solution_names:
+            orphan.unlink()
+            changed.append(orphan)
+    return changed
+
+
+def check(
+    solutions_dir: str | Path = "solutions",
+    notebooks_dir: str | Path = "notebooks",
+    paths: Iterable[str | Path] | None = None,
+) -> list[str]:
+    """Everything that ``make execute`` / ``make exercises`` would fix, one line per problem.
+
+    Reports a solution whose first cell is not the current setup cell, code cells that were never
+    executed or that hold an error (unless tagged ``raises-exception``), and exercise copies that are
+    missing, differ from what :func:`generate` writes, or have no solution.
+    """
+    solutions_dir, notebooks_dir = Path(solutions_dir), Path(notebooks_dir)
+    problems: list[str] = []
+    for path in _solution_paths(solutions_dir, paths):
+        raw = read_notebook(path)
+        if not (raw.cells and is_setup_cell(raw.cells[0]) and _cell_source(raw.cells[0]) == SETUP_CELL):
+            problems.append(f"{path}: the first cell is not the current setup cell (run `make exercises`)")
+        for index, cell in enumerate(raw.cells):
+            if cell.cell_type != "code" or not _cell_source(cell).strip():
+                continue
+            tags = cell.metadata.get("tags", [])
+            if cell.execution_count is None and "skip-execution" not in tags:
+                problems.append(f"{path}: cell {index} was not executed (run `make execute`)")
+            if RAISES_TAG not in tags and any(o.output_type == "error" for o in cell.get("outputs", [])):
+                problems.append(f"{path}: cell {index} has an error output")
+        nb, _, _ = _prepared_solution(path)
+        try:
+            expected = writes_notebook(make_exercise(nb))
+        except ValueError as err:
+            problems.append(f"{path}: {err}")
+            continue
+        target = notebooks_dir / path.name
+        if not target.exists():
+            problems.append(f"{target}: missing (run `make exercises`)")
+        elif target.read_text(encoding="utf-8") != expected:
+            problems.append(f"{target}: out of sync with {path} (run `make exercises`)")
+    solution_names = {p.name for p in solutions_dir.glob("*.ipynb")}
+    for extra in sorted(notebooks_dir.glob("*.ipynb")):
+        if extra.name not in solution_names:
+            problems.append(f"{extra}: no solution {solutions_dir / extra.name} (run `make exercises`)")
+    return problems
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def execute(
+    paths: Iterable[str | Path] | None = None, solutions_dir: str | Path = "solutions"
+) -> dict[Path, float]:
+    """Execute notebooks in place with ``MOE_DEVICE=cpu``; return (and print) the wall time of each.
+
+    Each notebook runs in a fresh ``python3`` kernel whose working directory is the notebook's folder,
+    with a limit of 600 s per cell; the setup cell is stamped first and metadata is normalised after, so
+    that re-executing gives small diffs. Default: every notebook in ``solutions_dir``.
+    """
+    from nbclient import NotebookClient
+
+    times: dict[Path, float] = {}
+    for path in _solution_paths(Path(solutions_dir), paths):
+        nb = read_notebook(path)
+        stamp_setup_cell(nb)
+        client = NotebookClient(
+            nb,
+            timeout=CELL_TIMEOUT_S,
+            kernel_name="python3",
+            record_timing=False,
+            resources={"metadata": {"path": str(path.resolve().parent)}},
+        )
+        start = time.perf_counter()
+        with _environ(MOE_DEVICE="cpu"):
+            client.execute()
+        times[path] = time.perf_counter() - start
+        write_notebook(normalize_notebook(nb), path)
+        print(f"{path}: {times[path]:.1f} s", flush=True)
+    return times
+
+
+# --------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m moe_course.notebooks``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_course.notebooks",
+        description="Make the exercise notebooks from the solutions, execute solutions, or check both.",
+    )
+    parser.add_argument("command", choices=["generate", "execute", "check"])
+    parser.add_argument("paths", nargs="*", help="solution notebooks (default: all of --solutions)")
+    parser.add_argument("--solutions", default="solutions", help="folder of solved notebooks")
+    parser.add_argument("--notebooks", default="notebooks", help="folder of the learner's copies")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            for path in generate(args.solutions, args.notebooks, args.paths):
+                print(f"{'removed' if not path.exists() else 'wrote'} {path}")
+        elif args.command == "execute":
+            execute(args.paths, args.solutions)
+        else:
+            problems = check(args.solutions, args.notebooks, args.paths)
+            for problem in problems:
+                print(problem)
+            if problems:
+                return 1
+            print("notebooks are in sync")
+    except Exception as err:  # a message and exit status 1, rather than a traceback of this module
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
