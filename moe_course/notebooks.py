@@ -90,7 +90,6 @@ CELL_TIMEOUT_S = 600
 
 _MD_MARKER = re.compile(r"<!--\s*(BEGIN|END) SOLUTION\s*-->")
 _DEF_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-_SCOPE_NODES = (*_DEF_NODES, ast.Lambda)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -311,7 +310,9 @@ def _scan_cell(source: str, spans: Sequence[tuple[int, int]], stubbed: set[str],
         elif _overlapping(stmt, spans) or _loads(stmt) & stubbed:
             raises = True  # runs stubbed code, or uses a name that a stub left undefined or raising
             stubbed.update(_binds(stmt))
-    return raises
+    # magics such as `%timeit my_router(x)` are not parsed: look for the names in their text
+    magics = "\n".join(line for line in source.split("\n") if line.lstrip().startswith(("%", "!")))
+    return raises or any(re.search(rf"\b{re.escape(name)}\b", magics) for name in stubbed)
 
 
 def stubbed_names(nb: NotebookNode) -> set[str]:
