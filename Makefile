@@ -40,8 +40,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# JupyterLab refuses to start as root (containers, Binder-like set-ups) unless told it may.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=. notebooks/00_welcome.ipynb
+	$(BIN)/jupyter lab $(LAB_ARGS) --notebook-dir=. notebooks/00_welcome.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

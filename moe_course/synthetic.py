@@ -7,7 +7,7 @@ experts split the input space the way the data was made. All randomness comes fr
 global random state is never touched.
 
 =========================  =====================================================================
-``piecewise_1d``           x in [-1, 1] cut into four intervals: a line, a sine, a constant, a line
+``piecewise_1d``           x in [-1, 1] cut into four intervals, each with its own line (one is flat)
 ``quadrants_2d``           x in [-1, 1]^2; a different linear function of x in each quadrant
 =========================  =====================================================================
 """
@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "PIECEWISE_1D_BOUNDARIES",
+    "PIECEWISE_1D_LINES",
     "PIECEWISE_1D_NAMES",
     "QUADRANT_NAMES",
     "QUADRANT_WEIGHTS",
@@ -47,12 +48,9 @@ class RegimeData(NamedTuple):
 #: Inner cut points of [-1, 1]; regime r holds the x between the (r-1)-th and r-th cut.
 PIECEWISE_1D_BOUNDARIES: tuple[float, ...] = (-0.5, 0.0, 0.5)
 #: Human-readable rule of each 1-D regime, in order of x.
-PIECEWISE_1D_NAMES: tuple[str, ...] = (
-    "line 1.6x + 1.2",
-    "sine -0.6 + 0.4 sin(4 pi x)",
-    "constant 0.8",
-    "line -2.4x + 1.4",
-)
+PIECEWISE_1D_NAMES: tuple[str, ...] = ("y = 6x + 9", "y = -3", "y = -12x + 4.5", "y = 9x - 10.5")
+#: (slope, intercept) of each 1-D regime: three lines and a constant.
+PIECEWISE_1D_LINES: tuple[tuple[float, float], ...] = ((6.0, 9.0), (0.0, -3.0), (-12.0, 4.5), (9.0, -10.5))
 
 
 def _check_sizes(n_samples: int, noise: float) -> None:
@@ -70,30 +68,26 @@ def _regime_1d(x: torch.Tensor) -> torch.Tensor:
 
 
 def piecewise_1d_target(x: torch.Tensor) -> torch.Tensor:
-    """The noise-free 1-D target at ``x`` (any shape): each interval of [-1, 1] has its own function.
+    """The noise-free 1-D target at ``x`` (any shape): each quarter of [-1, 1] has its own rule.
 
-    ====================  ==========================
-    x in [-1, -0.5)       1.6 x + 1.2  (a rising line from -0.4 to 0.4)
-    x in [-0.5, 0)        -0.6 + 0.4 sin(4 pi x)
-    x in [0, 0.5)         0.8
-    x in [0.5, 1]         -2.4 x + 1.4  (a falling line from 0.2 to -1.0)
-    ====================  ==========================
+    ====================  ==================  =====================
+    x in [-1, -0.5)       y = 6x + 9          rises from 3 to 6
+    x in [-0.5, 0)        y = -3              constant
+    x in [0, 0.5)         y = -12x + 4.5      falls from 4.5 to -1.5
+    x in [0.5, 1]         y = 9x - 10.5       rises from -6 to -1.5
+    ====================  ==================  =====================
 
-    The target jumps at every cut point (by 1.0, 1.4 and 0.6):
-    one smooth network has to bend hard there, while a mixture can simply hand over to another expert.
+    The target jumps at every cut point (by 9, 7.5 and 4.5), so no single straight line can serve two
+    neighbouring regimes: a linear expert has to pick one. The values span several units on purpose: the
+    competitive error of Jacobs et al. (1991) treats each expert as a Gaussian of variance 1, and regimes
+    that differ by many standard deviations make the competition between experts decisive.
     """
     x = torch.as_tensor(x, dtype=torch.float32)
-    regime = _regime_1d(x)
-    pieces = torch.stack([
-        1.6 * x + 1.2,
-        -0.6 + 0.4 * torch.sin(4 * math.pi * x),
-        torch.full_like(x, 0.8),
-        -2.4 * x + 1.4,
-    ])
-    return pieces.gather(0, regime.unsqueeze(0)).squeeze(0)
+    lines = torch.tensor(PIECEWISE_1D_LINES, dtype=x.dtype)[_regime_1d(x)]  # (..., 2)
+    return lines[..., 0] * x + lines[..., 1]
 
 
-def piecewise_1d(n_samples: int = 512, noise: float = 0.05, seed: int = 0) -> RegimeData:
+def piecewise_1d(n_samples: int = 512, noise: float = 0.15, seed: int = 0) -> RegimeData:
     """A 1-D regression problem with four regimes (see :func:`piecewise_1d_target`).
 
     ``x`` is uniform on [-1, 1], ``y = target(x) + noise * N(0, 1)``. Returns :class:`RegimeData` with
@@ -115,10 +109,10 @@ def piecewise_1d(n_samples: int = 512, noise: float = 0.05, seed: int = 0) -> Re
 QUADRANT_NAMES: tuple[str, ...] = ("x1>=0, x2>=0", "x1<0, x2>=0", "x1<0, x2<0", "x1>=0, x2<0")
 #: (w1, w2, bias) of the linear rule y = w1 x1 + w2 x2 + bias in each quadrant.
 QUADRANT_WEIGHTS: tuple[tuple[float, float, float], ...] = (
-    (1.0, 1.0, 0.0),
-    (1.5, -1.0, 1.0),
-    (-1.0, 0.5, -0.5),
-    (0.0, -2.0, 0.5),
+    (2.0, 2.0, 0.0),
+    (3.0, -2.0, 2.0),
+    (-2.0, 1.0, -1.0),
+    (0.0, -4.0, 1.0),
 )
 
 
@@ -138,7 +132,7 @@ def quadrants_2d_target(x: torch.Tensor) -> torch.Tensor:
     return (table[..., :2] * x).sum(-1) + table[..., 2]
 
 
-def quadrants_2d(n_samples: int = 1024, noise: float = 0.05, seed: int = 0) -> RegimeData:
+def quadrants_2d(n_samples: int = 512, noise: float = 0.1, seed: int = 0) -> RegimeData:
     """A 2-D regression problem whose rule changes from quadrant to quadrant.
 
     ``x`` is uniform on [-1, 1]^2, ``y = w_q . x + b_q + noise * N(0, 1)`` where q is the quadrant of ``x``

@@ -100,3 +100,12 @@ def test_plot_functions_make_their_own_figure():
             assert isinstance(fig, Figure) and len(fig.get_axes()) == 1
         finally:
             plt.close(fig)
+
+
+def test_widget_redraws_at_slider_extremes():
+    pytest.importorskip("ipywidgets")
+    box = capacity_explorer(n_tokens=8)
+    c = box.controls
+    for n, k, cf, skew in [(16, 4, 0.5, 3.0), (2, 1, 3.0, 0.0), (2, 4, 0.5, 1.5)]:
+        c["n_experts"].value, c["k"].value = n, k  # an error while redrawing would propagate here
+        c["capacity_factor"].value, c["skew"].value = cf, skew
