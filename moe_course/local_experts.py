@@ -607,7 +607,9 @@ def plot_expert_fits(models: MixtureOfLocalExperts | Mapping[str, MixtureOfLocal
                 ax.plot(xs, o[:, i], color=_colour(i), lw=0.9, ls=":")
                 ax.plot(xs, np.where(win == i, o[:, i], np.nan), color=_colour(i), lw=2.5, label=f"expert {i}")
             ax.plot(xs, _np(out.y[:, 0]), color="k", lw=1, label="mixture")
-            ax.set(xlabel="x", ylabel="y", ylim=(-1.6, 1.6), title=title)
+            lo, hi = float(y.min()), float(y.max())
+            pad = 0.15 * (hi - lo)
+            ax.set(xlabel="x", ylabel="y", ylim=(lo - pad, hi + pad), title=title)
             ax.legend(fontsize=7, loc="lower left", ncols=2)
         else:
             out = model(x.to(device))

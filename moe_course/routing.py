@@ -3,7 +3,8 @@
 Three scoring rules from the papers:
 
 * softmax over all experts, keep the top k, renormalise over them (Mixtral; equal to a softmax over the k
-  largest logits). Without renormalisation: Switch Transformer (k = 1) and Qwen3's default.
+  largest logits). Without renormalisation: Switch Transformer (k = 1); Qwen's MoE configs expose this
+  choice as ``norm_topk_prob`` (the Hugging Face class defaults to False, the released Qwen3 MoE models set True).
 * sigmoid scores per expert, top-k chosen on ``score + bias`` but weighted by the plain score, renormalised
   (DeepSeek-V3; the bias is the auxiliary-loss-free balancing term of notebook 06).
 * noisy top-k gating (Shazeer et al. 2017): H = x·W_g + ε·softplus(x·W_noise), keep the top k, softmax.
