@@ -1,4 +1,4 @@
-"""check.expert_ffn / check.soft_mixture: the reference passes and each typical mistake is named."""
+"""check.expert_ffn / check.soft_mixture / check.model_params: the reference passes, each typical mistake is named."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from torch import nn
 
 from moe_course import check
 from moe_course.check import CheckError
+from moe_course.check import layer as layer_checks
 from moe_course.experts import SwiGLU
+from moe_course.model import ModelConfig, TinyLM
+from moe_course.moe import MoE
+from moe_course.params import count_model
 
 # ----------------------------------------------------------------------------------------------------
 # expert_ffn
@@ -195,4 +199,183 @@ def test_checks_leave_the_global_random_state_alone() -> None:
     torch.manual_seed(123)
     check.expert_ffn(SwiGLU)
     check.soft_mixture(reference_mixture)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model_params
+# ----------------------------------------------------------------------------------------------------
+
+
+def _numel(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def reference_count(model: nn.Module) -> tuple[int, int]:
+    """The notebook's solution: total from parameters(), then subtract the experts a token skips."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum((m.n_experts - m.top_k) * _numel(m.experts[0]) for m in _moe_layers(model))
+    return total, total - inactive
+
+
+def all_experts_active(model):
+    total = sum(p.numel() for p in model.parameters())
+    return total, total
+
+
+def one_expert_per_token(model):
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - sum((m.n_experts - 1) * _numel(m.experts[0]) for m in _moe_layers(model))
+
+
+def tied_counted_twice(model):
+    # each module's own weights: tok_emb and head hold the same matrix, so it is counted twice
+    total = sum(p.numel() for m in model.modules() for p in m.parameters(recurse=False))
+    inactive = sum((m.n_experts - m.top_k) * _numel(m.experts[0]) for m in _moe_layers(model))
+    return total, total - inactive
+
+
+def state_dict_count(model):
+    total = sum(t.numel() for t in model.state_dict().values())
+    return total, reference_count(model)[1] + model.tok_emb.weight.numel()
+
+
+def _bottom_up_active(model, shared: bool = True, dense: bool = True, non_ffn: bool = True) -> int:
+    """Active counted piece by piece, with switches that forget pieces."""
+    active = 0
+    if non_ffn:
+        active += _numel(model.tok_emb) + _numel(model.pos_emb) + _numel(model.norm)
+        active += sum(_numel(b.attn) + _numel(b.norm1) + _numel(b.norm2) for b in model.blocks)
+    for block in model.blocks:
+        ffn = block.ffn
+        if isinstance(ffn, MoE):
+            active += _numel(ffn.router) + ffn.top_k * _numel(ffn.experts[0])
+            active += _numel(ffn.shared) if shared else 0
+        elif dense:
+            active += _numel(ffn)
+    return active
+
+
+def forgot_shared_expert(model):
+    return sum(p.numel() for p in model.parameters()), _bottom_up_active(model, shared=False)
+
+
+def only_ffn_weights(model):
+    return sum(p.numel() for p in model.parameters()), _bottom_up_active(model, non_ffn=False)
+
+
+def dense_layers_left_out(model):
+    return sum(p.numel() for p in model.parameters()), _bottom_up_active(model, dense=False)
+
+
+def every_layer_as_moe(model):
+    cfg = model.cfg
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * cfg.d_model * cfg.expert_hidden
+    return total, total - cfg.n_layer * (cfg.n_experts - cfg.top_k) * per_expert
+
+
+def no_embeddings_in_active(model):
+    total, active = reference_count(model)
+    return total, active - _numel(model.tok_emb) - _numel(model.pos_emb)
+
+
+def no_attention_in_active(model):
+    total, active = reference_count(model)
+    return total, active - sum(_numel(b.attn) for b in model.blocks)
+
+
+def swapped(model):
+    total, active = reference_count(model)
+    return active, total
+
+
+def active_as_total(model):
+    return reference_count(model)[1], reference_count(model)[1]
+
+
+def test_model_params_reference_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check.model_params(count_model)
+    check.model_params(reference_count)
+    check.model_params(lambda model: torch.tensor(reference_count(model)))  # tensors and lists are fine
+    check.model_params(lambda model: [float(n) for n in reference_count(model)])
+    assert capsys.readouterr().out.count("OK  model_params") == 4
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (all_experts_active, r"counted every routed expert as active \(active == total\)"),
+        (forgot_shared_expert, "left out the shared expert"),
+        (tied_counted_twice, "counted the tied embedding twice"),
+        (state_dict_count, "summed the state_dict"),
+        (one_expert_per_token, "counted one routed expert per token"),
+        (only_ffn_weights, "counted only feed-forward weights as active"),
+        (every_layer_as_moe, "treated the dense FFN layers as MoE layers"),
+        (dense_layers_left_out, "left the dense FFN layers out of active"),
+        (no_embeddings_in_active, "left out the embeddings"),
+        (no_attention_in_active, "left out the attention weights"),
+        (swapped, "swapped"),
+        (active_as_total, "returned the active count as the total"),
+    ],
+)
+def test_model_params_mistakes_are_named(fn, message: str) -> None:
+    with pytest.raises(CheckError, match=message):
+        check.model_params(fn)
+
+
+def test_model_params_names_the_model_and_both_answers() -> None:
+    with pytest.raises(CheckError) as info:
+        check.model_params(forgot_shared_expert)
+    text = str(info.value)
+    assert "n_shared=1" in text and "answer is (total=" in text
+    assert "It looks like you left out the shared expert" in text and "; or you" not in text
+
+
+def test_model_params_each_mistake_has_one_explanation() -> None:
+    """In every check model, two different mistakes never give the same wrong active count."""
+    for cfg in layer_checks.MODEL_CONFIGS:
+        parts = layer_checks._anatomy(TinyLM(ModelConfig(**cfg)))
+        assert count_model(TinyLM(ModelConfig(**cfg))) == (parts["total"], parts["active"])
+        seen: dict[int, str] = {}
+        for hint, wrong in layer_checks._active_mistakes(parts):
+            if wrong != parts["active"]:
+                assert seen.setdefault(wrong, hint) == hint, (cfg, wrong)
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (lambda model: reference_count(model)[1], "should return a pair"),
+        (lambda model: (*reference_count(model), 0), "got 3 values"),
+        (lambda model: (reference_count(model)[0] + 0.5, 0), "whole number"),
+        (lambda model: ("many", 1), "should be an int"),
+        (lambda model: (reference_count(model)[0], reference_count(model)[0] + 1), "cannot exceed total"),
+        (lambda model: (reference_count(model)[0], 1), "n_experts - top_k routed experts"),
+        (lambda model: (sum(p.numel() for p in model.blocks.parameters()), 1), r"model\.parameters\(\)"),
+        (lambda model: model.missing_attribute, "raised AttributeError"),
+    ],
+)
+def test_model_params_bad_answers(fn, message: str) -> None:
+    with pytest.raises(CheckError, match=message):
+        check.model_params(fn)
+
+
+def test_model_params_stub_propagates_not_implemented() -> None:
+    def stub(model):
+        raise NotImplementedError()
+
+    with pytest.raises(NotImplementedError):
+        check.model_params(stub)
+
+
+def test_model_params_leaves_the_global_random_state_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    check.model_params(reference_count)
     assert torch.equal(torch.rand(3), expected)

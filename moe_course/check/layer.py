@@ -1,14 +1,19 @@
-"""Checks for notebook 02 (the MoE layer): ``check.expert_ffn(MyExpert)`` and ``check.soft_mixture(fn)``.
+"""Checks for notebook 02 (the MoE layer): ``check.expert_ffn(MyExpert)``, ``check.soft_mixture(fn)`` and
+``check.model_params(fn)``.
 
 ``expert_ffn`` builds the learner's SwiGLU expert, gives it the weights of the reference
 :class:`~moe_course.experts.SwiGLU` and compares the outputs. ``soft_mixture`` calls the learner's
-``fn(x, gate_weight, experts)`` and compares it with ``Σ_i softmax(x·Wᵀ)_i · E_i(x)``. When an answer is
-wrong, both checks recompute the usual mistakes with the same weights and name the one that matches.
+``fn(x, gate_weight, experts)`` and compares it with ``Σ_i softmax(x·Wᵀ)_i · E_i(x)``. ``model_params``
+calls the learner's ``fn(model) -> (total, active)`` on three small :class:`~moe_course.model.TinyLM`
+models and compares with :func:`moe_course.params.count_model`. When an answer is wrong, each check
+recomputes the usual mistakes and names the one that matches.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
+from itertools import combinations
 from typing import Any
 
 import torch
@@ -17,8 +22,11 @@ from torch import nn
 
 from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok
 from moe_course.experts import SwiGLU, make_experts
+from moe_course.model import ModelConfig, TinyLM
+from moe_course.moe import MoE
+from moe_course.params import count_model
 
-__all__ = ["expert_ffn", "soft_mixture"]
+__all__ = ["expert_ffn", "model_params", "soft_mixture"]
 
 # Small, deliberately non-square sizes so that a swapped d_model/d_hidden cannot go unnoticed.
 D_MODEL, D_HIDDEN = 6, 10
@@ -193,3 +201,167 @@ def _check_soft_mixture(fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Te
         if gate_weight.grad is None or not bool(gate_weight.grad.abs().sum() > 0):
             fail("no gradient reaches gate_weight: compute the gate from gate_weight with differentiable "
                  "operations (no .detach(), no argmax)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# model_params: total and active parameters of a TinyLM, counted by walking its modules
+# ----------------------------------------------------------------------------------------------------
+
+# Three small TinyLMs; every TinyLM ties its output head to the token embedding. The first is MoE in every
+# layer; the second only in every second layer (dense SwiGLU FFNs in between); the third adds a shared
+# expert. top_k >= 2 everywhere so that "one expert per token" gives a different number, and top_k = 3 next
+# to the shared expert (as wide as one routed expert) so that leaving it out is not the same as k = 1.
+MODEL_CONFIGS: list[dict[str, Any]] = [
+    dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, ffn="moe", n_experts=4, top_k=2,
+         expert_hidden=12),
+    dict(vocab_size=48, block_size=8, n_layer=4, n_head=2, d_model=12, ffn="moe", d_hidden=40, n_experts=6,
+         top_k=3, expert_hidden=10, moe_every=2),
+    dict(vocab_size=40, block_size=12, n_layer=3, n_head=2, d_model=8, ffn="moe", n_experts=8, top_k=3,
+         expert_hidden=6, n_shared=1),
+]
+_LABEL_KEYS = ("n_layer", "d_model", "n_experts", "top_k", "expert_hidden", "moe_every", "n_shared")
+
+_ALL_ACTIVE = ("counted every routed expert as active (active == total). A token runs only top_k of the "
+               "n_experts experts of an MoE layer: subtract the n_experts - top_k experts it skips, in every "
+               "MoE layer")
+_NO_SHARED = ("left out the shared expert (the MoE layer's `shared` module): every token passes through it "
+              "besides its top_k routed experts, so all of it is active")
+_NO_ROUTER = ("left out the router: it scores all n_experts experts for every token, so all of its "
+              "d_model x n_experts weights are active")
+_FFN_ONLY = ("counted only feed-forward weights as active. Attention, the embeddings and the norms are used "
+             "by every token too: active = total minus the routed experts a token skips")
+_NO_ATTENTION = "left out the attention weights: every token goes through attention in every block"
+_NO_EMBEDDINGS = ("left out the embeddings: like the model cards (and params.count_model), the course counts "
+                  "the token and position embeddings as active")
+_DENSE_AS_MOE = ("treated the dense FFN layers as MoE layers: with moe_every=2 only every second block holds "
+                 "an MoE layer, so subtract skipped experts only in the blocks whose FFN has experts "
+                 "(model.cfg.n_layer counts all blocks)")
+_DENSE_LEFT_OUT = ("left the dense FFN layers out of active: with moe_every=2 the other blocks hold one plain "
+                   "SwiGLU FFN, which every token uses in full")
+_TIED_TWICE = ("counted the tied embedding twice. TinyLM's output head is the token-embedding matrix itself "
+               "(model.head.weight is model.tok_emb.weight); model.parameters() yields a shared parameter "
+               "once, whereas summing each module's own weights or named_parameters(remove_duplicate=False) "
+               "counts it twice")
+_STATE_DICT = ("summed the state_dict: it lists the tied embedding twice (as tok_emb.weight and head.weight) "
+               "and also holds buffers such as the router's expert_bias, which are not parameters. Use "
+               "model.parameters(), which yields a shared parameter once")
+_TOTAL_IS_ACTIVE = ("returned the active count as the total: the total holds all n_experts routed experts of "
+                    "every MoE layer, whether a token uses them or not")
+
+
+def _size(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _model_label(cfg: dict[str, Any]) -> str:
+    fields = ", ".join(f"{key}={cfg[key]}" for key in _LABEL_KEYS if key in cfg)
+    return f"TinyLM(ModelConfig(ffn='moe', {fields}))"
+
+
+def _anatomy(model: TinyLM) -> dict[str, int]:
+    """The reference counts and the pieces the usual mistakes add or leave out."""
+    total, active = count_model(model)
+    moe = [block.ffn for block in model.blocks if isinstance(block.ffn, MoE)]
+    per_expert = _size(moe[0].experts[0])
+    n_experts, top_k = moe[0].n_experts, moe[0].top_k
+    with_duplicates = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    return {
+        "total": total,
+        "active": active,
+        "tied": with_duplicates - total,
+        "buffers": sum(b.numel() for b in model.buffers()),
+        "embeddings": _size(model.tok_emb) + _size(model.pos_emb),
+        "attention": sum(_size(block.attn) for block in model.blocks),
+        "router": sum(_size(layer.router) for layer in moe),
+        "shared": sum(_size(layer.shared) for layer in moe),
+        "dense_ffn": sum(_size(block.ffn) for block in model.blocks if not isinstance(block.ffn, MoE)),
+        "chosen_experts": len(moe) * top_k * per_expert,
+        "one_expert_active": total - len(moe) * (n_experts - 1) * per_expert,
+        "every_block_moe": total - len(model.blocks) * (n_experts - top_k) * per_expert,
+    }
+
+
+def _active_mistakes(parts: dict[str, int]) -> list[tuple[str, int]]:
+    """(hint, wrong active count) for one model; the total is assumed right."""
+    active = parts["active"]
+    out = [
+        (_ALL_ACTIVE, parts["total"]),
+        ("counted one routed expert per token; each token uses top_k experts in every MoE layer, so only "
+         "n_experts - top_k of them are idle", parts["one_expert_active"]),
+        (_NO_SHARED, active - parts["shared"]),
+        (_NO_ROUTER, active - parts["router"]),
+        (_NO_ATTENTION, active - parts["attention"]),
+        (_NO_EMBEDDINGS, active - parts["embeddings"]),
+        (_DENSE_AS_MOE, parts["every_block_moe"]),
+        (_DENSE_LEFT_OUT, active - parts["dense_ffn"]),
+        (_TIED_TWICE, active + parts["tied"]),
+    ]
+    extras = ("shared", "router", "dense_ffn")
+    for n in range(len(extras) + 1):  # the chosen experts plus any of the other feed-forward pieces
+        for chosen in combinations(extras, n):
+            out.append((_FFN_ONLY, parts["chosen_experts"] + sum(parts[key] for key in chosen)))
+    return out
+
+
+def _as_count(value: Any, what: str) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(f"{what} should be an int (a number of parameters), got {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not float(value).is_integer():
+        fail(f"{what} is {value!r}; a number of parameters is a whole number, return an int")
+    return int(value)
+
+
+def _as_pair(value: Any, what: str) -> tuple[int, int]:
+    if isinstance(value, torch.Tensor) and value.numel() == 2:
+        value = value.tolist()
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        kind = f"a {type(value).__name__}" if not isinstance(value, (tuple, list)) else f"{len(value)} values"
+        fail(f"{what} should return a pair (total, active), e.g. `return total, total - inactive`; got {kind}")
+    return _as_count(value[0], f"the total from {what}"), _as_count(value[1], f"the active count from {what}")
+
+
+def _hinted(head: str, hints: list[str], fallback: str) -> None:
+    unique = list(dict.fromkeys(hints))
+    if unique:
+        fail(f"{head}. It looks like you " + "; or you ".join(unique) + ".")
+    fail(f"{head}. {fallback}")
+
+
+def model_params(fn: Callable[[nn.Module], Any]) -> None:
+    """Check ``fn(model) -> (total, active)`` against :func:`~moe_course.params.count_model` on three TinyLMs."""
+    with torch.random.fork_rng(devices=[]):  # building the models draws random weights
+        torch.manual_seed(0)
+        for cfg in MODEL_CONFIGS:
+            _check_model_params(fn, cfg)
+    ok("model_params", "matches params.count_model on TinyLMs with MoE in every layer, in every second layer, "
+       "and with a shared expert")
+
+
+def _check_model_params(fn: Callable[[nn.Module], Any], cfg: dict[str, Any]) -> None:
+    model = TinyLM(ModelConfig(**cfg))
+    parts = _anatomy(model)
+    total, active = parts["total"], parts["active"]
+    label = _model_label(cfg)
+    what = f"my_count_params({label})"
+    got_total, got_active = _as_pair(call(fn, model, what=what), what)
+    if (got_total, got_active) == (total, active):
+        return
+    head = (f"{what} returned (total={got_total:,}, active={got_active:,}) but the answer is "
+            f"(total={total:,}, active={active:,})")
+    if (got_total, got_active) == (active, total):
+        fail(f"{head}: the two numbers are swapped; return (total, active) in that order")
+    if got_total != total:
+        mistakes = [(_TIED_TWICE, total + parts["tied"]), (_STATE_DICT, total + parts["tied"] + parts["buffers"]),
+                    (_TOTAL_IS_ACTIVE, active)]
+        hints = [hint for hint, wrong in mistakes if wrong == got_total]
+        _hinted(head, hints, "Count every parameter of the model once: sum(p.numel() for p in model.parameters())")
+    if got_active > got_total:
+        fail(f"{head}: active cannot exceed total; active = total minus the routed experts a token skips")
+    hints = [hint for hint, wrong in _active_mistakes(parts) if wrong == got_active and wrong != active]
+    _hinted(head, hints, "Active = total minus, in every MoE layer, the n_experts - top_k routed experts a token "
+            "does not use; everything else (embeddings, attention, norms, router, shared experts, dense "
+            "FFNs) is active")
