@@ -29,13 +29,15 @@ specialisation metrics of notebook 01, and its plots. All losses are averaged ov
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
@@ -154,7 +156,7 @@ class MixtureOfLocalExperts(nn.Module):
     ``seed`` makes the initial weights reproducible without touching the global random state.
     """
 
-    def __init__(self, n_experts: int, d_in: int, d_out: int, expert_hidden: int = 8, gate_hidden: int = 0,
+    def __init__(self, n_experts: int, d_in: int, d_out: int, expert_hidden: int = 0, gate_hidden: int = 0,
                  seed: int | None = None) -> None:
         super().__init__()
         if n_experts < 1:
@@ -176,23 +178,15 @@ class MixtureOfLocalExperts(nn.Module):
         return MixtureOutput(p, o, y, log_p)
 
 
-class _seeded:
-    """Context manager: run the block under ``torch.manual_seed(seed)`` and restore the global RNG after."""
-
-    def __init__(self, seed: int | None) -> None:
-        self.seed = seed
-        self._fork = None
-
-    def __enter__(self) -> None:
-        if self.seed is not None:
-            self._fork = torch.random.fork_rng(devices=[])
-            self._fork.__enter__()
-            torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fork is not None:
-            self._fork.__exit__(*exc)
-            self._fork = None
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Run the block under ``torch.manual_seed(seed)`` and restore the global CPU RNG afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -453,6 +447,7 @@ class SpecialisationReport:
     other_mse: list[float]  # per expert, MSE elsewhere
     region_share: list[float]  # per expert, fraction of inputs in its region
     mse: float  # MSE of the mixture prediction sum_i p_i o_i
+    top1_mse: float  # MSE when each input uses only the output of its top-gated expert
     mean_max_gate: float  # average of the largest gate probability
 
     def rows(self) -> list[tuple[str, str]]:
@@ -466,6 +461,7 @@ class SpecialisationReport:
             ("MSE own region", fmt(_fmt(v) for v in self.own_mse)),
             ("MSE elsewhere", fmt(_fmt(v) for v in self.other_mse)),
             ("mixture MSE", f"{self.mse:.3f}"),
+            ("top-1 expert MSE", f"{self.top1_mse:.3f}"),
         ]
 
 
@@ -476,12 +472,20 @@ def _fmt(v: float) -> str:
 @torch.no_grad()
 def specialisation_report(model: MixtureOfLocalExperts, x: torch.Tensor, d: torch.Tensor, regimes: torch.Tensor,
                           threshold: float = 0.9) -> SpecialisationReport:
-    """Evaluate ``model`` on (x, d) and compute every specialisation metric at once."""
+    """Evaluate ``model`` on (x, d) and compute every specialisation metric at once.
+
+    Besides the metrics of :func:`confident_fraction`, :func:`partition_purity` and
+    :func:`expert_region_mse`, it reports two errors of prediction: the mixture's blended output
+    sum_i p_i o_i, and the output of the single expert with the largest gate (what a sparse top-1 model
+    would compute). The second is only good when each expert is right on its own region.
+    """
     device = next(model.parameters()).device
     out = model(x.to(device))
     p, o, d = out.p.cpu(), out.o.cpu(), d.cpu()
     own, other = expert_region_mse(p, o, d)
-    share = torch.bincount(expert_regions(p), minlength=p.shape[1]).double() / len(p)
+    owner = expert_regions(p)
+    share = torch.bincount(owner, minlength=p.shape[1]).double() / len(p)
+    top1 = o[torch.arange(len(o)), owner]  # (N, d_out): the output of each input's top expert
     return SpecialisationReport(
         confident=confident_fraction(p, threshold),
         purity=partition_purity(p, regimes),
@@ -489,6 +493,7 @@ def specialisation_report(model: MixtureOfLocalExperts, x: torch.Tensor, d: torc
         other_mse=other.tolist(),
         region_share=share.tolist(),
         mse=float((out.y.cpu() - d).pow(2).sum(-1).mean()),
+        top1_mse=float((top1 - d).pow(2).sum(-1).mean()),
         mean_max_gate=float(p.max(dim=-1).values.mean()),
     )
 
@@ -571,7 +576,7 @@ def plot_gate_partition(models: MixtureOfLocalExperts | Mapping[str, MixtureOfLo
             p = _np(model.gate(grid.to(device)))
             win = p.argmax(1).reshape(xx.shape)
             conf = p.max(1).reshape(xx.shape)
-            rgb = np.array([plt.matplotlib.colors.to_rgb(_colour(int(i))) for i in range(p.shape[1])])
+            rgb = np.array([to_rgb(_colour(i)) for i in range(p.shape[1])])
             img = rgb[win]
             img = np.where((conf > 0.9)[..., None], img, 0.55 * img + 0.45)
             ax.imshow(img, origin="lower", extent=(-1, 1, -1, 1))

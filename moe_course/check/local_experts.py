@@ -176,8 +176,8 @@ def competitive_loss(fn: Callable[..., Any]) -> None:
         hint = _first_match(got.detach(), _loss_mistakes(p, o, d))
         if hint:
             fail(f"my_loss gave {float(got.detach()):.4f}, expected {float(expected):.4f}: {hint}.")
-        fail(f"my_loss gave {float(got.detach()):.4f}, expected {float(expected):.4f}. The competitive error of one case "
-             "is -log sum_i p_i exp(-1/2 ||d - o_i||^2) with the squared norm taken over the output "
+        fail(f"my_loss gave {float(got.detach()):.4f}, expected {float(expected):.4f}. The competitive error of "
+             "one case is -log sum_i p_i exp(-1/2 ||d - o_i||^2) with the squared norm taken over the output "
              "dimension; return its mean over the cases")
     if not got.requires_grad:
         fail("my_loss returned a value that autograd cannot differentiate (no grad_fn); keep the computation "
