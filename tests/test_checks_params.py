@@ -102,7 +102,7 @@ def test_two_mistakes_fall_back_to_expected_vs_got() -> None:
 def test_billions_and_bad_types_are_explained() -> None:
     with pytest.raises(CheckError, match="looks like billions"):
         check.active_params(lambda **cfg: active_params_from_config(**cfg) / 1e9)
-    with pytest.raises(CheckError, match="should return an int"):
+    with pytest.raises(CheckError, match="should be an int"):
         check.total_params(lambda **cfg: str(total_params_from_config(**cfg)))
     with pytest.raises(CheckError, match="whole number"):
         check.total_params(lambda **cfg: total_params_from_config(**cfg) + 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -53,3 +54,25 @@ def expect_shape(value: torch.Tensor, shape: tuple[int, ...], what: str) -> None
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
     """allclose after moving both to float64 on the CPU (shapes must already match)."""
     return bool(torch.allclose(a.detach().double().cpu(), b.detach().double().cpu(), atol=atol, rtol=rtol))
+
+
+def as_count(value: Any, what: str, expected: int | None = None) -> int:
+    """A parameter count as an int: accept ints, NumPy ints, 0-d tensors and integral floats; explain the rest.
+
+    With ``expected``, a float that is the answer in billions or millions gets its own message.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(f"{what} should be an int (a parameter count), got {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    if expected and value > 0 and abs(value * 1e9 - expected) <= 0.01 * expected:
+        fail(f"{what} returned {value:g}, which looks like billions; return the exact count "
+             f"({expected / 1e9:.2f}B is {expected:,} parameters)")
+    if expected and value > 0 and abs(value * 1e6 - expected) <= 0.01 * expected:
+        fail(f"{what} returned {value:g}, which looks like millions; return the exact count")
+    if not value.is_integer():
+        fail(f"{what} is {value!r}; a parameter count is a whole number, return an int")
+    return int(value)

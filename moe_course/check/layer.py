@@ -11,7 +11,6 @@ recomputes the usual mistakes and names the one that matches.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from itertools import combinations
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok
+from moe_course.check._core import as_count, as_tensor, call, close, expect_shape, fail, ok
 from moe_course.experts import SwiGLU, make_experts
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.moe import MoE
@@ -303,25 +302,13 @@ def _active_mistakes(parts: dict[str, int]) -> list[tuple[str, int]]:
     return out
 
 
-def _as_count(value: Any, what: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        fail(f"{what} should be an int (a number of parameters), got {type(value).__name__}")
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if not float(value).is_integer():
-        fail(f"{what} is {value!r}; a number of parameters is a whole number, return an int")
-    return int(value)
-
-
 def _as_pair(value: Any, what: str) -> tuple[int, int]:
     if isinstance(value, torch.Tensor) and value.numel() == 2:
         value = value.tolist()
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         kind = f"a {type(value).__name__}" if not isinstance(value, (tuple, list)) else f"{len(value)} values"
         fail(f"{what} should return a pair (total, active), e.g. `return total, total - inactive`; got {kind}")
-    return _as_count(value[0], f"the total from {what}"), _as_count(value[1], f"the active count from {what}")
+    return as_count(value[0], f"the total from {what}"), as_count(value[1], f"the active count from {what}")
 
 
 def _hinted(head: str, hints: list[str], fallback: str) -> None:

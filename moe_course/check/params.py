@@ -8,14 +8,11 @@ and names the mistake when the answer matches one of them.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from moe_course import params as _ref
-from moe_course.check._core import call, fail, ok
+from moe_course.check._core import as_count, call, fail, ok
 
 __all__ = ["active_params", "total_params"]
 
@@ -97,25 +94,6 @@ def _mistakes(cfg: dict[str, Any], active: bool) -> list[tuple[str, int]]:
     return out
 
 
-def _as_int(value: Any, expected: int, what: str) -> int:
-    """Accept ints (Python, NumPy, 0-d tensors, integral floats); explain anything else."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        fail(f"{what} should return an int (a parameter count), got {type(value).__name__}")
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    value = float(value)
-    if value > 0 and abs(value * 1e9 - expected) <= 0.01 * expected:
-        fail(f"{what} returned {value:g}, which looks like billions; return the exact count "
-             f"({expected / 1e9:.2f}B is {expected:,} parameters)")
-    if value > 0 and abs(value * 1e6 - expected) <= 0.01 * expected:
-        fail(f"{what} returned {value:g}, which looks like millions; return the exact count")
-    if not value.is_integer():
-        fail(f"{what} returned {value!r}; a parameter count is a whole number, return an int")
-    return int(value)
-
-
 def _run(fn: Callable[..., Any], active: bool) -> int:
     name = "active_params" if active else "total_params"
     reference = _ref.active_params_from_config if active else _ref.total_params_from_config
@@ -124,7 +102,7 @@ def _run(fn: Callable[..., Any], active: bool) -> int:
         expected = reference(**cfg)
         args = ", ".join(f"{key}={value}" for key, value in cfg.items())
         what = f"{name}({args})"
-        got = _as_int(call(fn, what=what, **cfg), expected, what)
+        got = as_count(call(fn, what=what, **cfg), what, expected)
         if got != expected:
             hints = [hint for hint, wrong in _mistakes(cfg, active) if wrong == got and wrong != expected]
             head = f"{name} on {label} ({args}) gave {got:,} but the answer is {expected:,}"
