@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 from moe_course.device import pick_device, seed_everything
 from moe_course.experts import SwiGLU
 from moe_course.moe import MoE, SoftMixture
-from moe_course.timing import synchronize
+from moe_course.timing import samples_many
 
 
 def step_fn(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -43,22 +42,6 @@ def step_fn(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         (layer(x) * probe).sum().backward()
 
     return step
-
-
-def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Interleave the candidates (a, b, c, a, b, c, ...) so that a noisy neighbour hurts them all alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            synchronize()
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("MoE loop", "MoE dense-dispatch"):  # identical weights: the same function, three ways
         layers[name].load_state_dict(layers["MoE sorted"].state_dict())
     steps = {name: step_fn(layer.to(device), x) for name, layer in layers.items()}
-    samples = measure(steps, repeats=repeats, warmup=2)
+    samples = samples_many(steps, repeats=repeats, warmup=2)
     median = {name: statistics.median(s) for name, s in samples.items()}
 
     print(f"device {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")

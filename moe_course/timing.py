@@ -64,9 +64,9 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
     return statistics.median(time_samples(fn, *args, repeats=repeats, warmup=warmup, **kwargs))
 
 
-def time_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int = 5, warmup: int = 1,
-              threads: int | None = None, **kwargs: Any) -> dict[str, float]:
-    """Median seconds of each ``fn(*args, **kwargs)`` in ``fns``, measured round-robin.
+def samples_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int = 5, warmup: int = 1,
+                 threads: int | None = None, **kwargs: Any) -> dict[str, list[float]]:
+    """Seconds of every call of each ``fn(*args, **kwargs)`` in ``fns``, measured round-robin.
 
     Each round times every function once, in order, so slow periods of a shared machine hit all of them
     rather than whichever happened to run then. ``threads``, if given, sets PyTorch's CPU thread count for
@@ -91,4 +91,11 @@ def time_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int = 
                 samples[name] += time_samples(fn, *args, repeats=1, warmup=0, **kwargs)
     finally:
         torch.set_num_threads(before)
+    return samples
+
+
+def time_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int = 5, warmup: int = 1,
+              threads: int | None = None, **kwargs: Any) -> dict[str, float]:
+    """Median seconds of each ``fn(*args, **kwargs)`` in ``fns``, measured round-robin (see :func:`samples_many`)."""
+    samples = samples_many(fns, *args, repeats=repeats, warmup=warmup, threads=threads, **kwargs)
     return {name: statistics.median(values) for name, values in samples.items()}
