@@ -6,7 +6,10 @@
 # carry a local CPU wheel set it to e.g. "torch==2.13.0". On Linux without an NVIDIA driver we ask
 # PyTorch's CPU index so that no CUDA libraries are downloaded.
 
-PYTHON     ?= python3
+# The first of these that is Python 3.10 or newer (macOS ships an older python3; try the versioned names).
+PYTHON     ?= $(shell for p in python3 python3.13 python3.12 python3.11 python3.10; do \
+                command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+                && { echo $$p; break; }; done)
 VENV       ?= .venv
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.moe_course_installed
@@ -17,7 +20,7 @@ UNAME_S    := $(shell uname -s)
 HAS_NVIDIA := $(shell command -v nvidia-smi 2>/dev/null)
 ifeq ($(UNAME_S)-$(HAS_NVIDIA),Linux-)
 TORCH_SPEC       ?= torch
-TORCH_INDEX_ARGS ?= --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+TORCH_INDEX_ARGS ?= --index-url https://download.pytorch.org/whl/cpu
 else
 TORCH_SPEC       ?= torch
 TORCH_INDEX_ARGS ?=
@@ -32,7 +35,7 @@ help:
 	@echo "make execute   - re-execute the solution notebooks in place (after editing them)"
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is required, found " + sys.version.split()[0]'
+	@test -n "$(PYTHON)" || { echo "Python 3.10 or newer is required: install it (python.org, Homebrew, apt) and retry"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_INDEX_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
