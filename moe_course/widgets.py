@@ -76,8 +76,11 @@ def plot_dropped_grid(indices: torch.Tensor, n_experts: int, capacity: int, ax: 
     ax = _axes(ax)
     keep = capacity_mask(indices, n_experts, capacity)
     t, k = indices.shape
-    ax.imshow((~keep).t().numpy().astype(float), cmap=ListedColormap([KEPT_COLOR, DROPPED_COLOR]),
-              vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    # pcolormesh draws exact cell edges (imshow resamples the image and can blur the row border)
+    ax.pcolormesh(np.arange(t + 1) - 0.5, np.arange(k + 1) - 0.5, (~keep).t().numpy().astype(float),
+                  cmap=ListedColormap([KEPT_COLOR, DROPPED_COLOR]), vmin=0, vmax=1,
+                  edgecolors="white", linewidth=0.5)
+    ax.set_ylim(k - 0.5, -0.5)  # first choice on top
     if t <= 64:
         for j in range(k):
             for i in range(t):

@@ -45,10 +45,10 @@ def test_plot_dropped_grid_shape():
     fig, ax = plt.subplots()
     try:
         plot_dropped_grid(indices, 3, 1, ax=ax)
-        (image,) = ax.get_images()
-        grid = image.get_array()
-        assert grid.shape == (2, 3)  # choices x tokens
+        (mesh,) = ax.collections
+        grid = mesh.get_array().reshape(2, 3)  # choices x tokens
         assert grid.tolist() == [[0, 1, 1], [0, 0, 1]]  # 1 = dropped; first choices claim slots first
+        assert ax.get_ylim() == (1.5, -0.5)  # first choice drawn on top
     finally:
         plt.close(fig)
 
