@@ -62,7 +62,7 @@ COMPONENT_LABELS = {
 }
 
 
-def _axes(ax: Axes | None, figsize: tuple[float, float] = (7.0, 4.0)) -> tuple[Figure, Axes]:
+def figure_axes(ax: Axes | None, figsize: tuple[float, float] = (7.0, 4.0)) -> tuple[Figure, Axes]:
     """The figure and axes to draw into: the given ``ax``, or a new figure."""
     if ax is not None:
         return ax.figure, ax
@@ -120,7 +120,7 @@ def plot_param_breakdown(
         keys += [k for k in parts if k not in keys]
     keys = [k for k in keys if any(parts.get(k, 0) for parts in breakdowns.values())]
     totals = np.array([sum(parts.values()) for parts in breakdowns.values()], dtype=float)
-    fig, ax = _axes(ax, (9.0, 1.4 + 0.6 * len(names)))
+    fig, ax = figure_axes(ax, (9.0, 1.4 + 0.6 * len(names)))
     y = np.arange(len(names))
     left = np.zeros(len(names))
     for i, key in enumerate(keys):
@@ -159,7 +159,7 @@ def plot_total_vs_active(
     actives = np.array([float(a) for _, a in models.values()]) / 1e9
     if np.any(actives <= 0) or np.any(totals < actives):
         raise ValueError("every model needs 0 < active <= total")
-    fig, ax = _axes(ax, (7.0, 5.0))
+    fig, ax = figure_axes(ax, (7.0, 5.0))
     xlim = (actives.min() / 2, actives.max() * 4)
     ylim = (min(totals.min(), actives.min()) / 2, totals.max() * 2)
     line = np.array([min(xlim[0], ylim[0]), max(xlim[1], ylim[1])])
@@ -214,7 +214,7 @@ def plot_scaling(
     ns = list(ns)
     if not ns:
         raise ValueError("plot_scaling needs at least one value of N")
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     for i, (label, values) in enumerate(series.items()):
         values = list(values)
         if len(values) != len(ns):
@@ -249,7 +249,7 @@ def plot_loss_curves(
     ``histories`` maps a run name to a :class:`moe_course.train.History` (anything with ``step``,
     ``train_loss``, ``val_step`` and ``val_loss`` lists).
     """
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     for i, (name, hist) in enumerate(histories.items()):
         color = COLORS[i % len(COLORS)]
         ax.plot(hist.step, hist.train_loss, color=color, label=f"{name} (train)")
@@ -284,7 +284,7 @@ def plot_expert_load(
     load = np.array([point[layer] for point in history.load], dtype=float)  # (log points, N)
     steps = np.asarray(history.step[: len(load)])
     n_experts = load.shape[1]
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     title = title if title is not None else f"Expert load, MoE layer {layer}"
     if kind == "area":
         colors = [COLORS[e % len(COLORS)] for e in range(n_experts)]
@@ -332,7 +332,7 @@ def plot_routing_map(
         raise ValueError(f"indices has {indices.shape[0]} rows for {n_tokens} tokens")
     if token_labels is not None and len(token_labels) != n_tokens:
         raise ValueError(f"{len(token_labels)} token labels for {n_tokens} tokens")
-    fig, ax = _axes(ax, (1.2 + 0.45 * n_experts, 1.2 + 0.32 * n_tokens))
+    fig, ax = figure_axes(ax, (1.2 + 0.45 * n_experts, 1.2 + 0.32 * n_tokens))
     image = ax.imshow(scores, aspect="auto", cmap="Blues", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="router score")
     rows = np.arange(n_tokens)

@@ -38,15 +38,20 @@ def _check_k(k: int, n_experts: int) -> None:
 
 
 def softmax_topk(
-    logits: torch.Tensor, k: int, renormalize: bool = True
+    logits: torch.Tensor, k: int, renormalize: bool = True, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts, keep the k largest, optionally renormalise them to sum to 1.
 
-    logits: (T, N) -> weights (T, k), indices (T, k).
+    logits: (T, N) -> weights (T, k), indices (T, k). A ``bias`` (N,) shifts only which experts are
+    chosen (top-k of ``probs + bias``); the weights stay the plain probabilities.
     """
     _check_k(k, logits.shape[-1])
     probs = logits.softmax(dim=-1)
-    weights, indices = probs.topk(k, dim=-1)
+    if bias is None:
+        weights, indices = probs.topk(k, dim=-1)
+    else:
+        indices = (probs + bias).topk(k, dim=-1).indices
+        weights = probs.gather(-1, indices)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, indices
@@ -128,10 +133,7 @@ class TopKRouter(nn.Module):
             weights, indices = sigmoid_topk(logits, self.k, self.expert_bias, self.renormalize)
             scores = logits.sigmoid()
         else:
+            bias = self.expert_bias if self.expert_bias.any() else None
+            weights, indices = softmax_topk(logits, self.k, self.renormalize, bias)
             scores = logits.softmax(dim=-1)
-            choice = scores if not self.expert_bias.any() else scores + self.expert_bias
-            indices = choice.topk(self.k, dim=-1).indices
-            weights = scores.gather(-1, indices)
-            if self.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(weights=weights, indices=indices, logits=logits, scores=scores)

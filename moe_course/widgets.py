@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -20,6 +19,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from moe_course.dispatch import capacity_mask, expert_capacity
+from moe_course.plots import figure_axes
 from moe_course.routing import softmax_topk
 
 __all__ = ["capacity_explorer", "plot_capacity", "plot_dropped_grid", "skewed_logits"]
@@ -39,13 +39,6 @@ def skewed_logits(n_tokens: int, n_experts: int, skew: float = 1.5, seed: int = 
     return noise + skew * torch.linspace(1.0, -1.0, n_experts)
 
 
-def _axes(ax: Axes | None) -> Axes:
-    if ax is not None:
-        return ax
-    _, ax = plt.subplots(figsize=(6.0, 3.5), layout="constrained")
-    return ax
-
-
 def plot_capacity(indices: torch.Tensor, n_experts: int, capacity: int, ax: Axes | None = None) -> Figure:
     """Bar chart of the assignments each expert received, split into kept and dropped, with the capacity.
 
@@ -53,7 +46,7 @@ def plot_capacity(indices: torch.Tensor, n_experts: int, capacity: int, ax: Axes
     :func:`moe_course.dispatch.capacity_mask` (first choices claim slots before second choices).
     Draws into ``ax`` when given, else into a new figure; returns the figure (as :mod:`moe_course.plots`).
     """
-    ax = _axes(ax)
+    _, ax = figure_axes(ax, (6.0, 3.5))
     keep = capacity_mask(indices, n_experts, capacity)
     kept = torch.bincount(indices[keep], minlength=n_experts).numpy()
     dropped = torch.bincount(indices[~keep], minlength=n_experts).numpy()
@@ -73,7 +66,7 @@ def plot_capacity(indices: torch.Tensor, n_experts: int, capacity: int, ax: Axes
 
 def plot_dropped_grid(indices: torch.Tensor, n_experts: int, capacity: int, ax: Axes | None = None) -> Figure:
     """Grid of choices (rows) x tokens (columns): blue = kept, red = dropped; each cell names its expert."""
-    ax = _axes(ax)
+    _, ax = figure_axes(ax, (6.0, 3.5))
     keep = capacity_mask(indices, n_experts, capacity)
     t, k = indices.shape
     # pcolormesh draws exact cell edges (imshow resamples the image and can blur the row border)
