@@ -19,12 +19,23 @@ Module map (one concept per module):
 ``widgets``            ipywidgets explorers that fall back to static plots
 ``check``              exercise checks: ``check.topk_router(my_router)`` and friends
 ``notebooks``          the pipeline that makes exercise notebooks from the solutions
+``links``              the repository URL (``REPO_URL``) and the Colab / Binder links and badges
 =====================  ==========================================================================
 """
 
 from moe_course.device import environment_report, pick_device, seed_everything
+from moe_course.links import REPO_URL, binder_badge, binder_url, colab_badge, colab_url
 
 __version__ = "0.1.0"
-REPO_URL = "https://github.com/moe-from-scratch/moe-from-scratch"
 
-__all__ = ["REPO_URL", "environment_report", "pick_device", "seed_everything", "__version__"]
+__all__ = [
+    "REPO_URL",
+    "binder_badge",
+    "binder_url",
+    "colab_badge",
+    "colab_url",
+    "environment_report",
+    "pick_device",
+    "seed_everything",
+    "__version__",
+]
