@@ -1,4 +1,4 @@
-"""check.dispatch_combine and check.capacity_mask: references pass; typical mistakes are named."""
+"""check.dispatch_combine, check.sort_by_expert and check.capacity_mask: references pass; mistakes are named."""
 
 from __future__ import annotations
 
@@ -103,6 +103,73 @@ def test_dispatch_check_leaves_global_rng_alone():
     torch.manual_seed(0)
     check.dispatch_combine(dispatch_loop)
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sort_by_expert: the permutation of sorted dispatch, with one mistake switched on
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_sort(mistake: str | None = None):
+    def sort_by_expert(indices, n_experts):
+        t, k = indices.shape
+        flat = indices.t().reshape(-1) if mistake == "slot_major" else indices.reshape(-1)
+        if mistake == "descending":
+            order = flat.argsort(descending=True, stable=True)
+        elif mistake == "unstable":  # grouped by expert, but later tokens first within an expert
+            order = (flat * flat.numel() - torch.arange(flat.numel())).argsort()
+        else:
+            order = flat.argsort(stable=True)
+        token_of = order % k if mistake == "modulo" else order // k
+        if mistake == "no_minlength":
+            counts = torch.bincount(flat)
+        elif mistake == "per_token":
+            counts = torch.bincount(token_of, minlength=n_experts)
+        elif mistake == "float_counts":
+            counts = torch.bincount(flat, minlength=n_experts).float()
+        else:
+            counts = torch.bincount(flat, minlength=n_experts)
+        if mistake == "expert_ids":
+            order = flat.sort().values
+        if mistake == "token_is_order":
+            token_of = order
+        return order, token_of, counts
+
+    return sort_by_expert
+
+
+def sort_loop(indices, n_experts):
+    """A plain-Python reference: walk the experts, collect their pairs in token order."""
+    t, k = indices.shape
+    order = [t_ * k + j for e in range(n_experts) for t_ in range(t) for j in range(k) if indices[t_, j] == e]
+    counts = [int((indices == e).sum()) for e in range(n_experts)]
+    return torch.tensor(order), torch.tensor(order) // k, counts
+
+
+@pytest.mark.parametrize("fn", [make_sort(), sort_loop])
+def test_sort_references_pass(fn, capsys):
+    check.sort_by_expert(fn)
+    assert "OK  sort_by_expert" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (make_sort("descending"), "descending order"),
+        (make_sort("unstable"), "use a stable sort"),
+        (make_sort("modulo"), "order % k gives the slot"),
+        (make_sort("token_is_order"), "divide by k"),
+        (make_sort("no_minlength"), "bincount without minlength"),
+        (make_sort("slot_major"), "flattened slot-major"),
+        (make_sort("per_token"), "pairs per token"),
+        (make_sort("float_counts"), "counts has dtype torch.float32"),
+        (make_sort("expert_ids"), "not a permutation"),
+        (lambda indices, n: indices.reshape(-1).argsort(stable=True), "should return a tuple"),
+    ],
+)
+def test_sort_mistakes_are_named(fn, message):
+    with pytest.raises(CheckError, match=message):
+        check.sort_by_expert(fn)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""Checks for the dispatch exercises: ``check.dispatch_combine(fn)`` and ``check.capacity_mask(fn)``.
+"""Checks for the dispatch exercises: ``check.dispatch_combine(fn)``, ``check.sort_by_expert(fn)`` and
+``check.capacity_mask(fn)``.
 
 ``dispatch_combine``: the learner's ``fn(x (T, d), weights (T, k), indices (T, k), experts) -> (T, d)``
 must compute ``y_t = sum_j weights[t, j] * experts[indices[t, j]](x_t)``, equal to
 :func:`moe_course.dispatch.dispatch_dense` in the forward pass and in the gradients of x and of the
 weights. The cases include k = 1, k = 2, and experts that receive no token at all.
+
+``sort_by_expert``: the learner's ``fn(indices (T, k), n_experts) -> (order, token_of, counts)`` must return
+the permutation that sorted dispatch, grouped GEMM and expert parallelism use: ``order`` (T*k,) is the stable
+argsort of ``indices.reshape(-1)``, ``token_of = order // k`` and ``counts`` (N,) the pairs per expert.
 
 ``capacity_mask``: the learner's ``fn(indices (T, k), n_experts, capacity) -> keep (T, k) bool`` must equal
 :func:`moe_course.dispatch.capacity_mask`: every first choice claims a slot before any second choice,
@@ -23,7 +28,7 @@ from moe_course.dispatch import capacity_mask as _ref_capacity_mask
 from moe_course.dispatch import dispatch_dense
 from moe_course.experts import make_experts
 
-__all__ = ["capacity_mask", "dispatch_combine"]
+__all__ = ["capacity_mask", "dispatch_combine", "sort_by_expert"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,6 +154,110 @@ def dispatch_combine(fn: Callable[..., Any]) -> None:
         if not close(gw, ref_gw):
             fail(f"{what}: the output is right but the gradient with respect to the weights is not")
     ok("dispatch_combine", "matches dispatch_dense (forward and gradients); k = 1, 2; empty experts")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sort_by_expert
+# ----------------------------------------------------------------------------------------------------------
+
+def _sort_reference(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, token_of, counts): the (token, slot) pairs grouped by expert, token order kept within one."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)  # (T*k,) pair p = t*k + j is token t's j-th choice
+    order = flat.argsort(stable=True)  # (T*k,)
+    return order, order // k, torch.bincount(flat, minlength=n_experts)  # (T*k,), (T*k,), (N,)
+
+
+def _sort_cases() -> list[tuple[str, torch.Tensor, int]]:
+    """(label, indices, n_experts): k = 1, 2, 3, with a middle expert and trailing experts left empty."""
+    return [
+        ("7 tokens, 4 experts, k=1 (expert 3 gets no token)",
+         torch.tensor([[2], [0], [1], [2], [0], [0], [2]]), 4),
+        ("6 tokens, 5 experts, k=2 (experts 1 and 4 get no token)",
+         torch.tensor([[0, 2], [3, 0], [2, 3], [0, 3], [2, 0], [3, 2]]), 5),
+        ("5 tokens, 8 experts, k=3 (experts 2, 6 and 7 get no token)",
+         torch.tensor([[4, 0, 1], [5, 1, 0], [0, 4, 3], [4, 3, 1], [1, 5, 0]]), 8),
+    ]
+
+
+def _as_index(value: Any, name: str, what: str) -> torch.Tensor:
+    """One of the three outputs as a CPU long tensor; floats and bools are named as the mistake."""
+    value = as_tensor(value, f"{what}: {name}")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        fail(f"{what}: {name} has dtype {value.dtype}; return integer (torch.long) tensors, as argsort and "
+             "bincount do")
+    return value.detach().cpu().long()
+
+
+def _check_counts(counts: torch.Tensor, t: int, k: int, n_experts: int, what: str) -> None:
+    """Name the usual mistakes in ``counts`` (per token; bincount without minlength); otherwise say what it is."""
+    flat_k = counts.reshape(-1)
+    if counts.dim() == 1 and counts.numel() >= t and bool((flat_k[:t] == k).all()) and not bool(flat_k[t:].any()):
+        fail(f"{what}: counts look like pairs per token (each token has k = {k}); count pairs per expert: "
+             "torch.bincount(indices.reshape(-1), minlength=n_experts)")
+    if counts.dim() == 1 and counts.numel() < n_experts:
+        fail(f"{what}: counts has {counts.numel()} entries, expected one per expert ({n_experts}); bincount "
+             "without minlength drops the experts after the last one used: "
+             "torch.bincount(flat, minlength=n_experts)")
+    expect_shape(counts, (n_experts,), f"{what}: counts")
+    if int(counts.sum()) != t * k:
+        fail(f"{what}: counts add up to {int(counts.sum())}, expected T*k = {t * k} (one per pair); "
+             "counts[e] = number of pairs routed to expert e")
+
+
+_OUTPUTS = ("order", "token_of", "counts")
+
+
+def sort_by_expert(fn: Callable[..., Any]) -> None:
+    """Check a learner's ``fn(indices, n_experts) -> (order, token_of, counts)`` against a stable argsort."""
+    for label, indices, n_experts in _sort_cases():
+        what = f"sort_by_expert on {label}"
+        t, k = indices.shape
+        result = call(fn, indices.clone(), n_experts, what=what)
+        if not isinstance(result, (tuple, list)) or len(result) != 3:
+            fail(f"{what} should return a tuple (order, token_of, counts), got {type(result).__name__}"
+                 + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+        order, token_of, counts = (_as_index(v, name, what) for v, name in zip(result, _OUTPUTS, strict=True))
+        expect_shape(order, (t * k,), f"{what}: order")
+        expect_shape(token_of, (t * k,), f"{what}: token_of")
+        ref_order, ref_token_of, ref_counts = _sort_reference(indices, n_experts)
+        flat = indices.reshape(-1)
+
+        # order
+        if not torch.equal(order, ref_order):
+            if not torch.equal(order.sort().values, torch.arange(t * k)):
+                fail(f"{what}: order is not a permutation of 0..T*k-1 ({t * k} pairs); it should be the "
+                     "argsort of indices.reshape(-1), the positions of the pairs, not their experts")
+            if torch.equal(order, indices.t().reshape(-1).argsort(stable=True)):
+                fail(f"{what}: it looks like you flattened slot-major (indices.t().reshape(-1): all first "
+                     "choices, then all second choices); flatten row by row with indices.reshape(-1), so pair "
+                     "p = t*k + j is token t's j-th choice and token_of = order // k holds")
+            sorted_experts = flat[order]
+            if torch.equal(sorted_experts, flat.sort(descending=True).values):
+                fail(f"{what}: order sorts the experts in descending order; expert 0's pairs come first "
+                     "(argsort(stable=True), ascending)")
+            if torch.equal(sorted_experts, flat.sort().values):
+                fail(f"{what}: order groups the pairs by expert but changes their order within an expert; "
+                     "use a stable sort (argsort(stable=True)) so each expert sees its tokens in token order")
+            fail(f"{what}: order should be indices.reshape(-1).argsort(stable=True); expected "
+                 f"{ref_order.tolist()}, got {order.tolist()}")
+
+        # token_of
+        if not torch.equal(token_of, ref_token_of):
+            if torch.equal(token_of, ref_order % k):
+                fail(f"{what}: token_of = order % k gives the slot (which choice), not the token; "
+                     "pair p = t*k + j came from token t = p // k")
+            if k > 1 and torch.equal(token_of, ref_order):
+                fail(f"{what}: token_of equals order, the pair positions; divide by k: token_of = order // k")
+            fail(f"{what}: token_of should be order // k (pair p = t*k + j came from token t); expected "
+                 f"{ref_token_of.tolist()}, got {token_of.tolist()}")
+
+        # counts
+        if not torch.equal(counts, ref_counts):
+            _check_counts(counts, t, k, n_experts, what)
+            fail(f"{what}: counts should be torch.bincount(indices.reshape(-1), minlength=n_experts); expected "
+                 f"{ref_counts.tolist()}, got {counts.tolist()}")
+    ok("sort_by_expert", "stable argsort by expert, token_of = order // k, counts per expert; k = 1, 2, 3")
 
 
 # ----------------------------------------------------------------------------------------------------------
