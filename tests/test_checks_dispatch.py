@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,14 +25,24 @@ def make_dispatch(mistake: str | None = None):
                 if mistake == "crash_on_empty":
                     raise IndexError(f"expert {e} has no tokens")
                 continue
-            if mistake == "first_only":
-                keep = slot == 0
+            if mistake in ("first_only", "first_two"):
+                keep = slot < (1 if mistake == "first_only" else 2)
                 token, slot = token[keep], slot[keep]
-            y = expert(x[token])
+            if mistake == "detached_x":
+                y = expert(x.detach()[token])
+            elif mistake == "frozen_experts":  # the expert's weights used as constants
+                params = {name: p.detach() for name, p in expert.named_parameters()}
+                y = torch.func.functional_call(expert, params, (x[token],))
+            else:
+                y = expert(x[token])
             if mistake == "wrong_slot":
                 w = weights[token, 1 - slot] if weights.shape[1] == 2 else weights[token, slot]
             elif mistake == "first_slot_weight":
                 w = weights[token, 0]
+            elif mistake == "detached_gate":
+                w = weights.detach()[token, slot]
+            elif mistake == "doubled_weight_grad":  # right forward, gradient only "non-zero"
+                w = (weights.detach() + 2 * (weights - weights.detach()))[token, slot]
             else:
                 w = weights[token, slot]
             if mistake != "no_weights":
@@ -45,6 +56,14 @@ def make_dispatch(mistake: str | None = None):
         return out
 
     return dispatch
+
+
+def numpy_dispatch(x, weights, indices, experts, leaf=False):
+    """The dense mixture computed in NumPy and turned back into a tensor: right values, no autograd."""
+    outs = np.stack([expert(x).detach().numpy() for expert in experts], axis=1)  # (T, N, d)
+    gates = np.zeros((x.shape[0], len(experts)), dtype=outs.dtype)
+    np.add.at(gates, (np.arange(x.shape[0])[:, None], indices.numpy()), weights.detach().numpy())
+    return torch.tensor((gates[..., None] * outs).sum(axis=1), requires_grad=leaf)
 
 
 def overwrite_by_slot(x, weights, indices, experts):
@@ -84,7 +103,14 @@ def test_references_pass(fn, capsys):
         (make_dispatch("first_slot_weight"), "first choice's weight"),
         (make_dispatch("crash_on_empty"), "experts 1 and 4 receive no token"),
         (split_without_minlength, "experts 1 and 4 receive no token"),
-        (make_dispatch("detach"), "no gradient reaches x and weights"),
+        (make_dispatch("first_two"), "only the first two choices"),
+        (make_dispatch("detach"), "no gradient reaches x, weights and the experts' parameters"),
+        (make_dispatch("detached_gate"), "no gradient reaches weights "),
+        (make_dispatch("detached_x"), "no gradient reaches x "),
+        (make_dispatch("frozen_experts"), "no gradient reaches the experts' parameters"),
+        (make_dispatch("doubled_weight_grad"), "gradient with respect to weights is not"),
+        (numpy_dispatch, "autograd cannot differentiate"),
+        (lambda *args: numpy_dispatch(*args, leaf=True), "new leaf tensor"),
     ],
 )
 def test_dispatch_mistakes_are_named(fn, message):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,11 @@ def call(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
     except CheckError:
         raise
     except Exception as exc:  # noqa: BLE001 - we re-raise with context for the learner
-        raise CheckError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if "requires grad" in str(exc) or "requires_grad" in str(exc):
+            hint = (". The inputs require grad, as in training: keep the computation in torch (no NumPy, "
+                    ".item() or .tolist()) so that autograd can follow it")
+        raise CheckError(f"{what} raised {type(exc).__name__}: {exc}{hint}") from exc
 
 
 def as_tensor(value: Any, what: str) -> torch.Tensor:
@@ -76,3 +80,78 @@ def as_count(value: Any, what: str, expected: int | None = None) -> int:
     if not value.is_integer():
         fail(f"{what} is {value!r}; a parameter count is a whole number, return an int")
     return int(value)
+
+
+OUTSIDE_AUTOGRAD = ("keep the computation in torch: no .detach(), .item(), .tolist(), .numpy()/NumPy, "
+                    "torch.tensor(...) of an intermediate result, or torch.no_grad()")
+
+
+def probe_like(out: torch.Tensor) -> torch.Tensor:
+    """Fixed, uneven weights for the output, so that sum(out * probe) sees every element differently."""
+    n = out.numel()
+    return torch.cos(torch.arange(n, dtype=torch.float64) * 1.7 + 0.3).reshape(out.shape).to(out.dtype)
+
+
+Grads = Mapping[str, Any]  # name -> a tensor, or a sequence of tensors (e.g. a module's parameters)
+
+
+def _flat(group: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [group] if isinstance(group, torch.Tensor) else list(group)
+
+
+def _grads(out: torch.Tensor, probe: torch.Tensor, groups: Grads) -> dict[str, list[torch.Tensor | None]]:
+    """Gradient of sum(out * probe) w.r.t. each tensor of each group (None where autograd does not reach)."""
+    names = [n for n in groups for _ in _flat(groups[n])]
+    tensors = [t for n in groups for t in _flat(groups[n])]
+    wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
+    found = torch.autograd.grad((out * probe.to(out.device, out.dtype)).sum(), [tensors[i] for i in wanted],
+                                allow_unused=True) if wanted and out.requires_grad else []
+    grads: list[torch.Tensor | None] = [None] * len(tensors)
+    for i, g in zip(wanted, found, strict=False):
+        grads[i] = g
+    result: dict[str, list[torch.Tensor | None]] = {n: [] for n in groups}
+    for n, g in zip(names, grads, strict=True):
+        result[n].append(g)
+    return result
+
+
+def compare_grads(what: str, got: torch.Tensor, ref: torch.Tensor, mine: Grads, theirs: Grads) -> None:
+    """Gradients of the learner's output w.r.t. every named input/parameter must equal the reference's.
+
+    ``mine`` and ``theirs`` map the same names to the tensors (or lists of tensors, e.g. a module's
+    parameters) that produced ``got`` and ``ref``; both outputs are weighted by the same fixed probe. Names
+    the reference's gradient does not reach are skipped; a missing or different gradient fails, naming it.
+    """
+    probe = probe_like(ref.detach()).cpu()
+    ref_grads = _grads(ref, probe, theirs)
+    reached = [n for n in theirs if any(g is not None for g in ref_grads[n])]
+    if not reached:
+        return
+    if not got.requires_grad:
+        fail(f"{what} returned a value that autograd cannot differentiate (no grad_fn), so no gradient reaches "
+             f"{_join(reached)}; {OUTSIDE_AUTOGRAD}")
+    if got.grad_fn is None:
+        fail(f"{what} returned a new leaf tensor (made with torch.tensor(..., requires_grad=True) or "
+             f".detach().requires_grad_()): it is not connected to its inputs, so no gradient reaches "
+             f"{_join(reached)}; {OUTSIDE_AUTOGRAD}")
+    got_grads = _grads(got, probe, {n: mine[n] for n in reached})
+    missing = [n for n in reached
+               if any(g is None and r is not None and bool(r.any())
+                      for g, r in zip(got_grads[n], ref_grads[n], strict=True))]
+    if missing:
+        fail(f"{what}: the output is right but no gradient reaches {_join(missing)} (it was cut off from "
+             f"autograd); {OUTSIDE_AUTOGRAD}")
+    for name in reached:
+        for g, r in zip(got_grads[name], ref_grads[name], strict=True):
+            if r is None:
+                continue
+            g = torch.zeros_like(r) if g is None else g
+            if tuple(g.shape) != tuple(r.shape) or not close(g, r):
+                fail(f"{what}: the output is right but its gradient with respect to {name} is not (compared "
+                     "with the reference's). Compute the output from the inputs with differentiable torch "
+                     "operations only: no straight-through tricks (a + b - b.detach()), no detached pieces, "
+                     "no values recomputed outside autograd")
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

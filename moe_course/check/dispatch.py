@@ -3,8 +3,8 @@
 
 ``dispatch_combine``: the learner's ``fn(x (T, d), weights (T, k), indices (T, k), experts) -> (T, d)``
 must compute ``y_t = sum_j weights[t, j] * experts[indices[t, j]](x_t)``, equal to
-:func:`moe_course.dispatch.dispatch_dense` in the forward pass and in the gradients of x and of the
-weights. The cases include k = 1, k = 2, and experts that receive no token at all.
+:func:`moe_course.dispatch.dispatch_dense` in the forward pass and in the gradients of x, of the weights and
+of every expert parameter. The cases include k = 1, 2, 3, and experts that receive no token at all.
 
 ``sort_by_expert``: the learner's ``fn(indices (T, k), n_experts) -> (order, token_of, counts)`` must return
 the permutation that sorted dispatch, grouped GEMM and expert parallelism use: ``order`` (T*k,) is the stable
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_course.check._core import CheckError, as_tensor, call, close, expect_shape, fail, ok
+from moe_course.check._core import CheckError, as_tensor, call, close, compare_grads, expect_shape, fail, ok
 from moe_course.dispatch import capacity_mask as _ref_capacity_mask
 from moe_course.dispatch import dispatch_dense
 from moe_course.experts import make_experts
@@ -60,6 +60,11 @@ def _dispatch_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tenso
     w = torch.rand(t, 2, generator=g) + 0.1
     cases.append(("6 tokens, 5 experts, k=2", torch.randn(t, 6, generator=g), w, idx, experts5,
                   "experts 1 and 4 receive no token"))
+    # k = 3: slots 1 and 2 must not be confused with each other either
+    t = 5
+    idx = torch.tensor([[3, 0, 1], [1, 2, 4], [4, 3, 0], [0, 1, 2], [2, 4, 3]])
+    w = torch.rand(t, 3, generator=g) + 0.1
+    cases.append(("5 tokens, 5 experts, k=3", torch.randn(t, 6, generator=g), w, idx, experts5, None))
     return cases
 
 
@@ -85,6 +90,8 @@ def _dispatch_variant(x: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
         return (weights[:, :1].unsqueeze(-1) * picked).sum(dim=1)
     if mode == "swapped_slots":
         return (weights.flip(1).unsqueeze(-1) * picked).sum(dim=1)
+    if mode == "first_two":
+        return (w * picked)[:, :2].sum(dim=1)
     if mode == "normalised":
         return ((w / w.sum(dim=1, keepdim=True)) * picked).sum(dim=1)
     raise ValueError(mode)
@@ -102,23 +109,22 @@ _DISPATCH_MISTAKES = [
                     "expert processed last survived"),
     ("slot0_weight", "weighted every choice with the first choice's weight; the expert in slot j gets "
                      "weights[t, j]"),
+    ("first_two", "added up only the first two choices; a token has k choices (here k = 3): loop over all "
+                  "k columns of indices"),
     ("swapped_slots", "weighted each expert with the other slot's weight; the expert in slot j gets "
                       "weights[t, j] (take the slot from the same torch.where/nonzero that found the token)"),
     ("normalised", "renormalised the weights; use them as given (after capacity drops they need not sum to 1)"),
 ]
 
 
-def _grads(fn: Callable[..., Any], x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-           experts: Sequence[nn.Module], what: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _run(fn: Callable[..., Any], x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+         experts: Sequence[nn.Module], what: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Call ``fn`` on fresh copies of x and weights that require grad; return the output and the inputs."""
     xg = x.clone().requires_grad_(True)
     wg = weights.clone().requires_grad_(True)
     out = as_tensor(call(fn, xg, wg, indices.clone(), experts, what=what), what)
     expect_shape(out, tuple(x.shape), what)
-    if not out.requires_grad:
-        return out, None, None
-    probe = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
-    gx, gw = torch.autograd.grad((out * probe).sum(), (xg, wg), allow_unused=True)
-    return out, gx, gw
+    return out, {"x": xg, "weights": wg, "the experts' parameters": list(nn.ModuleList(experts).parameters())}
 
 
 def dispatch_combine(fn: Callable[..., Any]) -> None:
@@ -126,13 +132,13 @@ def dispatch_combine(fn: Callable[..., Any]) -> None:
     for label, x, weights, indices, experts, empty in _dispatch_cases():
         what = f"dispatch_combine on {label}"
         try:
-            out, gx, gw = _grads(fn, x, weights, indices, experts, what)
+            out, mine = _run(fn, x, weights, indices, experts, what)
         except CheckError as exc:
             if empty and exc.__cause__ is not None:  # the learner's function crashed
                 fail(f"{exc}\nIn this case {empty}: an expert with no tokens must simply be skipped (or run "
                      "on an empty batch) and contribute nothing.")
             raise
-        ref, ref_gx, ref_gw = _grads(dispatch_dense, x, weights, indices, experts, "dispatch_dense")
+        ref, theirs = _run(dispatch_dense, x, weights, indices, experts, "dispatch_dense")
         if not close(out, ref):
             with torch.no_grad():
                 for mode, hint in _DISPATCH_MISTAKES:
@@ -144,16 +150,8 @@ def dispatch_combine(fn: Callable[..., Any]) -> None:
                  f"experts {indices[token].tolist()} with weights "
                  f"{[round(v, 3) for v in weights[token].tolist()]}). Each token's output is "
                  "sum_j weights[t, j] * experts[indices[t, j]](x[t]).")
-        if gx is None or gw is None:
-            missing = [name for name, g in (("x", gx), ("weights", gw)) if g is None]
-            fail(f"{what}: no gradient reaches {' and '.join(missing)}; keep the computation in torch "
-                 "(no .detach(), .item(), .tolist() of values, NumPy or torch.no_grad()) and use "
-                 "out-of-place or autograd-friendly ops (index_add, +=) so the router and the layer below learn")
-        if not close(gx, ref_gx):
-            fail(f"{what}: the output is right but the gradient with respect to x is not")
-        if not close(gw, ref_gw):
-            fail(f"{what}: the output is right but the gradient with respect to the weights is not")
-    ok("dispatch_combine", "matches dispatch_dense (forward and gradients); k = 1, 2; empty experts")
+        compare_grads(what, out, ref, mine, theirs)
+    ok("dispatch_combine", "matches dispatch_dense (forward and gradients); k = 1, 2, 3; empty experts")
 
 
 # ----------------------------------------------------------------------------------------------------------
