@@ -3,9 +3,10 @@
 Two views of the same question, "how big is this model, and how much of it runs per token?":
 
 * :class:`MoEConfig` describes a decoder-only transformer by the numbers of its published configuration
-  (``config.json``), and :data:`PUBLISHED` holds the famous MoE releases. :func:`total_params`,
-  :func:`active_params`, :func:`param_breakdown`, :func:`flops_per_token` and :func:`memory_bytes`
-  work on such a config without building anything.
+  (``config.json``), and :data:`PUBLISHED` holds the famous MoE releases, read from the data file
+  ``moe_course/data/published_models.json``. :func:`total_params`, :func:`active_params`,
+  :func:`param_breakdown`, :func:`flops_per_token` and :func:`memory_bytes` work on such a config
+  without building anything.
 * :func:`count_model` counts a real ``torch.nn.Module`` of this course.
 
 **Counting convention.** Like the model cards, both counts include the embeddings: the token embedding
@@ -19,19 +20,23 @@ Normalisation weights and biases are counted too; they are tiny (well under 0.01
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 from torch import nn
 
 __all__ = [
     "PUBLISHED",
+    "PUBLISHED_MODELS_PATH",
     "MoEConfig",
     "active_params",
     "active_params_from_config",
     "count_model",
     "flops_per_token",
     "get_published",
+    "load_published",
     "memory_bytes",
     "moe_layer_indices",
     "param_breakdown",
@@ -427,108 +432,44 @@ def active_params_from_config(
 # Published models
 # ----------------------------------------------------------------------------------------------------
 
-_MODELS = [
-    MoEConfig(
-        name="Mixtral 8x7B", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-        head_dim=128, moe_intermediate_size=14336, n_routed_experts=8, top_k=2,
-        published_total=46.7e9, published_active=12.9e9,
-        source="Mixtral of Experts (Jiang et al., 2024), arXiv:2401.04088", release="2023-12",
-    ),
-    MoEConfig(
-        # vocab_size: 32000 in the first base upload, 32768 (v3 tokenizer) in later ones; 0.01B apart.
-        name="Mixtral 8x22B", vocab_size=32768, d_model=6144, n_layers=56, n_heads=48, n_kv_heads=8,
-        head_dim=128, moe_intermediate_size=16384, n_routed_experts=8, top_k=2,
-        published_total=141e9, published_active=39e9,
-        source="Mistral AI, 'Cheaper, Better, Faster, Stronger' (Mixtral 8x22B announcement)",
-        release="2024-04",
-    ),
-    MoEConfig(
-        name="Grok-1", vocab_size=131072, d_model=6144, n_layers=64, n_heads=48, n_kv_heads=8,
-        head_dim=128, moe_intermediate_size=32768, n_routed_experts=8, top_k=2,
-        # FFN size = int(8 * 6144) * 2 // 3 = 32768 (widening_factor 8 in xai-org/grok-1 run.py).
-        # Input and output embeddings share one matrix; each block has 4 RMSNorms (pre and post).
-        tied_embeddings=True, norms_per_layer=4,
-        published_total=314e9, published_active=None,
-        source="xAI, 'Open Release of Grok-1' and github.com/xai-org/grok-1", release="2024-03",
-        notes="official: 314B total, 2 of 8 experts per token, '25% of the weights active on a given "
-        "token'; no exact active count was published. The ~86B often quoted is derived, not official; "
-        "our count from the released config gives ~84B.",
-    ),
-    MoEConfig(
-        # Norms are LayerNorm without bias; attention has fused QKV (counted here as separate Q, K, V).
-        name="DBRX", vocab_size=100352, d_model=6144, n_layers=40, n_heads=48, n_kv_heads=8,
-        head_dim=128, moe_intermediate_size=10752, n_routed_experts=16, top_k=4,
-        published_total=132e9, published_active=36e9,
-        source="Databricks, 'Introducing DBRX: A New State-of-the-Art Open LLM'", release="2024-03",
-    ),
-    MoEConfig(
-        name="Qwen1.5-MoE-A2.7B", vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
-        head_dim=128, moe_intermediate_size=1408, n_routed_experts=60, top_k=4,
-        shared_intermediate_size=5632, shared_expert_gate=True, attn_bias="qkv",
-        published_total=14.3e9, published_active=2.7e9,
-        source="Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated Parameters'",
-        release="2024-03",
-        notes="one shared expert of hidden size 5632 (= 4 x 1408), behind a sigmoid gate",
-    ),
-    MoEConfig(
-        name="DeepSeek-V2", vocab_size=102400, d_model=5120, n_layers=60, n_heads=128, attention="mla",
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        moe_intermediate_size=1536, n_routed_experts=160, top_k=6, n_shared_experts=2,
-        intermediate_size=12288, first_k_dense=1,
-        # Our active count (21.4B) includes both embedding matrices; without the input table it is 20.9B.
-        published_total=236e9, published_active=21e9,
-        source="DeepSeek-V2 (DeepSeek-AI, 2024), arXiv:2405.04434", release="2024-05",
-    ),
-    MoEConfig(
-        # LayerNorm with bias, biases on q, k, v and o; the output head's bias (32064) is left out.
-        name="Phi-3.5-MoE", vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-        head_dim=128, moe_intermediate_size=6400, n_routed_experts=16, top_k=2,
-        attn_bias="all", norm_bias=True,
-        published_total=41.9e9, published_active=6.6e9,
-        source="Phi-3 Technical Report (Abdin et al., 2024), arXiv:2404.14219", release="2024-08",
-    ),
-    MoEConfig(
-        name="OLMoE-1B-7B", vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16,
-        head_dim=128, moe_intermediate_size=1024, n_routed_experts=64, top_k=8, qk_norm="full",
-        published_total=6.9e9, published_active=1.3e9,
-        source="OLMoE: Open Mixture-of-Experts Language Models (Muennighoff et al., 2024), arXiv:2409.02060",
-        release="2024-09",
-    ),
-    MoEConfig(
-        name="DeepSeek-V3", vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, attention="mla",
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        moe_intermediate_size=2048, n_routed_experts=256, top_k=8, n_shared_experts=1,
-        intermediate_size=18432, first_k_dense=3, router_bias=True,
-        published_total=671e9, published_active=37e9,
-        source="DeepSeek-V3 Technical Report (DeepSeek-AI, 2024), arXiv:2412.19437", release="2024-12",
-        notes="main model only: the released checkpoint (685B) adds a 14B multi-token-prediction module",
-    ),
-    MoEConfig(
-        # Experts of 8192, one shared expert of 8192; dense layers use intermediate_size_mlp = 16384.
-        # MoE in layers 1, 3, ..., 47 (interleave_moe_layer_step = 2). Llama 4's QK norm has no weights.
-        name="Llama 4 Maverick", vocab_size=202048, d_model=5120, n_layers=48, n_heads=40, n_kv_heads=8,
-        head_dim=128, moe_intermediate_size=8192, n_routed_experts=128, top_k=1, n_shared_experts=1,
-        intermediate_size=16384, moe_layer_every=2,
-        published_total=400e9, published_active=17e9,
-        source="Meta, 'The Llama 4 herd' (Llama 4 model card)", release="2025-04",
-        notes="text model only; whether the ~0.8B vision encoder is in Meta's 400B is not stated",
-    ),
-    MoEConfig(
-        name="Qwen3-30B-A3B", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
-        head_dim=128, moe_intermediate_size=768, n_routed_experts=128, top_k=8, qk_norm="head",
-        published_total=30.5e9, published_active=3.3e9,
-        source="Qwen3 Technical Report (Qwen team, 2025), arXiv:2505.09388", release="2025-04",
-    ),
-    MoEConfig(
-        name="Qwen3-235B-A22B", vocab_size=151936, d_model=4096, n_layers=94, n_heads=64, n_kv_heads=4,
-        head_dim=128, moe_intermediate_size=1536, n_routed_experts=128, top_k=8, qk_norm="head",
-        published_total=235e9, published_active=22e9,
-        source="Qwen3 Technical Report (Qwen team, 2025), arXiv:2505.09388", release="2025-04",
-    ),
-]
+PUBLISHED_MODELS_PATH = Path(__file__).parent / "data" / "published_models.json"
+"""The published models' configurations (package data, so a pip install carries it; see data/README.md)."""
 
-PUBLISHED: dict[str, MoEConfig] = {cfg.name: cfg for cfg in sorted(_MODELS, key=lambda c: c.release)}
-"""The published MoE models, by name, in order of release."""
+_CONFIG_FIELDS = {f.name for f in fields(MoEConfig)}
+
+
+def load_published(path: str | Path = PUBLISHED_MODELS_PATH) -> dict[str, MoEConfig]:
+    """Read published model configurations from JSON (``{"models": [{field: value, ...}, ...]}``), by release.
+
+    Each entry holds :class:`MoEConfig` fields (``"comment"``, a note for maintainers, is ignored).
+    """
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise ValueError(f"{path.name}: expected a top-level \"models\" list of model entries")
+    configs: list[MoEConfig] = []
+    for entry in models:
+        entry = {k: v for k, v in entry.items() if k != "comment"}
+        name = entry.get("name", "?")
+        unknown = sorted(set(entry) - _CONFIG_FIELDS)
+        if unknown:
+            raise ValueError(f"{path.name}: {name} has unknown field(s) {unknown}; "
+                             f"use MoEConfig's fields: {sorted(_CONFIG_FIELDS)}")
+        if entry.get("moe_layers") is not None:
+            entry["moe_layers"] = tuple(entry["moe_layers"])
+        try:
+            configs.append(MoEConfig(**entry))
+        except TypeError as err:  # a required field is missing
+            raise ValueError(f"{path.name}: {name}: {err}") from None
+    names = [cfg.name for cfg in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path.name}: model names must be unique, got {names}")
+    return {cfg.name: cfg for cfg in sorted(configs, key=lambda c: c.release)}
+
+
+PUBLISHED: dict[str, MoEConfig] = load_published()
+"""The published MoE models, by name, in order of release (from :data:`PUBLISHED_MODELS_PATH`)."""
 
 
 def get_published(name: str) -> MoEConfig:

@@ -1,13 +1,19 @@
 """The set-up files agree with each other: pyproject, environment.yml, Makefile, README and CI."""
 
+import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 from moe_course.device import environment_report, has_gpu, pick_device, seed_everything
 
@@ -23,22 +29,69 @@ def _spec(requirement: str) -> str:
     return requirement[len(_name(requirement)):].strip()
 
 
-def test_environment_yml_matches_pyproject_runtime_dependencies():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    assert "conda-forge" in env["channels"]
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _conda(path: Path) -> tuple[dict[str, str], list[list[str]], dict]:
+    """(conda package -> version spec, pip sections, the whole file) of a conda environment file."""
+    env = yaml.safe_load(path.read_text())
     conda = {_name(d): _spec(d) for d in env["dependencies"] if isinstance(d, str)}
     pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    return conda, pip_sections, env
+
+
+def test_core_dependencies_leave_colabs_jupyter_alone():
+    project = _project()
+    core = {_name(d): _spec(d) for d in project["dependencies"]}
+    lab = {_name(d): _spec(d) for d in project["optional-dependencies"]["lab"]}
+    dev = {_name(d) for d in project["optional-dependencies"]["dev"]}
+    jupyter_stack = {"jupyterlab", "notebook", "jupyter", "jupyter-server", "ipykernel", "jupyterlab-widgets"}
+    assert not jupyter_stack & set(core), "the Colab install must not pull a Jupyter server or kernel"
+    assert "jupyterlab" in lab and "playwright" in dev
+    assert core["ipywidgets"] == ">=7.7", "Colab ships ipywidgets 7.7; the widgets are tested against it"
+    assert lab["ipywidgets"] == ">=8.0", "JupyterLab 4 renders only ipywidgets 8"
+
+
+def test_environment_yml_matches_pyproject_dependencies_and_lab_extra():
+    project = _project()
+    conda, pip_sections, env = _conda(ROOT / "environment.yml")
+    assert "conda-forge" in env["channels"]
     assert pip_sections == [["-e ."]], "environment.yml must install the package itself with pip: -e ."
-    runtime = {_name(d): _spec(d) for d in project["dependencies"]}
-    for name, spec in runtime.items():
+    wanted = {_name(d): _spec(d) for d in project["dependencies"]}
+    wanted.update({_name(d): _spec(d) for d in project["optional-dependencies"]["lab"]})  # the lab's pins win
+    for name, spec in wanted.items():
         conda_name = CONDA_NAME.get(name, name)
-        assert conda_name in conda, f"{name} is a runtime dependency but missing from environment.yml"
+        assert conda_name in conda, f"{name} is a dependency (core or lab) but missing from environment.yml"
         assert conda[conda_name] == spec, f"{name}: pyproject says {spec!r}, environment.yml {conda[conda_name]!r}"
-    extra = set(conda) - {CONDA_NAME.get(n, n) for n in runtime} - {"python", "pip"}
+    extra = set(conda) - {CONDA_NAME.get(n, n) for n in wanted} - {"python", "pip"}
     assert not extra, f"environment.yml has packages pyproject.toml does not: {extra}"
     py = project["requires-python"]
     assert conda["python"].startswith(py), f"python {conda['python']} vs requires-python {py}"
+
+
+def test_binder_environment_is_the_conda_one_with_python_pinned():
+    conda, _, env = _conda(ROOT / "environment.yml")
+    binder, binder_pip, binder_env = _conda(ROOT / "binder" / "environment.yml")
+    assert binder_env["channels"] == env["channels"]
+    assert {k: v for k, v in binder.items() if k != "python"} == {k: v for k, v in conda.items() if k != "python"}
+    # repo2docker reads the Python version only from an exact pin; it must lie in the supported range
+    match = re.fullmatch(r"=(3)\.(\d+)", binder["python"])
+    assert match, f"binder/environment.yml must pin python=3.X, got python{binder['python']}"
+    low, high = (int(v) for v in re.findall(r"3\.(\d+)", conda["python"]))
+    assert low <= int(match.group(2)) < high
+    assert binder_pip == [], "on Binder the repository is not there yet when the environment is built"
+    assert "pytorch-cpu" in binder, "Binder must install the CPU build of PyTorch"
+
+
+def test_binder_post_build_installs_the_package_without_dependencies():
+    post_build = ROOT / "binder" / "postBuild"
+    text = post_build.read_text()
+    assert os.access(post_build, os.X_OK) and text.startswith("#!/bin/bash\n") and "set -euo pipefail" in text
+    assert re.search(r"^python -m pip install .*--no-deps -e \.$", text, flags=re.MULTILINE)
+    assert "torch.version.cuda is None" in text
+    overrides = json.loads(text.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
+    assert overrides["@jupyterlab/apputils-extension:notification"] == {"fetchNews": "false", "checkForUpdates": False}
 
 
 def test_ci_runs_the_readme_test_command():

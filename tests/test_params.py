@@ -281,3 +281,44 @@ def test_count_model_with_course_experts() -> None:
     moe.experts, moe.n_experts, moe.top_k = make_experts(8, 16, 32), 8, 2
     per_expert = 3 * 16 * 32
     assert count_model(moe) == (8 * per_expert, 2 * per_expert)
+
+
+# -- the data file -------------------------------------------------------------------------------------
+
+
+def test_published_models_come_from_the_packaged_data_file() -> None:
+    import json
+
+    from moe_course.params import PUBLISHED_MODELS_PATH, load_published
+
+    package_dir = PUBLISHED_MODELS_PATH.parents[1]
+    assert package_dir.name == "moe_course" and PUBLISHED_MODELS_PATH.is_file()  # package data: pip carries it
+    entries = json.loads(PUBLISHED_MODELS_PATH.read_text(encoding="utf-8"))["models"]
+    assert sorted(e["name"] for e in entries) == sorted(PUBLISHED)
+    assert load_published() == PUBLISHED
+    releases = [cfg.release for cfg in PUBLISHED.values()]
+    assert releases == sorted(releases)
+
+
+def test_load_published_rejects_bad_files(tmp_path) -> None:
+    import json
+
+    from moe_course.params import load_published
+
+    good = dict(name="tiny", vocab_size=10, d_model=8, n_layers=2, n_heads=2, moe_intermediate_size=6,
+                n_routed_experts=4, top_k=2, release="2025-01", comment="ignored")
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [good]}))
+    assert load_published(path)["tiny"] == tiny_config(n_kv_heads=None, head_dim=None, release="2025-01")
+    for models, message in [
+        ([{**good, "n_expert": 4}], r"tiny has unknown field\(s\) \['n_expert'\]"),
+        ([{k: v for k, v in good.items() if k != "top_k"}], "tiny: .*missing .*top_k"),
+        ([good, good], "model names must be unique"),
+        ([{**good, "top_k": 0}], "top_k must be a positive integer"),
+    ]:
+        path.write_text(json.dumps({"models": models}))
+        with pytest.raises(ValueError, match=message):
+            load_published(path)
+    path.write_text(json.dumps([good]))
+    with pytest.raises(ValueError, match='top-level "models" list'):
+        load_published(path)
