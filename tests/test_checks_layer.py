@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,51 @@ def test_expert_reference_passes(capsys: pytest.CaptureFixture[str]) -> None:
 )
 def test_expert_mistakes_are_named(variant: type[nn.Module], message: str) -> None:
     with pytest.raises(CheckError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check.expert_ffn(variant)
+
+
+class DetachedInput(SwiGLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.detach())
+
+
+class FrozenDown(SwiGLU):
+    """The down projection used as a constant: its weight never learns."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(self.gate(x)) * self.up(x), self.down.weight.detach())
+
+
+class NumpyExpert(SwiGLU):
+    """Right values computed in NumPy and turned back into a tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().numpy()
+        g, u = a @ self.gate.weight.detach().numpy().T, a @ self.up.weight.detach().numpy().T
+        h = g / (1 + np.exp(-g)) * u
+        return torch.tensor(h @ self.down.weight.detach().numpy().T)
+
+
+class StraightThroughGate(SwiGLU):
+    """Right output, but the gate's gradient is that of a ReLU (non-zero, and wrong)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)
+        act = F.silu(g).detach() + F.relu(g) - F.relu(g).detach()
+        return self.down(act * self.up(x))
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        (DetachedInput, "no gradient reaches x "),
+        (FrozenDown, "no gradient reaches down.weight"),
+        (NumpyExpert, "autograd cannot differentiate"),
+        (StraightThroughGate, "gradient with respect to x is not"),
+    ],
+)
+def test_expert_gradient_mistakes_are_named(variant: type[nn.Module], message: str) -> None:
+    with pytest.raises(CheckError, match=message):
         check.expert_ffn(variant)
 
 
@@ -152,6 +198,30 @@ def detached_gate(x, gate_weight, experts):
     return sum(gates[:, i : i + 1] * expert(x) for i, expert in enumerate(experts))
 
 
+def detached_inputs(x, gate_weight, experts):
+    return reference_mixture(x.detach(), gate_weight, experts)
+
+
+def detached_experts(x, gate_weight, experts):
+    gates = (x @ gate_weight.T).softmax(dim=-1)
+    return sum(gates[:, i : i + 1] * expert(x).detach() for i, expert in enumerate(experts))
+
+
+def numpy_mixture(x, gate_weight, experts):
+    z = (x @ gate_weight.T).detach().numpy()
+    gates = np.exp(z - z.max(-1, keepdims=True))
+    gates /= gates.sum(-1, keepdims=True)
+    outs = np.stack([expert(x).detach().numpy() for expert in experts], axis=1)
+    return torch.tensor((gates[..., None] * outs).sum(axis=1))
+
+
+def straight_through_gate(x, gate_weight, experts):
+    """Right output; the gate's gradient is that of the raw logits (non-zero, and wrong)."""
+    logits = x @ gate_weight.T
+    gates = logits.softmax(dim=-1).detach() + logits - logits.detach()
+    return sum(gates[:, i : i + 1] * expert(x) for i, expert in enumerate(experts))
+
+
 def no_transpose(x, gate_weight, experts):
     gates = (x @ gate_weight).softmax(dim=-1)
     return sum(gates[:, i : i + 1] * expert(x) for i, expert in enumerate(experts))
@@ -172,6 +242,10 @@ def test_soft_mixture_reference_passes(capsys: pytest.CaptureFixture[str]) -> No
         (argmax_weighted, "sparse top-1"),
         (sigmoid_gate, "sigmoid"),
         (detached_gate, "no gradient reaches gate_weight"),
+        (detached_inputs, "no gradient reaches x "),
+        (detached_experts, "no gradient reaches the experts' parameters"),
+        (numpy_mixture, "autograd cannot differentiate"),
+        (straight_through_gate, "gradient with respect to x is not"),
         (no_transpose, r"gate_weight\.T"),
     ],
 )

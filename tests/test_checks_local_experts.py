@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +47,21 @@ GATE_MISTAKES: list[tuple[Callable[..., torch.Tensor], str]] = [
     (lambda x, W, b: torch.exp(x @ W + b) / torch.exp(x @ W + b).sum(-1, keepdim=True), "exp overflows"),
     (lambda x, W, b: torch.softmax(x @ W - b, dim=-1), "differs from softmax(x @ W + b"),
     (lambda x, W, b: torch.softmax(x @ W + b, dim=-1)[:, :3], "has shape (5, 3)"),
+    # right values, wrong or missing gradients
+    (lambda x, W, b: torch.softmax(x @ W.detach() + b, dim=-1), "no gradient reaches W "),
+    (lambda x, W, b: torch.softmax(x.detach() @ W + b, dim=-1), "no gradient reaches x "),
+    (lambda x, W, b: torch.softmax((x @ W + b).detach(), dim=-1), "no gradient reaches x, W and b"),
+    (lambda x, W, b: torch.tensor(_numpy_softmax((x @ W + b).detach().numpy())), "autograd cannot differentiate"),
+    (lambda x, W, b: torch.tensor(_numpy_softmax((x @ W + b).detach().numpy()), requires_grad=True),
+     "new leaf tensor"),
+    (lambda x, W, b: torch.softmax(x @ W + b, dim=-1).detach() + (x @ W + b) - (x @ W + b).detach(),
+     "gradient with respect to x is not"),
 ]
+
+
+def _numpy_softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 @pytest.mark.parametrize(("fn", "message"), GATE_MISTAKES)
@@ -83,6 +98,17 @@ def loss_naive(p: torch.Tensor, o: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     return -torch.log((p * torch.exp(-0.5 * sq)).sum(-1)).mean()
 
 
+def _numpy_loss(p: torch.Tensor, o: torch.Tensor, d: torch.Tensor) -> float:
+    p, o, d = (t.detach().numpy().astype(np.float64) for t in (p, o, d))
+    a = np.log(p) - 0.5 * ((d[:, None, :] - o) ** 2).sum(-1)
+    m = a.max(-1, keepdims=True)
+    return float(-(m[:, 0] + np.log(np.exp(a - m).sum(-1))).mean())
+
+
+def _surrogate(p: torch.Tensor, o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return (p * sq_err(o, d)).sum(-1).mean()
+
+
 def sq_err(o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return ((d[:, None, :] - o) ** 2).sum(-1)
 
@@ -116,6 +142,13 @@ LOSS_MISTAKES: list[tuple[Callable[..., torch.Tensor], str]] = [
      "averaged over the experts"),
     (loss_naive, "exp underflows"),
     (lambda p, o, d: torch.tensor(competitive_loss(p, o, d).item()), "autograd cannot differentiate"),
+    (lambda p, o, d: competitive_loss(p.detach(), o, d), "no gradient reaches p "),
+    (lambda p, o, d: competitive_loss(p, o.detach(), d), "no gradient reaches o "),
+    (lambda p, o, d: competitive_loss(p, o, d.detach()), "no gradient reaches d "),
+    (lambda p, o, d: torch.tensor(_numpy_loss(p, o, d), requires_grad=True), "no gradient reaches p, o and d"),
+    # right value, non-zero gradient of another loss (eq. 1.2) through a straight-through trick
+    (lambda p, o, d: competitive_loss(p, o, d).detach() + _surrogate(p, o, d) - _surrogate(p, o, d).detach(),
+     "gradient with respect to p is not"),
     (lambda p, o, d: -torch.logsumexp(p.log() - 0.5 * (d[:, None, :] - o).abs().sum(-1), -1).mean(),
      "The competitive error of one case"),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,34 @@ def detached(logits, k):
     return w, i
 
 
+def numpy_router(logits, k):
+    """Right values computed in NumPy: the router cannot learn through them."""
+    z = logits.detach().numpy()
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    idx = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, idx, -1)
+    return torch.tensor(w / w.sum(-1, keepdims=True)), torch.tensor(idx)
+
+
+def numpy_router_leaf(logits, k):
+    w, i = numpy_router(logits, k)
+    return w.requires_grad_(True), i
+
+
+def straight_through(logits, k):
+    """Right weights, but the gradient is the logits' own (non-zero, and wrong)."""
+    w, i = softmax_topk(logits.detach(), k)
+    top = logits.gather(-1, i)
+    return w + (top - top.detach()), i
+
+
+def renorm_first_two(logits, k):
+    """Renormalises by the first two weights only: right for k = 1, 2, wrong for k = 3."""
+    w, i = logits.softmax(dim=-1).topk(k, dim=-1)
+    return w / w[:, :2].sum(dim=-1, keepdim=True), i
+
+
 def swapped_outputs(logits, k):
     w, i = softmax_topk(logits, k)
     return i, w
@@ -107,7 +136,11 @@ def test_column_order_of_equal_weights_is_free():
         (shuffled_ids, "indices are not the ids"),
         (second_softmax, "second softmax"),
         (ascending, "descending weight"),
-        (detached, "no gradient"),
+        (detached, "autograd cannot differentiate"),
+        (numpy_router, "autograd cannot differentiate"),
+        (numpy_router_leaf, "no gradient reaches the logits"),
+        (straight_through, "gradient with respect to the logits is not"),
+        (renorm_first_two, "k=3: weights must sum to 1"),
         (swapped_outputs, "order (weights, indices)"),
         (crashes, "raised RuntimeError: boom"),
     ],

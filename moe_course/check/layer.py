@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_course.check._core import as_count, as_tensor, call, close, expect_shape, fail, ok
+from moe_course.check._core import as_count, as_tensor, call, close, compare_grads, expect_shape, fail, ok
 from moe_course.experts import SwiGLU, make_experts
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.moe import MoE
@@ -120,18 +120,24 @@ def _check_expert(expert_cls: Callable[[int, int], nn.Module]) -> None:
             getattr(ref, name).weight.copy_(torch.randn(getattr(ref, name).weight.shape, generator=gen))
             getattr(mine, name).weight.copy_(getattr(ref, name).weight)
     x = torch.randn(2, 3, D_MODEL, generator=gen)  # (batch, tokens, d): an expert works on any leading dims
-    with torch.no_grad():
-        expected = ref(x)
-        got = as_tensor(call(mine, x, what="MyExpert(...)(x)"), "MyExpert.forward")
-        if tuple(got.shape) == (*x.shape[:-1], D_HIDDEN):
-            fail(f"MyExpert returns {D_HIDDEN} = d_hidden features per token; finish with self.down to map "
-                 f"back to d_model = {D_MODEL}")
-        expect_shape(got, tuple(x.shape), f"MyExpert(...)(x) for x of shape {tuple(x.shape)}")
-        if not close(got, expected):
-            for hint, wrong in _expert_mistakes(ref, x):
-                if wrong.shape == got.shape and close(got, wrong):
-                    fail(f"MyExpert gives the wrong output: it looks like you {hint}")
-            fail("MyExpert gives the wrong output. Expected self.down(F.silu(self.gate(x)) * self.up(x))")
+    x_mine, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected = ref(x_ref)
+    got = as_tensor(call(mine, x_mine, what="MyExpert(...)(x)"), "MyExpert.forward")
+    if tuple(got.shape) == (*x.shape[:-1], D_HIDDEN):
+        fail(f"MyExpert returns {D_HIDDEN} = d_hidden features per token; finish with self.down to map "
+             f"back to d_model = {D_MODEL}")
+    expect_shape(got, tuple(x.shape), f"MyExpert(...)(x) for x of shape {tuple(x.shape)}")
+    if not close(got, expected):
+        with torch.no_grad():
+            mistakes = _expert_mistakes(ref, x)
+        for hint, wrong in mistakes:
+            if wrong.shape == got.shape and close(got, wrong):
+                fail(f"MyExpert gives the wrong output: it looks like you {hint}")
+        fail("MyExpert gives the wrong output. Expected self.down(F.silu(self.gate(x)) * self.up(x))")
+    names = ("gate.weight", "up.weight", "down.weight")
+    compare_grads("MyExpert(...)(x)", got, expected,
+                  {"x": x_mine, **{n: mine.get_parameter(n) for n in names}},
+                  {"x": x_ref, **{n: ref.get_parameter(n) for n in names}})
 
 
 def _mixture(x: torch.Tensor, gates: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
@@ -171,8 +177,8 @@ def _check_soft_mixture(fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Te
     for n_tokens, d_model, n_experts in ((7, 6, 4), (5, 8, 3)):
         torch.manual_seed(n_experts)
         experts = make_experts(n_experts, d_model, 2 * d_model)
-        x = torch.randn(n_tokens, d_model)
-        gate_weight = torch.randn(n_experts, d_model, requires_grad=True)
+        x = torch.randn(n_tokens, d_model).requires_grad_(True)
+        gate_weight = torch.randn(n_experts, d_model).requires_grad_(True)
         what = f"fn(x of shape {tuple(x.shape)}, gate_weight of shape {tuple(gate_weight.shape)}, experts)"
         try:
             got = call(fn, x, gate_weight, experts, what=what)
@@ -193,13 +199,12 @@ def _check_soft_mixture(fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Te
                     fail(f"the soft mixture is wrong: it looks like you {hint}")
             fail("the soft mixture is wrong. Expected sum over i of softmax(x @ gate_weight.T, dim=-1)[:, i:i+1] "
                  "* experts[i](x)")
-        if not got.requires_grad:
-            fail("the output carries no gradient: do not detach the gate or wrap the computation in "
-                 "torch.no_grad(); the router learns through these weights")
-        got.sum().backward()
-        if gate_weight.grad is None or not bool(gate_weight.grad.abs().sum() > 0):
-            fail("no gradient reaches gate_weight: compute the gate from gate_weight with differentiable "
-                 "operations (no .detach(), no argmax)")
+        x_ref, gate_ref = x.detach().clone().requires_grad_(True), gate_weight.detach().clone().requires_grad_(True)
+        ref = _mixture(x_ref, (x_ref @ gate_ref.T).softmax(dim=-1), torch.stack([e(x_ref) for e in experts], dim=1))
+        params = list(experts.parameters())
+        compare_grads("the soft mixture", got, ref,
+                      {"x": x, "gate_weight": gate_weight, "the experts' parameters": params},
+                      {"x": x_ref, "gate_weight": gate_ref, "the experts' parameters": params})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,8 +266,8 @@ def _anatomy(model: TinyLM) -> dict[str, int]:
     """The reference counts and the pieces the usual mistakes add or leave out."""
     total, active = count_model(model)
     moe = [block.ffn for block in model.blocks if isinstance(block.ffn, MoE)]
-    per_expert = _size(moe[0].experts[0])
     n_experts, top_k = moe[0].n_experts, moe[0].top_k
+    per_expert = _size(moe[0].experts) // n_experts  # a ModuleList of experts or one grouped weight tensor
     with_duplicates = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
     return {
         "total": total,

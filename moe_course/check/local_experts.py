@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moe_course import local_experts as _ref
-from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok
+from moe_course.check._core import as_tensor, call, close, compare_grads, expect_shape, fail, ok
 
 __all__ = ["gating_forward", "competitive_loss"]
 
@@ -76,7 +76,9 @@ def gating_forward(fn: Callable[..., Any]) -> None:
     """Check ``my_gate(x, W, b) -> p``: the softmax over experts of ``x @ W + b`` (see the module docstring)."""
     x, W, b = _gate_inputs()
     expected = (x @ W + b).softmax(dim=-1)
-    got = as_tensor(call(fn, x.clone(), W.clone(), b.clone(), what=GATE_SIGNATURE), "my_gate")
+    mine = {"x": x.clone().requires_grad_(True), "W": W.clone().requires_grad_(True),
+            "b": b.clone().requires_grad_(True)}
+    got = as_tensor(call(fn, *mine.values(), what=GATE_SIGNATURE), "my_gate")
     if tuple(got.shape) == (4, 5):
         fail("my_gate returned shape (n_experts, N) = (4, 5); return one row per sample: shape (N, n_experts)")
     expect_shape(got, (5, 4), "my_gate(x, W, b) with N=5 samples and 4 experts")
@@ -91,6 +93,8 @@ def gating_forward(fn: Callable[..., Any]) -> None:
                  "the experts")
         fail("my_gate differs from softmax(x @ W + b, dim=-1), although each row sums to 1; check the logits "
              "(x @ W + b, with W of shape (d_in, n_experts))")
+    theirs = {name: t.detach().clone().requires_grad_(True) for name, t in mine.items()}
+    compare_grads("my_gate", got, (theirs["x"] @ theirs["W"] + theirs["b"]).softmax(dim=-1), mine, theirs)
     # Large logits: a softmax written as exp(z) / exp(z).sum() overflows to inf/inf = nan.
     big = x * 400.0
     expected_big = (big @ W + b).softmax(dim=-1)
@@ -167,8 +171,8 @@ def competitive_loss(fn: Callable[..., Any]) -> None:
     """Check ``my_loss(p, o, d) -> loss``: the mean over cases of -log sum_i p_i exp(-1/2 ||d - o_i||^2)."""
     p, o, d = _loss_inputs()
     expected = _ref.competitive_loss(p, o, d)
-    o_grad = o.clone().requires_grad_(True)
-    got = as_tensor(call(fn, p.clone(), o_grad, d.clone(), what=LOSS_SIGNATURE), "my_loss")
+    mine = {name: t.clone().requires_grad_(True) for name, t in (("p", p), ("o", o), ("d", d))}
+    got = as_tensor(call(fn, *mine.values(), what=LOSS_SIGNATURE), "my_loss")
     got = _scalar(got, p.shape[0])
     if not torch.isfinite(got):
         fail("my_loss returned nan or inf on small, ordinary inputs")
@@ -179,9 +183,8 @@ def competitive_loss(fn: Callable[..., Any]) -> None:
         fail(f"my_loss gave {float(got.detach()):.4f}, expected {float(expected):.4f}. The competitive error of "
              "one case is -log sum_i p_i exp(-1/2 ||d - o_i||^2) with the squared norm taken over the output "
              "dimension; return its mean over the cases")
-    if not got.requires_grad:
-        fail("my_loss returned a value that autograd cannot differentiate (no grad_fn); keep the computation "
-             "in torch: no .item(), float() or NumPy")
+    theirs = {name: t.detach().clone().requires_grad_(True) for name, t in mine.items()}
+    compare_grads("my_loss", got, _ref.competitive_loss(*theirs.values()), mine, theirs)
     # Large errors: exp(-1/2 * 1250) underflows to 0, so -log(sum) = inf unless computed with logsumexp.
     p_far, o_far, d_far = _loss_inputs(scale=50.0)
     expected_far = _ref.competitive_loss(p_far, o_far, d_far)
