@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_course.experts import SwiGLU
-from moe_course.moe import MoE
+from moe_course.experts import GroupedExperts, SwiGLU
+from moe_course.moe import MoE, validate_moe_args
 
 
 @dataclass
@@ -36,23 +36,40 @@ class ModelConfig:
     n_shared: int = 0
     capacity_factor: float | None = None
     router_score: str = "softmax"
-    dispatch: str = "sorted"
+    dispatch: str | None = None  # None: "grouped" for grouped experts, "sorted" for a ModuleList
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     moe_every: int = 1  # MoE in layers where layer % moe_every == moe_every - 1, dense FFN elsewhere
     dropout: float = 0.0
+    router: str = "topk"  # "topk" (token choice), "expert_choice" or "hash"
+    experts: str = "grouped"  # "grouped" (stacked weights, grouped GEMM) or "list" (ModuleList, teaching)
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
+    bias_update_rate: float = 0.0  # u of auxiliary-loss-free balancing (DeepSeek-V3)
+    n_groups: int = 1  # group-limited routing (DeepSeek-V3): expert groups ...
+    topk_groups: int = 1  # ... of which each token may use this many
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_hidden", "moe_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.ffn not in ("dense", "moe"):
             raise ValueError(f"unknown ffn {self.ffn!r}; use 'dense' or 'moe' (or pass ffn_factory)")
-        if self.ffn == "moe" and not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(
-                f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}; lower top_k or add experts"
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.ffn == "moe":
+            validate_moe_args(
+                self.d_model, self.expert_hidden, self.n_experts, self.top_k, self.n_shared, self.capacity_factor,
+                self.router, self.experts, self.dispatch, aux_loss_coef=self.aux_loss_coef,
+                z_loss_coef=self.z_loss_coef, seq_aux_loss_coef=self.seq_aux_loss_coef,
+                bias_update_rate=self.bias_update_rate,
             )
-        if self.moe_every < 1:
-            raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
+            if self.router != "topk" and (self.aux_loss_coef or self.z_loss_coef or self.seq_aux_loss_coef
+                                          or self.bias_update_rate):
+                raise ValueError(f"router={self.router!r} balances without losses or a bias: set aux_loss_coef, "
+                                 "z_loss_coef, seq_aux_loss_coef and bias_update_rate to 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,8 +105,10 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
+        if getattr(self.ffn, "takes_token_ids", False):  # hash routing routes by token id
+            return x + self.ffn(self.norm2(x), token_ids=token_ids)
         return x + self.ffn(self.norm2(x))
 
 
@@ -99,7 +118,9 @@ def default_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
         return MoE(
             cfg.d_model, cfg.expert_hidden, cfg.n_experts, cfg.top_k, n_shared=cfg.n_shared,
             capacity_factor=cfg.capacity_factor, dispatch=cfg.dispatch, score=cfg.router_score,
-            aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef,
+            aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, router=cfg.router, experts=cfg.experts,
+            seq_aux_loss_coef=cfg.seq_aux_loss_coef, bias_update_rate=cfg.bias_update_rate,
+            n_groups=cfg.n_groups, topk_groups=cfg.topk_groups, vocab_size=cfg.vocab_size,
         )
     return SwiGLU(cfg.d_model, cfg.d_hidden)
 
@@ -118,18 +139,30 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying (nanoGPT, GPT-2)
         self.apply(self._init)
+        grouped = {name + ".w_down": m for name, m in self.named_modules() if isinstance(m, GroupedExperts)}
         for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
-            if name.endswith(("proj.weight", "down.weight")):
+            if name in grouped:
+                grouped[name].normal_down_(0.02 / math.sqrt(2 * cfg.n_layer))
+            elif name.endswith(("proj.weight", "down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, GroupedExperts):  # same draws, in the same order, as a ModuleList of SwiGLU
+            module.normal_(0.02)
 
     def moe_layers(self) -> list[nn.Module]:
         """The feed-forward blocks that route (have ``last_routing``), in layer order."""
         return [b.ffn for b in self.blocks if hasattr(b.ffn, "last_routing")]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Post-optimizer-step balancing updates (DeepSeek-V3's routing bias) in every MoE layer."""
+        for layer in self.moe_layers():
+            if hasattr(layer, "after_step"):
+                layer.after_step()
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the balancing losses the MoE layers computed in the last forward pass."""
@@ -146,7 +179,7 @@ class TinyLM(nn.Module):
         pos = torch.arange(t, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, d)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, idx)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
