@@ -9,6 +9,9 @@ Three implementations that compute the same function (tested equal in forward an
   slice, run the experts on their slices, and scatter-add the weighted outputs (the layout used by grouped
   GEMM kernels and by expert parallelism's all-to-all).
 
+:func:`dispatch_grouped` is the production path: the same sorted layout (:func:`sort_by_expert`), fed to
+:class:`~moe_course.experts.GroupedExperts` in one grouped matrix multiply per projection.
+
 Capacity (GShard, Switch Transformer): each expert takes at most
 ``ceil(capacity_factor · tokens · k / N)`` assignments; first choices claim slots before second choices,
 and an assignment past capacity is dropped (the token then passes through the residual connection).
@@ -76,10 +79,35 @@ def dispatch_sorted(
     return torch.zeros_like(x).index_add(0, token_of, ys)
 
 
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The permutation behind sorted dispatch, grouped GEMM and expert parallelism.
+
+    indices: (T, k) -> order (T*k,) (stable argsort of the flat expert ids: pairs grouped by expert, token
+    order kept inside an expert), token_of (T*k,) = order // k, counts (N,) pairs per expert.
+    """
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    return order, order // indices.shape[1], torch.bincount(flat, minlength=n_experts)
+
+
+def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    """Sorted dispatch onto :class:`~moe_course.experts.GroupedExperts`: one grouped GEMM per projection."""
+    _check(x, weights, indices, len(experts))
+    order, token_of, counts = sort_by_expert(indices, len(experts))
+    return combine(experts(x[token_of], counts), weights.reshape(-1)[order], token_of, x.shape[0])
+
+
+def combine(ys: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Weighted scatter-add of expert outputs back to their tokens: (A, d), (A,), (A,) -> (T, d)."""
+    ys = ys * weight.unsqueeze(-1).to(ys.dtype)
+    return ys.new_zeros(n_tokens, ys.shape[-1]).index_add(0, token, ys)
+
+
 DISPATCHERS: dict[str, Callable[..., torch.Tensor]] = {
     "dense": dispatch_dense,
     "loop": dispatch_loop,
     "sorted": dispatch_sorted,
+    "grouped": dispatch_grouped,
 }
 
 

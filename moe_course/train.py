@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from tqdm.auto import tqdm
 
 from moe_course.corpus import get_batch, load_corpus
 from moe_course.device import pick_device, seed_everything
-from moe_course.metrics import expert_counts
 from moe_course.model import ModelConfig, TinyLM
 
 
@@ -160,8 +160,13 @@ def train(
     progress: bool = True,
     log_every: int = 10,
     desc: str = "training",
+    callback: Callable[[int, TinyLM], None] | None = None,
 ) -> History:
-    """Train ``model`` in place with AdamW; return the :class:`History`."""
+    """Train ``model`` in place with AdamW; return the :class:`History`.
+
+    After every optimizer step the MoE layers' post-step balancing runs (``model.after_step()``: the
+    routing-bias update, which the optimizer never sees), then ``callback(step, model)`` if given.
+    """
     device = device or pick_device()
     model.to(device).train()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -169,15 +174,15 @@ def train(
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
+        lr=cfg.lr, betas=(0.9, 0.95), foreach=True,  # one multi-tensor update instead of a loop over tensors
     )
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     moe_layers = model.moe_layers()
     n_experts = [m.n_experts for m in moe_layers]
-    counts = [torch.zeros(n, dtype=torch.long) for n in n_experts]
+    counts = [torch.zeros(n, dtype=torch.long, device=device) for n in n_experts]  # on device: no sync per step
     hist = History()
-    ce_sum, aux_sum, seen = 0.0, 0.0, 0
+    ce_sum, aux_sum, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, mininterval=0.5)
     for step in bar:
@@ -196,17 +201,20 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
+        model.after_step()
+        if callback is not None:
+            callback(step, model)
         for c, layer, n in zip(counts, moe_layers, n_experts, strict=True):
             if layer.last_routing is not None:
-                c += expert_counts(layer.last_routing.indices.cpu(), n)
-        ce_sum, aux_sum, seen = ce_sum + ce.item(), aux_sum + float(aux.detach()), seen + 1
+                c += layer.last_routing.counts(n)
+        ce_sum, aux_sum, seen = ce_sum + ce.detach(), aux_sum + aux.detach().float(), seen + 1
         last = step == cfg.steps - 1
         if (step + 1) % log_every == 0 or last:
             hist.step.append(step + 1)
-            hist.train_loss.append(ce_sum / seen)
-            hist.aux_loss.append(aux_sum / seen)
+            hist.train_loss.append(float(ce_sum) / seen)
+            hist.aux_loss.append(float(aux_sum) / seen)
             hist.load.append([(c.double() / c.sum().clamp_min(1)).tolist() for c in counts])
-            ce_sum, aux_sum, seen = 0.0, 0.0, 0
+            ce_sum, aux_sum, seen = torch.zeros_like(ce_sum), torch.zeros_like(aux_sum), 0
             for c in counts:
                 c.zero_()
         if (step + 1) % cfg.eval_every == 0 or last:
