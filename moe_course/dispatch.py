@@ -20,6 +20,8 @@ and an assignment past capacity is dropped (the token then passes through the re
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -119,12 +121,34 @@ def get_dispatcher(name: str) -> Callable[..., torch.Tensor]:
         raise ValueError(f"unknown dispatch {name!r}; choose one of {sorted(DISPATCHERS)}") from None
 
 
+def _whole(value: object, name: str, minimum: int) -> int:
+    """``value`` as an int >= minimum (ints only: not bool, not float), or a ValueError/TypeError naming it."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}; pass a whole number "
+                        f"(e.g. {name}={max(minimum, 1)})")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def expert_capacity(n_tokens: int, n_experts: int, k: int, capacity_factor: float) -> int:
-    """Slots per expert: ceil(capacity_factor · tokens · k / N) (Switch Transformer, eq. 4)."""
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
-    if not 1 <= k <= n_experts:
-        raise ValueError(f"k must be between 1 and n_experts={n_experts}, got {k}")
+    """Slots per expert: ceil(capacity_factor · tokens · k / N) (Switch Transformer, eq. 4).
+
+    ``n_tokens`` may be 0 (an empty batch needs no slots); sizes, k and the factor are validated.
+    """
+    n_tokens = _whole(n_tokens, "n_tokens", 0)
+    n_experts = _whole(n_experts, "n_experts", 1)
+    k = _whole(k, "k", 1)
+    if k > n_experts:
+        raise ValueError(f"k must be between 1 and n_experts={n_experts}, got k={k}; route to at most "
+                         "n_experts experts per token")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real):
+        raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}; "
+                        "e.g. capacity_factor=1.25")
+    if not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor}; 1.0 gives each "
+                         "expert exactly its even share of the T*k assignments, 1.25 leaves 25% slack")
     return math.ceil(capacity_factor * n_tokens * k / n_experts)
 
 
@@ -134,6 +158,19 @@ def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch
     Priority follows GShard: every token's first choice claims a slot before any second choice, and within
     one choice rank tokens go in order.
     """
+    n_experts = _whole(n_experts, "n_experts", 1)
+    capacity = _whole(capacity, "capacity", 0)
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
+        shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"indices must be a (T, k) tensor of expert ids, got {shape}; flatten (B, T, k) to "
+                         "(B*T, k)")
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"indices must hold integer expert ids (torch.long, as topk returns), got "
+                        f"{indices.dtype}; do not pass the routing weights")
+    indices = indices.long()
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts):
+        raise ValueError(f"indices must be expert ids in [0, {n_experts}) for n_experts={n_experts}, got "
+                         f"{int(indices.min())}..{int(indices.max())}")
     t, k = indices.shape
     by_rank = indices.t().reshape(-1)  # (k*T,): all first choices, then all second choices, ...
     onehot = F.one_hot(by_rank, n_experts)  # (k*T, N)
