@@ -2,10 +2,13 @@
 
 ``solutions/NN_topic.ipynb`` is the only notebook anyone edits. This module
 
-* stamps the shared setup cell (:data:`SETUP_CELL`) at the top of every solution notebook,
+* stamps the shared setup cell (:data:`SETUP_CELL`) at the top of every solution notebook, the "Open in
+  Colab" and Binder badges under its title (:func:`stamp_badges`), and turns nbval comment markers such as
+  ``# NBVAL_IGNORE_OUTPUT`` into cell tags, so that learners never see them (:func:`nbval_comments_to_tags`),
 * writes ``notebooks/NN_topic.ipynb``: the solution with each nbgrader ``### BEGIN SOLUTION`` ...
   ``### END SOLUTION`` region replaced by a stub and all outputs cleared (:func:`make_exercise`),
-* executes solution notebooks in place on the CPU (:func:`execute`), and
+* executes solution notebooks in place on the CPU, storing the final state of every progress bar
+  (:func:`execute`), and
 * reports anything out of date (:func:`check`).
 
 Command line (run from the repository root)::
@@ -21,6 +24,7 @@ import argparse
 import ast
 import copy
 import hashlib
+import html
 import json
 import os
 import re
@@ -33,13 +37,14 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from moe_course import REPO_URL
+from moe_course.links import REPO_URL, binder_badge, colab_badge
 
 __all__ = [
     "BEGIN_SOLUTION",
     "END_SOLUTION",
     "EXERCISE_STUB",
     "MARKDOWN_STUB",
+    "NBVAL_TAGS",
     "RAISES_TAG",
     "SETUP_CELL",
     "SETUP_MARKER",
@@ -47,10 +52,15 @@ __all__ = [
     "execute",
     "generate",
     "is_setup_cell",
+    "badge_line",
+    "finish_progress_bars",
     "main",
     "make_exercise",
+    "nbval_comments_to_tags",
     "normalize_notebook",
+    "prepare_solution",
     "read_notebook",
+    "stamp_badges",
     "stamp_setup_cell",
     "stubbed_names",
     "write_notebook",
@@ -62,7 +72,7 @@ SETUP_MARKER = "# MoE from Scratch setup cell"
 
 SETUP_CELL = f"""\
 {SETUP_MARKER} (the same in every notebook). On Google Colab it installs the course package
-# from GitHub and turns on interactive widgets. In JupyterLab or on Binder it does nothing.
+# from GitHub and turns on interactive widgets; everywhere it checks that the package can be imported.
 import sys
 
 if "google.colab" in sys.modules:
@@ -74,7 +84,17 @@ if "google.colab" in sys.modules:
     )
     from google.colab import output as colab_output
 
-    colab_output.enable_custom_widget_manager()"""
+    colab_output.enable_custom_widget_manager()
+
+try:
+    import moe_course
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(
+        f"The course package moe_course cannot be imported (no module named '{{missing.name}}') by this "
+        f"kernel's Python, {{sys.executable}}. Install it from the repository root with `make lab` (it sets "
+        "up .venv and opens JupyterLab there) or with `pip install -e .` in this environment, then restart "
+        "the kernel. On Google Colab, re-run this cell."
+    ) from None"""
 """Source of the first code cell of every notebook (the repository URL comes from ``moe_course.REPO_URL``)."""
 
 SETUP_CELL_ID = "setup"
@@ -84,6 +104,16 @@ EXERCISE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
 MARKDOWN_STUB = "*Your answer here.*"
 RAISES_TAG = "raises-exception"
 """nbval's cell tag for a cell that is allowed to raise (``--nbval-lax`` runs the exercise copies)."""
+NBVAL_TAGS = {
+    "NBVAL_IGNORE_OUTPUT": "nbval-ignore-output",
+    "NBVAL_CHECK_OUTPUT": "nbval-check-output",
+    "NBVAL_RAISES_EXCEPTION": RAISES_TAG,
+    "NBVAL_SKIP": "nbval-skip",
+}
+"""nbval's comment markers and the cell tags that replace them (same meaning, invisible to learners)."""
+SOLUTIONS_DIR, NOTEBOOKS_DIR = "solutions", "notebooks"
+"""Where the solutions and the learner's copies live in the repository (the badges link to them)."""
+BADGE_PREFIX = "[![Open In Colab]"
 
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 CELL_TIMEOUT_S = 600
@@ -184,6 +214,157 @@ def stamp_setup_cell(nb: NotebookNode) -> bool:
     cell.id = SETUP_CELL_ID if SETUP_CELL_ID not in taken else _stable_id(0, SETUP_CELL, taken)
     nb.cells.insert(0, cell)
     return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# the title cell's badges and nbval's cell tags
+
+
+def badge_line(notebook_path: str) -> str:
+    """The "Open in Colab" and Binder badges (one markdown line) of the notebook at ``notebook_path``."""
+    return f"{colab_badge(notebook_path)} {binder_badge(notebook_path)}"
+
+
+def _title_cell(nb: NotebookNode) -> NotebookNode | None:
+    """The first markdown cell that starts with a level-1 heading (``# 00 · Welcome``), if any."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and _cell_source(cell).startswith("# "):
+            return cell
+    return None
+
+
+def stamp_badges(nb: NotebookNode, notebook_path: str) -> bool:
+    """Put :func:`badge_line` for ``notebook_path`` under the title's heading; return whether ``nb`` changed.
+
+    The title cell becomes ``heading``, a blank line, the badges, a blank line, then the rest of its text
+    (an older badge line is replaced). A notebook without a ``# `` title cell is left alone.
+    """
+    cell = _title_cell(nb)
+    if cell is None:
+        return False
+    heading, *rest = _cell_source(cell).split("\n")
+    while rest and not rest[0].strip():
+        rest.pop(0)
+    if rest and rest[0].startswith(BADGE_PREFIX):
+        rest.pop(0)
+        while rest and not rest[0].strip():
+            rest.pop(0)
+    source = "\n".join([heading, "", badge_line(notebook_path), *([""] + rest if rest else [])])
+    if source == _cell_source(cell):
+        return False
+    cell.source = source
+    return True
+
+
+def _retarget_badges(nb: NotebookNode) -> None:
+    """Point the title's badges of a solution (``solutions/NAME``) at its exercise copy (``notebooks/NAME``)."""
+    cell = _title_cell(nb)
+    if cell is None:
+        return
+    lines = _cell_source(cell).split("\n")
+    for i, line in enumerate(lines):
+        match = re.search(rf"/{SOLUTIONS_DIR}/([\w.-]+\.ipynb)", line) if line.startswith(BADGE_PREFIX) else None
+        if match:
+            lines[i] = badge_line(f"{NOTEBOOKS_DIR}/{match.group(1)}")
+    cell.source = "\n".join(lines)
+
+
+def _nbval_marker(line: str) -> str | None:
+    """The nbval comment marker on ``line`` (``NBVAL_IGNORE_OUTPUT`` for ``# NBVAL_IGNORE_OUTPUT``), if any."""
+    stripped = line.strip()
+    marker = stripped.lstrip("#").strip() if stripped.startswith("#") else None
+    return marker if marker in NBVAL_TAGS else None
+
+
+def _comment_tags(source: str) -> list[str]:
+    """The cell tags that the nbval comment markers in ``source`` stand for."""
+    return [NBVAL_TAGS[m] for m in map(_nbval_marker, source.split("\n")) if m]
+
+
+def nbval_comments_to_tags(nb: NotebookNode) -> bool:
+    """Replace nbval comment lines (``# NBVAL_IGNORE_OUTPUT``...) by :data:`NBVAL_TAGS`; return if changed."""
+    changed = False
+    for cell in nb.cells:
+        found = _comment_tags(_cell_source(cell)) if cell.cell_type == "code" else []
+        if found:
+            tags = list(cell.metadata.get("tags", []))
+            cell.metadata["tags"] = tags + [t for t in dict.fromkeys(found) if t not in tags]
+            kept = [line for line in _cell_source(cell).split("\n") if not _nbval_marker(line)]
+            cell.source = "\n".join(kept).strip("\n")
+            changed = True
+    return changed
+
+
+def prepare_solution(nb: NotebookNode, name: str) -> NotebookNode:
+    """Bring solution ``nb`` (file ``solutions/<name>``) into the form the pipeline keeps (in place).
+
+    Stamps the setup cell and the title's badges, turns nbval comment markers into tags and normalises the
+    metadata. :func:`generate` and :func:`execute` both call it, so their results agree.
+    """
+    stamp_setup_cell(nb)
+    stamp_badges(nb, f"{SOLUTIONS_DIR}/{name}")
+    nbval_comments_to_tags(nb)
+    return normalize_notebook(nb)
+
+
+# --------------------------------------------------------------------------------------------------------
+# progress bars: the final state, not the first frame
+
+
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def _progress_bar_text(model_id: str, states: dict) -> str | None:
+    """The final text of a ``tqdm.notebook`` bar from the saved widget state; None for any other widget.
+
+    tqdm draws a notebook bar as an ``HBox`` of an ``HTML`` (description and percentage), a
+    ``FloatProgress`` and an ``HTML`` (count, time and rate), writing spaces as U+2007 and escaping HTML.
+    """
+
+    def state(model: str) -> dict:
+        return states.get(str(model).removeprefix("IPY_MODEL_"), {}).get("state", {})
+
+    box = state(model_id)
+    parts = [state(child) for child in box.get("children", [])]
+    names = [part.get("_model_name") for part in parts]
+    if box.get("_model_name") != "HBoxModel" or names != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    left, right = (html.unescape(str(part.get("value", ""))).replace("\u2007", " ") for part in parts[::2])
+    shown = re.search(r"(\d{1,3})%$", left)
+    count = re.match(r" ?[\d.]+[kMGTPEZY]?/([\d.]+[kMGTPEZY]?)", right)
+    if not (shown and count):  # no total: tqdm writes the whole bar ("train: 50it [00:01, 40.1it/s]") right
+        return right
+    from tqdm.std import Bar
+
+    value, total = float(parts[1].get("value") or 0.0), float(parts[1].get("max") or 1.0)
+    fraction = min(max(value / total, 0.0), 1.0)
+    if round(100 * fraction) != int(shown.group(1)):
+        # a bar closed with leave=False keeps the text of its last refresh; only the value is final
+        n = count.group(1) if value >= total else f"{value:g}"
+        left = f"{left[: shown.start() - (3 - len(shown.group(1)))]}{100 * fraction:3.0f}%"
+        right = f" {n}/{count.group(1)}"
+    return f"{left}|{Bar(fraction)}|{right}"
+
+
+def finish_progress_bars(nb: NotebookNode) -> int:
+    """Store every ``tqdm.notebook`` bar of an executed ``nb`` as the text of its final state (in place).
+
+    A widget's stored ``text/plain`` is its first frame ("0/1500"), and without the widget state, which
+    :func:`normalize_notebook` drops, that is all GitHub or a fresh JupyterLab can show. Each bar becomes a
+    plain-text display of its last frame, read from the widget state that ``nbclient`` saved in
+    ``nb.metadata.widgets``. Other widgets are left alone. Returns the number of bars rewritten.
+    """
+    states = nb.metadata.get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    done = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(_WIDGET_VIEW) if output.output_type == "display_data" else None
+            text = _progress_bar_text(view.get("model_id", ""), states) if view else None
+            if text is not None:
+                output.data = nbformat.from_dict({"text/plain": text})
+                done += 1
+    return done
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -336,8 +517,10 @@ def make_exercise(nb: NotebookNode) -> NotebookNode:
       name (or a name defined from one, or that runs a region at top level) gets nbval's
       ``raises-exception`` tag, so the copy still runs top to bottom under ``pytest --nbval-lax``.
     * Outputs and execution counts are cleared and metadata is normalised (:func:`normalize_notebook`).
+    * The title's badges (:func:`stamp_badges`) open ``notebooks/NAME`` instead of ``solutions/NAME``.
     """
     ex = copy.deepcopy(nb)
+    _retarget_badges(ex)
     stubbed: set[str] = set()
     for index, cell in enumerate(ex.cells):
         source = _cell_source(cell)
@@ -367,9 +550,7 @@ def _solution_paths(solutions_dir: Path, paths: Iterable[str | Path] | None) -> 
 def _prepared_solution(path: Path) -> tuple[NotebookNode, str, str]:
     """The solution as :func:`generate` leaves it: (notebook, its text now, its text after generate)."""
     text = path.read_text(encoding="utf-8")
-    nb = read_notebook(path)
-    stamp_setup_cell(nb)
-    normalize_notebook(nb)
+    nb = prepare_solution(read_notebook(path), path.name)
     return nb, text, writes_notebook(nb)
 
 
@@ -418,7 +599,8 @@ def check(
 ) -> list[str]:
     """Everything that ``make execute`` / ``make exercises`` would fix, one line per problem.
 
-    Reports a solution whose first cell is not the current setup cell, code cells that were never
+    Reports a solution whose first cell is not the current setup cell, that still has nbval comment
+    markers or outdated badges (anything :func:`generate` would rewrite), code cells that were never
     executed or that hold an error (unless tagged ``raises-exception``), and exercise copies that are
     missing, differ from what :func:`generate` writes, or have no solution.
     """
@@ -426,17 +608,19 @@ def check(
     problems: list[str] = []
     for path in _solution_paths(solutions_dir, paths):
         raw = read_notebook(path)
+        nb, before, after = _prepared_solution(path)
         if not (raw.cells and is_setup_cell(raw.cells[0]) and _cell_source(raw.cells[0]) == SETUP_CELL):
             problems.append(f"{path}: the first cell is not the current setup cell (run `make exercises`)")
+        elif before != after:
+            problems.append(f"{path}: not as `make exercises` writes it (badges, nbval tags or metadata)")
         for index, cell in enumerate(raw.cells):
             if cell.cell_type != "code" or not _cell_source(cell).strip():
                 continue
-            tags = cell.metadata.get("tags", [])
+            tags = [*cell.metadata.get("tags", []), *_comment_tags(_cell_source(cell))]
             if cell.execution_count is None and "skip-execution" not in tags:
                 problems.append(f"{path}: cell {index} was not executed (run `make execute`)")
             if RAISES_TAG not in tags and any(o.output_type == "error" for o in cell.get("outputs", [])):
                 problems.append(f"{path}: cell {index} has an error output")
-        nb, _, _ = _prepared_solution(path)
         try:
             expected = writes_notebook(make_exercise(nb))
         except ValueError as err:
@@ -474,15 +658,15 @@ def execute(
     """Execute notebooks in place with ``MOE_DEVICE=cpu``; return (and print) the wall time of each.
 
     Each notebook runs in a fresh ``python3`` kernel whose working directory is the notebook's folder,
-    with a limit of 600 s per cell; the setup cell is stamped first and metadata is normalised after, so
-    that re-executing gives small diffs. Default: every notebook in ``solutions_dir``.
+    with a limit of 600 s per cell. The notebook is prepared first (:func:`prepare_solution`); after the
+    run its progress bars keep their final state (:func:`finish_progress_bars`) and its metadata is
+    normalised, so that re-executing gives small diffs. Default: every notebook in ``solutions_dir``.
     """
     from nbclient import NotebookClient
 
     times: dict[Path, float] = {}
     for path in _solution_paths(Path(solutions_dir), paths):
-        nb = read_notebook(path)
-        stamp_setup_cell(nb)
+        nb = prepare_solution(read_notebook(path), path.name)
         client = NotebookClient(
             nb,
             timeout=CELL_TIMEOUT_S,
@@ -494,6 +678,7 @@ def execute(
         with _environ(MOE_DEVICE="cpu"):
             client.execute()
         times[path] = time.perf_counter() - start
+        finish_progress_bars(nb)
         write_notebook(normalize_notebook(nb), path)
         print(f"{path}: {times[path]:.1f} s", flush=True)
     return times

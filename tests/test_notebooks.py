@@ -21,11 +21,15 @@ from moe_course import notebooks as nbmod
 from moe_course.notebooks import (
     RAISES_TAG,
     SETUP_CELL,
+    badge_line,
     check,
     execute,
+    finish_progress_bars,
     generate,
     make_exercise,
+    nbval_comments_to_tags,
     read_notebook,
+    stamp_badges,
     stamp_setup_cell,
     write_notebook,
     writes_notebook,
@@ -186,6 +190,17 @@ def test_setup_cell_elsewhere_does_nothing(monkeypatch: pytest.MonkeyPatch, caps
     assert capsys.readouterr() == ("", "")
 
 
+def test_setup_cell_without_the_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setitem(sys.modules, "moe_course", None)  # `import moe_course` now fails like a missing package
+    with pytest.raises(ModuleNotFoundError) as info:
+        exec(compile(SETUP_CELL, "<setup cell>", "exec"), {})
+    message = str(info.value)
+    for advice in ("make lab", "pip install -e .", "restart the kernel", "re-run this cell", sys.executable):
+        assert advice in message
+    assert info.value.__suppress_context__  # one clear error, not the bare ModuleNotFoundError above it
+
+
 def test_stamp_setup_cell_inserts_replaces_and_keeps() -> None:
     nb = v4.new_notebook(cells=[v4.new_markdown_cell("# Title")])
     assert stamp_setup_cell(nb) is True
@@ -201,6 +216,116 @@ def test_stamp_setup_cell_inserts_replaces_and_keeps() -> None:
     assert stamp_setup_cell(nb) is True  # an old setup cell is replaced, not duplicated
     assert len(nb.cells) == 2 and nb.cells[0].source == SETUP_CELL
     assert nb.cells[0].outputs == [] and nb.cells[0].execution_count is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# badges and nbval tags
+
+
+def test_stamp_badges_puts_one_badge_line_under_the_heading() -> None:
+    nb = v4.new_notebook(cells=[v4.new_code_cell("x = 1"), v4.new_markdown_cell("# 07 · Title\nFirst line.")])
+    assert stamp_badges(nb, "solutions/07_title.ipynb") is True
+    line = badge_line("solutions/07_title.ipynb")
+    assert nb.cells[1].source == f"# 07 · Title\n\n{line}\n\nFirst line."
+    assert moe_course.colab_url("solutions/07_title.ipynb") in line
+    assert moe_course.binder_url("solutions/07_title.ipynb") in line
+    assert stamp_badges(nb, "solutions/07_title.ipynb") is False  # idempotent
+    assert stamp_badges(nb, "solutions/08_new.ipynb") is True  # an old badge line is replaced, not repeated
+    assert nb.cells[1].source.count("[![Open In Colab]") == 1 and "08_new.ipynb" in nb.cells[1].source
+    plain = v4.new_notebook(cells=[v4.new_markdown_cell("No heading here.")])
+    assert stamp_badges(plain, "solutions/x.ipynb") is False
+
+
+def test_exercise_badges_open_the_exercise_copy(tmp_path: Path) -> None:
+    solutions, notebooks = _course(tmp_path)
+    generate(solutions, notebooks)
+    solution_title = read_notebook(solutions / "01_demo.ipynb").cells[1].source
+    exercise_title = read_notebook(notebooks / "01_demo.ipynb").cells[1].source
+    assert badge_line("solutions/01_demo.ipynb") in solution_title
+    assert badge_line("notebooks/01_demo.ipynb") in exercise_title
+    assert "solutions/" not in exercise_title
+
+
+def test_nbval_comment_markers_become_cell_tags(tmp_path: Path) -> None:
+    nb = v4.new_notebook(
+        cells=[
+            _code("# NBVAL_IGNORE_OUTPUT\nprint(time.time())", tags=["keep-me"]),
+            _code("x = 1  # NBVAL_IGNORE_OUTPUT is only a marker on its own line"),
+            _code("#  NBVAL_RAISES_EXCEPTION\nraise ValueError"),
+        ]
+    )
+    assert nbval_comments_to_tags(nb) is True
+    assert [c.source for c in nb.cells] == [
+        "print(time.time())",
+        "x = 1  # NBVAL_IGNORE_OUTPUT is only a marker on its own line",
+        "raise ValueError",
+    ]
+    assert [c.metadata.get("tags") for c in nb.cells] == [["keep-me", "nbval-ignore-output"], None, [RAISES_TAG]]
+    assert nbval_comments_to_tags(nb) is False
+
+    solutions, notebooks = _course(tmp_path)
+    generate(solutions, notebooks)
+    solution = solutions / "01_demo.ipynb"
+    sol = read_notebook(solution)
+    sol.cells[4].source = "# NBVAL_IGNORE_OUTPUT\n" + sol.cells[4].source
+    write_notebook(sol, solution)
+    assert any("not as `make exercises` writes it" in p for p in check(solutions, notebooks))
+    generate(solutions, notebooks)
+    assert check(solutions, notebooks) == []
+    for folder in (solutions, notebooks):
+        cell = read_notebook(folder / "01_demo.ipynb").cells[4]
+        assert "NBVAL" not in cell.source and "nbval-ignore-output" in cell.metadata["tags"]
+
+
+def test_notebooks_have_no_nbval_comments_and_badges_that_open_themselves() -> None:
+    for folder in (SOLUTIONS, NOTEBOOKS):
+        for path in sorted(folder.glob("*.ipynb")):
+            nb = read_notebook(path)
+            for index, cell in enumerate(nb.cells):
+                assert "NBVAL_" not in cell.source, f"{path} cell {index}: an nbval comment; run `make exercises`"
+            title = next(c for c in nb.cells if c.cell_type == "markdown")
+            own = f"{folder.name}/{path.name}"
+            assert title.source.split("\n")[2] == badge_line(own), f"{path}: title badges; run `make exercises`"
+            for url in re.findall(r"\]\((https://[^)\s]+)\)", title.source):
+                assert url.endswith(".svg") or url.endswith(own) or url.endswith(f"lab/tree/{own}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# progress bars
+
+
+def _tqdm_widget_state(left: str, value: float, total: float, right: str) -> dict:
+    def model(name: str, **state) -> dict:
+        return {"model_name": name, "state": {"_model_name": name, **state}}
+
+    return {
+        "box": model("HBoxModel", children=["IPY_MODEL_l", "IPY_MODEL_p", "IPY_MODEL_r"]),
+        "l": model("HTMLModel", value=left),
+        "p": model("FloatProgressModel", value=value, max=total),
+        "r": model("HTMLModel", value=right),
+        "vbox": model("VBoxModel", children=["IPY_MODEL_l"]),
+    }
+
+
+def test_finish_progress_bars_stores_the_last_frame() -> None:
+    space = "\u2007"  # tqdm writes spaces as figure spaces in its HTML
+    state = _tqdm_widget_state(f"train:{space}100%", 30, 30, f"{space}30/30{space}[00:01&lt;00:00,{space}29.9it/s]")
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    other = {"model_id": "vbox", "version_major": 2, "version_minor": 0}
+    first_frame = "train:   0%|          | 0/30 [00:00<?, ?it/s]"
+    cell = _code("for _ in tqdm(range(30), desc='train'): pass")
+    widget = "application/vnd.jupyter.widget-view+json"
+    cell.outputs = [
+        v4.new_output("display_data", data={widget: view, "text/plain": first_frame}),
+        v4.new_output("display_data", data={widget: other, "text/plain": "VBox()"}),
+    ]
+    nb = v4.new_notebook(cells=[cell])
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state}}
+    assert finish_progress_bars(nb) == 1
+    bar, vbox = nb.cells[0].outputs
+    assert dict(bar.data) == {"text/plain": "train: 100%|██████████| 30/30 [00:01<00:00, 29.9it/s]"}
+    assert widget in vbox.data  # not a progress bar: kept as it is
+    assert _sanitize(bar.data["text/plain"]) == _sanitize(first_frame)  # nbval compares the live first frame
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -499,15 +624,14 @@ def test_sanitize_file_is_read_completely_by_nbval() -> None:
 @pytest.mark.parametrize(
     ("raw", "clean"),
     [
-        (" 45%|████▌     | 45/100 [00:01<00:02, 30.1it/s]", " 45%|████▌     | 45/100 [TIME, RATE]"),
-        ("100%|██████████| 50/50 [00:00<00:00, 98.24it/s]", "100%|██████████| 50/50 [TIME, RATE]"),
-        ("train:   0%|          | 0/30 [00:00<?, ?it/s]", "train:   0%|          | 0/30 [TIME, RATE]"),
-        (
-            "epoch 3: 100%|##########| 9/9 [1:02:03<00:00, 4.12s/it, loss=2.31]",
-            "epoch 3: 100%|##########| 9/9 [TIME, RATE, loss=2.31]",
-        ),
+        (" 45%|████▌     | 45/100 [00:01<00:02, 30.1it/s]", "PROGRESS/100"),
+        ("100%|██████████| 50/50 [00:00<00:00, 98.24it/s]", "PROGRESS/50"),
+        ("train:   0%|          | 0/30 [00:00<?, ?it/s]", "train:PROGRESS/30"),
+        ("train: 100%|██████████| 30/30 [00:01<00:00, 29.9it/s, loss=1.2]", "train:PROGRESS/30"),
+        ("train: 100%|██████████| 30/30", "train:PROGRESS/30"),
+        ("epoch 3: 100%|##########| 9/9 [1:02:03<00:00, 4.12s/it, loss=2.31]", "epoch 3:PROGRESS/9"),
         ("50it [00:00, 95.66it/s, loss=1.5]", "50it [TIME, RATE, loss=1.5]"),
-        ("100%|██████████| 200/200 [00:03<00:00, 61.2tok/s]", "100%|██████████| 200/200 [TIME, RATE]"),
+        ("100%|██████████| 2k/2k [00:03<00:00, 61.2tok/s]", "PROGRESS/2k"),
         ("took 12.3 s", "took TIME"),
         ("one step: 1.23 ms, all: 0.5s", "one step: TIME, all: TIME"),
         ("dense 3 s vs sparse 2.0 seconds", "dense TIME vs sparse TIME"),
@@ -557,6 +681,8 @@ KERNEL_SOLUTION = [
     "def my_add(a, b):\n    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION",
     "assert my_add(2, 3) == 5\nprint('OK  my_add')",
     "print(2 + 2, os.environ.get('MOE_DEVICE'), os.path.basename(os.getcwd()))",
+    "# NBVAL_IGNORE_OUTPUT\nfrom tqdm.auto import tqdm\n\nfor _ in tqdm(range(5), desc='steps', leave=False):\n"
+    "    pass",
 ]
 
 
@@ -575,8 +701,14 @@ def test_execute_then_exercise_copy_raises_only_in_tagged_cells(tmp_path: Path, 
     assert check(solutions, notebooks) == []
     executed = read_notebook(solution)
     assert executed.cells[0].source == SETUP_CELL and executed.cells[0].outputs == []  # silent off Colab
-    assert executed.cells[-1].outputs[0].text == "4 cpu solutions\n"  # MOE_DEVICE=cpu, cwd = its folder
+    assert executed.cells[4].outputs[0].text == "4 cpu solutions\n"  # MOE_DEVICE=cpu, cwd = its folder
     assert all("execution" not in c.metadata for c in executed.cells)
+    bar = executed.cells[5]  # a tqdm.auto widget in the kernel, stored as the text of its final state
+    assert bar.metadata["tags"] == ["nbval-ignore-output"] and not bar.source.startswith("#")
+    assert [dict(o.data) for o in bar.outputs if o.output_type == "display_data"] == [
+        {"text/plain": bar.outputs[0].data["text/plain"]}
+    ]
+    assert bar.outputs[0].data["text/plain"] == "steps: 100%|██████████| 5/5"  # leave=False: no time kept
 
     exercise = read_notebook(notebooks / solution.name)
     NotebookClient(
