@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course import check
+from moe_course import check, dispatch
 from moe_course.check import CheckError
 from moe_course.dispatch import capacity_mask, dispatch_dense, dispatch_loop, dispatch_sorted
 
@@ -172,7 +172,7 @@ def sort_loop(indices, n_experts):
     return torch.tensor(order), torch.tensor(order) // k, counts
 
 
-@pytest.mark.parametrize("fn", [make_sort(), sort_loop])
+@pytest.mark.parametrize("fn", [make_sort(), sort_loop, dispatch.sort_by_expert])
 def test_sort_references_pass(fn, capsys):
     check.sort_by_expert(fn)
     assert "OK  sort_by_expert" in capsys.readouterr().out
