@@ -20,20 +20,42 @@ def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     counts = expert_counts(indices, n_experts).double()
     total = counts.sum()
     if total == 0:
-        raise ValueError("no routing decisions given: indices is empty")
+        raise ValueError(f"no routing decisions given: indices is empty (shape {tuple(indices.shape)}); the load "
+                         "of an empty batch is undefined, so measure it on a batch with at least one token")
     return counts / total
 
 
+def _as_load(load: torch.Tensor) -> torch.Tensor | None:
+    """A per-expert load (fractions or counts) as float64 (N,); None when it is all zero (nothing routed)."""
+    load = torch.as_tensor(load).detach().double().cpu()
+    if load.dim() != 1 or load.numel() == 0:
+        raise ValueError(f"load must be a 1-D tensor with one entry per expert, got shape {tuple(load.shape)}; "
+                         "pass one MoE layer's load, e.g. expert_load(indices, n_experts)")
+    if not bool(torch.isfinite(load).all()) or bool((load < 0).any()):
+        raise ValueError(f"load must hold finite, non-negative shares or counts, got {load.tolist()}")
+    return None if load.sum() == 0 else load
+
+
 def max_violation(load: torch.Tensor) -> float:
-    """MaxVio = (max load − mean load) / mean load (Wang et al. 2024, arXiv:2408.15664). 0 = perfectly even."""
-    load = load.double()
+    """MaxVio = (max load − mean load) / mean load (Wang et al. 2024, arXiv:2408.15664). 0 = perfectly even.
+
+    An all-zero load (an empty batch's counts: no expert got any work) counts as even: 0.
+    """
+    load = _as_load(load)
+    if load is None:
+        return 0.0
     mean = load.mean()
     return float((load.max() - mean) / mean)
 
 
 def coefficient_of_variation(load: torch.Tensor) -> float:
-    """Standard deviation of the per-expert load over its mean (population std; 0 = perfectly even)."""
-    load = load.double()
+    """Standard deviation of the per-expert load over its mean (population std; 0 = perfectly even).
+
+    An all-zero load (an empty batch's counts) counts as even: 0.
+    """
+    load = _as_load(load)
+    if load is None:
+        return 0.0
     return float(load.std(unbiased=False) / load.mean())
 
 
@@ -41,16 +63,36 @@ def routing_entropy(scores: torch.Tensor, normalized: bool = False) -> float:
     """Mean over tokens of the entropy (nats) of each token's router distribution over experts.
 
     High: the router is unsure and spreads each token; low: confident, peaked routing. ``normalized``
-    divides by log N so the value lies in [0, 1].
+    divides by log N so the value lies in [0, 1] (0 with a single expert, which leaves no choice).
+    scores: (..., N) probabilities (or non-negative scores, renormalised per token).
     """
-    p = scores.double().clamp_min(1e-12)
+    scores = torch.as_tensor(scores).detach()
+    if scores.dim() == 0 or scores.shape[-1] == 0:
+        raise ValueError(f"scores must have shape (..., N) with N >= 1 experts, got {tuple(scores.shape)}")
+    if scores.numel() == 0:
+        raise ValueError(f"scores is an empty batch (shape {tuple(scores.shape)}): the mean entropy over no tokens "
+                         "is undefined; measure it on a batch with at least one token")
+    p = scores.double()
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+        raise ValueError("scores must be finite, non-negative router probabilities (e.g. the softmax of the "
+                         "logits, not the logits themselves)")
+    p = p.clamp_min(1e-12)
     p = p / p.sum(dim=-1, keepdim=True)
-    h = -(p * p.log()).sum(dim=-1).mean()
-    return float(h / math.log(scores.shape[-1])) if normalized else float(h)
+    h = float(-(p * p.log()).sum(dim=-1).mean())
+    if not normalized:
+        return h
+    n = scores.shape[-1]
+    return h / math.log(n) if n > 1 else 0.0
 
 
 def load_entropy(load: torch.Tensor) -> float:
-    """Entropy (nats) of the load distribution itself: log N when every expert gets the same share."""
-    p = load.double().clamp_min(1e-12)
+    """Entropy (nats) of the load distribution itself: log N when every expert gets the same share.
+
+    An all-zero load (an empty batch's counts) counts as even: log N.
+    """
+    p = _as_load(load)
+    if p is None:
+        return math.log(torch.as_tensor(load).numel())
+    p = p.clamp_min(1e-12)
     p = p / p.sum()
     return float(-(p * p.log()).sum())

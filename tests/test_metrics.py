@@ -65,3 +65,38 @@ def test_router_z_loss_hand_value():
     logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
     expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
     assert router_z_loss(logits).item() == pytest.approx(expected)
+
+
+def test_metrics_of_an_empty_batch_are_finite_or_raise_clearly():
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="indices is empty"):
+        expert_load(empty, 4)
+    counts = expert_counts(empty, 4).double()  # all zero: no expert got work, so none is overloaded
+    assert max_violation(counts) == 0.0
+    assert coefficient_of_variation(counts) == 0.0
+    assert load_entropy(counts) == pytest.approx(math.log(4))
+    with pytest.raises(ValueError, match="empty batch"):
+        routing_entropy(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="empty batch"):
+        routing_entropy(torch.zeros(2, 0, 4))
+
+
+def test_metrics_never_return_nan():
+    assert routing_entropy(torch.ones(3, 1), normalized=True) == 0.0  # one expert: no choice to spread over
+    assert max_violation(torch.tensor([1.0])) == 0.0
+    assert coefficient_of_variation(torch.tensor([3, 1])) == pytest.approx(0.5)  # counts work too
+    for fn in (max_violation, coefficient_of_variation, load_entropy):
+        with pytest.raises(ValueError, match="one entry per expert"):
+            fn(torch.zeros(0))
+        with pytest.raises(ValueError, match="one entry per expert"):
+            fn(torch.zeros(2, 3))
+        with pytest.raises(ValueError, match="finite, non-negative"):
+            fn(torch.tensor([0.5, math.nan]))
+        with pytest.raises(ValueError, match="finite, non-negative"):
+            fn(torch.tensor([1.5, -0.5]))
+    with pytest.raises(ValueError, match="not the logits"):
+        routing_entropy(torch.tensor([[1.0, -2.0]]))
+    with pytest.raises(ValueError, match="not the logits"):
+        routing_entropy(torch.tensor([[math.nan, 1.0]]))
+    with pytest.raises(ValueError, match="N >= 1 experts"):
+        routing_entropy(torch.zeros(3, 0))
