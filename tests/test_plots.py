@@ -140,3 +140,32 @@ def test_routing_map_marks_chosen_experts() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == labels
     with pytest.raises(ValueError, match="labels"):
         plots.plot_routing_map(scores, indices, token_labels=["x"])
+
+
+def test_moe_block_diagram_draws_every_expert_and_highlights_the_chosen() -> None:
+    fig = plots.moe_block_diagram(n_experts=6, top_k=2, chosen=[1, 4])
+    ax = fig.axes[0]
+    experts = {p.get_gid(): p for p in ax.patches if (p.get_gid() or "").startswith("expert ")}
+    assert sorted(experts) == [f"expert {e}" for e in range(6)]
+    orange = plots.COLORS[1]
+    highlighted = sorted(g for g, p in experts.items() if matplotlib.colors.to_hex(p.get_facecolor()) == orange)
+    assert highlighted == ["expert 1", "expert 4"]
+    text = " ".join(_texts(ax))
+    for shape in ("(T, d)", "W_g (d, N)", "logits (T, N)", "weights (T, k)", "indices (T, k)", "N = 6", "k = 2"):
+        assert shape in text
+    assert {p.get_gid() for p in ax.patches} >= {"input", "router", "topk", "sum", "output"}
+    assert len(plots.moe_block_diagram(n_experts=8, top_k=3).axes[0].patches) > 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_experts": 0}, "n_experts"),
+        ({"n_experts": 4, "top_k": 5}, "top_k"),
+        ({"n_experts": 4, "top_k": 2, "chosen": [1, 1]}, "chosen"),
+        ({"n_experts": 4, "top_k": 1, "chosen": [4]}, "chosen"),
+    ],
+)
+def test_moe_block_diagram_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plots.moe_block_diagram(**kwargs)
