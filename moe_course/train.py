@@ -255,12 +255,22 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: train a preset on the standard-library corpus and save a checkpoint."""
+
+    def positive_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+        return value
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-moe", help=f"one of: {', '.join(sorted(PRESETS))}")
-    parser.add_argument("--steps", type=int, help="override the preset's number of steps")
-    parser.add_argument("--device", help="cpu, cuda or mps (default: best available)")
+    parser.add_argument("--steps", type=positive_int, help="override the preset's number of steps (>= 1)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     parser.add_argument("--out", default="checkpoints", help="folder for the checkpoint")
-    parser.add_argument("--max-bytes", type=int, help="use only this many corpus bytes (quick runs)")
+    parser.add_argument("--max-bytes", type=positive_int, help="use only this many corpus bytes (quick runs)")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -271,8 +281,29 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset(args.preset)
     except ValueError as exc:
         parser.error(str(exc))
-    train_cfg = replace(preset.train, steps=args.steps) if args.steps else preset.train
-    device = pick_device(args.device)
+    # the validation split gets a tenth of the bytes and must hold more than one block
+    min_bytes = 10 * (preset.model.block_size + 1)
+    if args.max_bytes is not None and args.max_bytes < min_bytes:
+        parser.error(f"argument --max-bytes: preset {args.preset} needs at least {min_bytes} bytes (the validation "
+                     f"tenth must exceed block_size={preset.model.block_size}), got {args.max_bytes}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"argument --out: {args.out} is a file; give a folder for the checkpoint")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda", "mps"):
+            parser.error(f"argument --device: unknown device {args.device!r}; use cpu, cuda, cuda:N or mps")
+        index = torch.device(args.device).index
+        if kind == "cuda" and index is not None and torch.cuda.is_available() and index >= torch.cuda.device_count():
+            parser.error(f"argument --device: {args.device} does not exist: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    try:
+        device = pick_device(args.device)
+    except (RuntimeError, ValueError) as exc:  # an unavailable device, or a bad MOE_DEVICE
+        parser.error(f"argument --device: {exc}")
+    train_cfg = replace(preset.train, steps=args.steps) if args.steps is not None else preset.train
     seed_everything(train_cfg.seed)
     corpus = load_corpus(max_bytes=args.max_bytes)
     model = TinyLM(preset.model)
