@@ -4,14 +4,15 @@ Every Python installation ships its standard library as source, so this corpus n
 (Colab and Binder included). The pieces:
 
 * **Files**: the fixed list :data:`STDLIB_FILES` (paths relative to ``sysconfig.get_paths()["stdlib"]``),
-  long-lived pure-Python modules present in every CPython 3.10 to 3.13. A missing file is skipped with a
-  warning; fewer than half found is an error.
+  long-lived pure-Python modules present in every CPython 3.10 to 3.13, read with their train/validation
+  split from the manifest ``moe_course/data/corpus_manifest.json`` (:data:`MANIFEST_PATH`). A missing file
+  is skipped with a warning; fewer than half found is an error.
 * **Tokens**: the raw UTF-8 bytes, so the vocabulary is 256 (:data:`VOCAB_SIZE`). Each file is preceded
   by the header ``"\\n# ==== NAME ====\\n\\n"`` (:data:`FILE_HEADER`), a Python comment, so decoded text
   stays readable and a model sees where one file ends and the next begins.
-* **Split by file**: a file belongs to validation when ``zlib.crc32(path) % 10 == 0`` (12 of the 117
-  files, about 10% of the bytes), so validation text comes from files the model never saw. The rule looks
-  at the path only, so it is the same on every machine and does not shift when a file is missing.
+* **Split by file**: the manifest puts a file in validation when ``zlib.crc32(path) % 10 == 0`` (12 of the
+  117 files, about 10% of the bytes), so validation text comes from files the model never saw. The rule
+  looks at the path only, so it is the same on every machine and does not shift when a file is missing.
 * **Token types**: :func:`label_token_types` labels every byte with a :class:`TokenType` using the
   standard :mod:`tokenize` module (and :mod:`ast` to tell docstrings from other strings). The labels let
   the notebooks ask which experts the router sends comments, strings, keywords or numbers to.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import json
 import keyword
 import os
 import sys
@@ -44,6 +46,8 @@ import torch
 
 __all__ = [
     "FILE_HEADER",
+    "MANIFEST_PATH",
+    "SPLIT",
     "STDLIB_FILES",
     "TOKEN_TYPE_NAMES",
     "VOCAB_SIZE",
@@ -57,8 +61,11 @@ __all__ = [
     "is_val_file",
     "label_token_types",
     "load_corpus",
+    "make_manifest",
+    "read_manifest",
     "split_files",
     "stdlib_dir",
+    "write_manifest",
 ]
 
 VOCAB_SIZE = 256
@@ -69,31 +76,62 @@ FILE_HEADER = "\n# ==== {name} ====\n\n"
 
 _FORMAT_VERSION = 1  # bump when the arrays or labels change meaning, so old caches are not reused
 
-# Sorted. Pure-Python modules present in CPython 3.10, 3.11, 3.12 and 3.13 (about 3.2 MB in all). Left out
-# on purpose: modules removed in 3.12/3.13 (distutils, asyncore, imp, smtpd, ...), modules turned into
-# packages (pathlib, zipfile in 3.12/3.13; string in 3.14), tests, generated tables and the largest files.
-STDLIB_FILES: tuple[str, ...] = (
-    "abc.py", "argparse.py", "ast.py", "asyncio/events.py", "asyncio/locks.py", "asyncio/queues.py",
-    "asyncio/tasks.py", "base64.py", "bisect.py", "calendar.py", "cmd.py", "code.py", "codeop.py",
-    "collections/__init__.py", "colorsys.py", "concurrent/futures/_base.py",
-    "concurrent/futures/thread.py", "configparser.py", "contextlib.py", "copy.py", "copyreg.py", "csv.py",
-    "dataclasses.py", "datetime.py", "decimal.py", "difflib.py", "dis.py", "email/charset.py",
-    "email/feedparser.py", "email/header.py", "email/message.py", "email/parser.py", "email/utils.py",
-    "enum.py", "filecmp.py", "fileinput.py", "fnmatch.py", "fractions.py", "functools.py",
-    "genericpath.py", "getopt.py", "gettext.py", "glob.py", "graphlib.py", "gzip.py", "hashlib.py",
-    "heapq.py", "hmac.py", "html/parser.py", "http/client.py", "http/cookies.py", "http/server.py",
-    "importlib/__init__.py", "inspect.py", "ipaddress.py", "json/__init__.py", "json/decoder.py",
-    "json/encoder.py", "json/scanner.py", "json/tool.py", "linecache.py", "logging/__init__.py",
-    "logging/config.py", "logging/handlers.py", "lzma.py", "mimetypes.py", "numbers.py", "operator.py",
-    "optparse.py", "os.py", "pdb.py", "pickle.py", "pkgutil.py", "platform.py", "plistlib.py",
-    "posixpath.py", "pprint.py", "profile.py", "pstats.py", "queue.py", "quopri.py", "random.py",
-    "reprlib.py", "rlcompleter.py", "runpy.py", "sched.py", "secrets.py", "selectors.py", "shelve.py",
-    "shlex.py", "shutil.py", "signal.py", "smtplib.py", "socket.py", "socketserver.py", "statistics.py",
-    "struct.py", "subprocess.py", "symtable.py", "tabnanny.py", "tempfile.py", "textwrap.py",
-    "threading.py", "timeit.py", "tokenize.py", "trace.py", "traceback.py", "types.py", "unittest/case.py",
-    "urllib/parse.py", "uuid.py", "warnings.py", "wave.py", "weakref.py", "wsgiref/simple_server.py",
-    "xml/etree/ElementTree.py", "zipapp.py",
-)  # fmt: skip
+MANIFEST_PATH = Path(__file__).parent / "data" / "corpus_manifest.json"
+"""The corpus manifest: which standard-library files, and which of them are validation (see data/README.md).
+
+Package data, so a pip install carries it. It lists pure-Python modules present in CPython 3.10, 3.11, 3.12
+and 3.13 (about 3.2 MB in all). Left out on purpose: modules removed in 3.12/3.13 (distutils, asyncore,
+imp, smtpd, ...), modules turned into packages (pathlib, zipfile in 3.12/3.13; string in 3.14), tests,
+generated tables and the largest files. :func:`write_manifest` rewrites it from a file list.
+"""
+
+_SPLIT_RULE = "val when zlib.crc32(path.encode('utf-8')) % 10 == 0, else train"
+
+
+def _crc_is_val(name: str) -> bool:
+    """The rule that assigns a file to validation, from its path only (the same on every machine)."""
+    return zlib.crc32(name.encode("utf-8")) % 10 == 0
+
+
+def make_manifest(names: Iterable[str]) -> dict[str, object]:
+    """The manifest of ``names``: sorted, each with its split ("train" or "val") by the crc32 rule."""
+    names = sorted(set(names))
+    return {
+        "about": "Files of the byte-level corpus (moe_course.corpus), relative to sysconfig.get_paths()['stdlib'],"
+        " with the split each belongs to. Made by moe_course.corpus.write_manifest; see data/README.md.",
+        "split_rule": _SPLIT_RULE,
+        "files": {name: "val" if _crc_is_val(name) else "train" for name in names},
+    }
+
+
+def write_manifest(names: Iterable[str], path: str | Path = MANIFEST_PATH) -> Path:
+    """Write :func:`make_manifest` of ``names`` as JSON to ``path`` (by default the packaged manifest)."""
+    path = Path(path)
+    path.write_text(json.dumps(make_manifest(names), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(path: str | Path = MANIFEST_PATH) -> dict[str, str]:
+    """The manifest's ``{file: "train" | "val"}``, sorted by file; raises ValueError naming a bad entry."""
+    path = Path(path)
+    files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{path.name}: expected a non-empty \"files\" object mapping each path to its split")
+    for name, split in files.items():
+        if split not in ("train", "val"):
+            raise ValueError(f"{path.name}: {name} has split {split!r}; use \"train\" or \"val\"")
+        if not name.endswith(".py") or name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"{path.name}: {name!r} must be a .py path relative to the standard library")
+    if list(files) != sorted(files):
+        raise ValueError(f"{path.name}: files must be sorted (write it with write_manifest)")
+    return dict(files)
+
+
+SPLIT: dict[str, str] = read_manifest()
+"""``SPLIT[path]`` is ``"train"`` or ``"val"``, read from :data:`MANIFEST_PATH`."""
+
+STDLIB_FILES: tuple[str, ...] = tuple(SPLIT)
+"""The corpus files (sorted), paths relative to ``sysconfig.get_paths()["stdlib"]``."""
 
 
 class TokenType(IntEnum):
@@ -277,8 +315,12 @@ def stdlib_dir() -> Path:
 
 
 def is_val_file(name: str) -> bool:
-    """True when ``name`` (a path in :data:`STDLIB_FILES`) is a validation file: ``crc32(name) % 10 == 0``."""
-    return zlib.crc32(name.encode("utf-8")) % 10 == 0
+    """True when ``name`` is a validation file: its split in the manifest, else ``crc32(name) % 10 == 0``.
+
+    The manifest was made with the same rule, so both agree on every listed file (tests check this).
+    """
+    split = SPLIT.get(name)
+    return _crc_is_val(name) if split is None else split == "val"
 
 
 def split_files(names: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -362,7 +404,8 @@ def default_cache_dir() -> Path:
 
 
 def _list_hash(names: Sequence[str]) -> str:
-    text = "\n".join([f"v{_FORMAT_VERSION}", FILE_HEADER, *names])
+    entries = [f"{name} {'val' if is_val_file(name) else 'train'}" for name in names]  # a new split, a new cache
+    text = "\n".join([f"v{_FORMAT_VERSION}", FILE_HEADER, *entries])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 

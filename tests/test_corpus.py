@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import keyword
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import torch
 from moe_course import corpus
 from moe_course.corpus import (
     FILE_HEADER,
+    MANIFEST_PATH,
+    SPLIT,
     STDLIB_FILES,
     TOKEN_TYPE_NAMES,
     TokenType,
@@ -21,7 +25,10 @@ from moe_course.corpus import (
     is_val_file,
     label_token_types,
     load_corpus,
+    make_manifest,
+    read_manifest,
     split_files,
+    write_manifest,
 )
 
 T = TokenType
@@ -77,6 +84,60 @@ def test_split_is_by_file_deterministic_and_disjoint():
     assert is_val_file("calendar.py") and is_val_file("copy.py")
     assert not is_val_file("argparse.py") and not is_val_file("json/decoder.py")
     assert split_files(reversed(STDLIB_FILES)) == tuple(tuple(reversed(part)) for part in (train, val))
+
+
+def test_manifest_is_package_data_and_what_the_corpus_reads():
+    assert MANIFEST_PATH.parent.name == "data" and MANIFEST_PATH.parents[1].name == "moe_course"
+    manifest = json.loads(MANIFEST_PATH.read_text(encoding="utf-8"))
+    assert tuple(manifest["files"]) == STDLIB_FILES and manifest["files"] == SPLIT == read_manifest()
+    train, val = split_files(STDLIB_FILES)
+    assert list(val) == [name for name, split in manifest["files"].items() if split == "val"]
+    assert list(train) == [name for name, split in manifest["files"].items() if split == "train"]
+
+
+def test_manifest_is_exactly_what_write_manifest_makes(tmp_path):
+    # the assignment is the crc32 rule, so the file can be regenerated and reviewed as a diff
+    assert MANIFEST_PATH.read_text(encoding="utf-8") == write_manifest(STDLIB_FILES, tmp_path / "m.json").read_text()
+    assert all((split == "val") == (zlib.crc32(name.encode()) % 10 == 0) for name, split in SPLIT.items())
+    assert make_manifest(reversed(STDLIB_FILES)) == make_manifest(STDLIB_FILES)
+    assert (len(SPLIT), sum(split == "val" for split in SPLIT.values())) == (117, 12)
+
+
+def test_build_follows_the_manifest(monkeypatch):
+    # what corpus builds: every manifest file, in manifest order, on the manifest's side of the split
+    monkeypatch.setattr(corpus, "_read_files", lambda names: {name: b"x = 1\n" for name in names})
+    arrays = corpus._build(None)
+    assert tuple(arrays["files_train"]) == tuple(n for n, s in SPLIT.items() if s == "train")
+    assert tuple(arrays["files_val"]) == tuple(n for n, s in SPLIT.items() if s == "val")
+    assert corpus.decode(arrays["val"]).startswith(FILE_HEADER.format(name=arrays["files_val"][0]))
+
+
+def test_manifest_split_is_authoritative(monkeypatch):
+    # a file's split comes from the manifest; the crc32 rule only for files it does not list
+    monkeypatch.setitem(corpus.SPLIT, "abc.py", "val")
+    assert is_val_file("abc.py") and "abc.py" in split_files(STDLIB_FILES)[1]
+    unlisted = [f"extra_{i}.py" for i in range(30)]
+    rule = [zlib.crc32(name.encode()) % 10 == 0 for name in unlisted]
+    assert [is_val_file(name) for name in unlisted] == rule and any(rule) and not all(rule)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"files": {"abc.py": "test"}}, "abc.py has split 'test'"),
+        ({"files": {"b.py": "train", "a.py": "val"}}, "files must be sorted"),
+        ({"files": {"../etc/x.py": "train"}}, "must be a .py path relative"),
+        ({"files": {"abc.txt": "train"}}, "must be a .py path relative"),
+        ({"files": {}}, "non-empty \"files\" object"),
+        ({"names": ["abc.py"]}, "non-empty \"files\" object"),
+    ],
+)
+def test_bad_manifest_is_rejected(tmp_path, content, message):
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        read_manifest(path)
+
 
 
 # ---------------------------------------------------------------------------------------------------------
