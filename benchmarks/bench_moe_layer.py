@@ -2,13 +2,15 @@
 
 Compared (same d_model, same tokens):
 
-* ``MoE``: 8 SwiGLU experts of width ``expert_hidden``, top-2 routing; dispatch "sorted" (the default),
-  "loop" and "dense" (the last one runs every expert on every token, then masks).
+* ``MoE``: 8 SwiGLU experts of width ``expert_hidden``, top-2 routing. "MoE grouped" is the package default
+  (:class:`~moe_course.experts.GroupedExperts`, one grouped GEMM per projection); the teaching layouts follow:
+  a ModuleList with dispatch "sorted", "loop" and "dense" (the last runs every expert on every token, then masks).
 * a dense SwiGLU FFN with the same *active* width: ``d_hidden = top_k · expert_hidden``, so each token
   does the same multiply-adds in its FFN as in the sparse layer.
 * ``SoftMixture``: all 8 experts on every token, softmax-weighted (4x the dense FLOPs for 8 experts, k=2).
 
-Targets on a CPU: sparse (sorted) within 1.25x of dense, soft mixture at least 3x slower than sparse.
+Targets on a CPU: sparse (grouped) within 1.05x of dense at 4,096 tokens and 1.15x at 1,024 (``--quick``),
+soft mixture at least 3.5x slower than sparse.
 
 Run by hand (not part of the tests):
 
@@ -69,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
     layers: dict[str, nn.Module] = {
         "dense FFN": SwiGLU(d, k * h),
-        "MoE sorted": MoE(d, h, n, k, dispatch="sorted"),
-        "MoE loop": MoE(d, h, n, k, dispatch="loop"),
-        "MoE dense-dispatch": MoE(d, h, n, k, dispatch="dense"),
+        "MoE grouped": MoE(d, h, n, k),
+        "MoE sorted (list)": MoE(d, h, n, k, experts="list", dispatch="sorted"),
+        "MoE loop (list)": MoE(d, h, n, k, experts="list", dispatch="loop"),
+        "MoE dense-dispatch": MoE(d, h, n, k, experts="list", dispatch="dense"),
         "soft mixture": SoftMixture(d, h, n),
     }
-    for name in ("MoE loop", "MoE dense-dispatch"):  # identical weights: the same function, three ways
-        layers[name].load_state_dict(layers["MoE sorted"].state_dict())
+    for name in ("MoE sorted (list)", "MoE loop (list)", "MoE dense-dispatch"):  # the same function, 4 ways
+        layers[name].load_state_dict(layers["MoE grouped"].state_dict())
     steps = {name: step_fn(layer.to(device), x) for name, layer in layers.items()}
     samples = samples_many(steps, repeats=repeats, warmup=2)
     median = {name: statistics.median(s) for name, s in samples.items()}
@@ -88,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<20} {1e3 * seconds:>9.1f} {1e3 * min(samples[name]):>9.1f} "
               f"{seconds / median['dense FFN']:>8.2f}")
     best = {name: min(s) for name, s in samples.items()}
-    sparse_vs_dense = median["MoE sorted"] / median["dense FFN"]
-    soft_vs_sparse = median["soft mixture"] / median["MoE sorted"]
-    print(f"sparse / dense = {sparse_vs_dense:.2f}  (target <= 1.25: {'met' if sparse_vs_dense <= 1.25 else 'MISSED'}; "
-          f"from the fastest runs {best['MoE sorted'] / best['dense FFN']:.2f})")
-    print(f"soft / sparse  = {soft_vs_sparse:.2f}  (target >= 3: {'met' if soft_vs_sparse >= 3 else 'MISSED'}; "
-          f"from the fastest runs {best['soft mixture'] / best['MoE sorted']:.2f})")
+    sparse_vs_dense = median["MoE grouped"] / median["dense FFN"]
+    soft_vs_sparse = median["soft mixture"] / median["MoE grouped"]
+    target = 1.15 if tokens <= 1024 else 1.05
+    print(f"sparse / dense = {sparse_vs_dense:.2f}  (target <= {target}: "
+          f"{'met' if sparse_vs_dense <= target else 'MISSED'}; "
+          f"from the fastest runs {best['MoE grouped'] / best['dense FFN']:.2f})")
+    print(f"soft / sparse  = {soft_vs_sparse:.2f}  (target >= 3.5: {'met' if soft_vs_sparse >= 3.5 else 'MISSED'}; "
+          f"from the fastest runs {best['soft mixture'] / best['MoE grouped']:.2f})")
     if any(median[name] > 1.5 * best[name] for name in median):
         print("note: medians are far above the fastest runs, so other processes are competing for the CPU; "
               "rerun on a quiet machine or with --threads 1")

