@@ -23,6 +23,7 @@ from moe_course.links import (
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "notebooks").glob("*.ipynb"))
 SLUG = repo_slug()
+LAUNCHABLE = ("notebooks", "solutions")  # folders whose notebooks a launch link may open
 
 URL = re.compile(r"https?://[^\s)<>\]\"'`]+")
 MD_LINK = re.compile(r"(?<!!)\[(?:[^\[\]]|!\[[^\]]*\]\([^)]*\))*\]\(([^)\s]+)\)")  # [text](target), not images
@@ -94,8 +95,8 @@ def _link_problems(text: str, where: str) -> list[str]:
             rebuilt = colab_url(path) if match.re is COLAB else binder_url(path)
             if url != rebuilt:
                 problems.append(f"{where}: {url} differs from the builder's {rebuilt}")
-            if not path.startswith("notebooks/") or not (ROOT / path).is_file():
-                problems.append(f"{where}: {url} opens {path}, which is not a notebook in notebooks/")
+            if path.split("/")[0] not in LAUNCHABLE or not (ROOT / path).is_file():
+                problems.append(f"{where}: {url} opens {path}, which is not a notebook in notebooks/ or solutions/")
         elif url.startswith(REPO_URL + "/blob/main/") or url.startswith(REPO_URL + "/tree/main/"):
             path = url.split("/main/", 1)[1]
             if not (ROOT / path).exists():
@@ -132,16 +133,17 @@ def test_readme_has_a_colab_badge_for_every_notebook_and_a_binder_badge_at_the_t
     assert binder_badge() in intro, "README.md needs binder_badge() above its first section"
 
 
-@pytest.mark.parametrize("folder", ["notebooks", "solutions"])
+@pytest.mark.parametrize("folder", LAUNCHABLE)
 def test_title_cell_links_are_well_formed_and_open_their_own_notebook(folder: str) -> None:
     problems: list[str] = []
     for path in sorted((ROOT / folder).glob("*.ipynb")):
         title = _title_cell(path)
-        where = f"{folder}/{path.name} (title cell)"
+        own = f"{folder}/{path.name}"
+        where = f"{own} (title cell)"
         problems += _link_problems(title, where)
-        for opened in COLAB.findall(title):
-            if opened != f"notebooks/{path.name}":
-                problems.append(f"{where}: its Colab badge opens {opened}, not notebooks/{path.name}")
+        for opened in COLAB.findall(title) + BINDER.findall(title):
+            if opened != own:
+                problems.append(f"{where}: its Colab/Binder badge opens {opened}, not {own}")
     assert problems == []
 
 
