@@ -222,18 +222,25 @@ class TopKRouter(nn.Module):
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)
         self.register_buffer("expert_bias", torch.zeros(n_experts))
+        self.mask_top = 0  # evaluation knob: skip each token's mask_top best experts (DeepSeekMoE's redundancy test)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:  # x: (T, d)
         _check_tokens(x, self.gate.in_features)
         logits = self.gate(x)  # (T, N)
         if self.noise is not None and self.training:
             logits = noisy_topk_logits(logits, self.noise(x))
+        bias = self.expert_bias
+        if self.mask_top:
+            if not 0 <= self.mask_top <= self.n_experts - self.k:
+                raise ValueError(f"mask_top must be between 0 and n_experts - k = {self.n_experts - self.k}")
+            masked = torch.zeros_like(logits).scatter(1, logits.topk(self.mask_top, dim=-1).indices, -torch.inf)
+            bias = bias + masked  # (T, N): the masked experts can never be chosen; the weights are unchanged
         if self.score == "sigmoid":
-            weights, indices = sigmoid_topk(logits, self.k, self.expert_bias, self.renormalize,
+            weights, indices = sigmoid_topk(logits, self.k, bias, self.renormalize,
                                             n_groups=self.n_groups, topk_groups=self.topk_groups)
             scores = logits.sigmoid()
         else:
-            weights, indices = softmax_topk(logits, self.k, self.renormalize, self.expert_bias)
+            weights, indices = softmax_topk(logits, self.k, self.renormalize, bias)
             scores = logits.softmax(dim=-1)
         return Routing(weights=weights, indices=indices, logits=logits, scores=scores)
 

@@ -261,3 +261,17 @@ def test_moe_rejects_bad_settings_at_construction(kw, message):
 def test_expert_choice_router_rejects_bad_capacity():
     with pytest.raises(ValueError, match="capacity_factor must be a positive finite"):
         ExpertChoiceRouter(8, 4, capacity_factor=-1.0)
+
+
+def test_mask_top_skips_each_tokens_best_experts():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 6, 2)
+    x = torch.randn(10, 8)
+    best = router(x).indices
+    router.mask_top = 1
+    masked = router(x)
+    assert not (masked.indices == best[:, :1]).any()  # the first choice is gone ...
+    assert torch.equal(masked.indices[:, 0], best[:, 1])  # ... so the second choice moves up
+    router.mask_top = 5
+    with pytest.raises(ValueError, match="mask_top"):
+        router(x)
