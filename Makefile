@@ -1,6 +1,7 @@
 # MoE from Scratch: two commands do everything.
 #   make lab    set up (or reuse) .venv and open the course in JupyterLab
-#   make test   set up (or reuse) .venv and run the whole test suite (unit tests + every notebook)
+#   make test   set up (or reuse) .venv and run the whole test suite (unit tests + every notebook; the exercise
+#               notebooks run in JupyterLab in headless Chromium when a Chromium is installed)
 #
 # TORCH_SPEC chooses the PyTorch requirement installed before the package. CI and machines that
 # carry a local CPU wheel set it to e.g. "torch==2.13.0". On Linux without an NVIDIA driver we ask
@@ -15,6 +16,12 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.moe_course_installed
 SANITIZE   := tests/nbval_sanitize.cfg
 NBVAL      := --nbval-current-env --nbval-sanitize-with $(SANITIZE) --nbval-cell-timeout=600
+# The course's JupyterLab settings (no news pop-up), installed where the venv's JupyterLab reads them.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+# The browser for tests/test_browser.py: $(MOE_CHROMIUM), else the first of these names on PATH (the test
+# looks for the same names).
+CHROMIUM   ?= $(or $(MOE_CHROMIUM),$(shell for b in chromium chromium-browser google-chrome google-chrome-stable; do \
+                command -v $$b 2>/dev/null && break; done))
 
 UNAME_S    := $(shell uname -s)
 HAS_NVIDIA := $(shell command -v nvidia-smi 2>/dev/null)
@@ -26,7 +33,7 @@ TORCH_SPEC       ?= torch
 TORCH_INDEX_ARGS ?=
 endif
 
-.PHONY: help setup lab test test-unit test-notebooks lint exercises execute clean
+.PHONY: help setup lab test test-unit test-notebooks test-exercises lint exercises execute clean
 
 help:
 	@echo "make lab    - set up .venv and open the course in JupyterLab"
@@ -38,35 +45,58 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.10 or newer is required: install it (python.org, Homebrew, apt) and retry"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_INDEX_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,lab]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(LAB_SETTINGS): jupyter-settings/overrides.json $(STAMP)
+	mkdir -p $(@D)
+	cp jupyter-settings/overrides.json $@
+
+setup: $(STAMP) $(LAB_SETTINGS)
 
 # JupyterLab refuses to start as root (containers, Binder-like set-ups) unless told it may.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-lab: $(STAMP)
+lab: $(STAMP) $(LAB_SETTINGS)
 	$(BIN)/jupyter lab $(LAB_ARGS) --notebook-dir=. notebooks/00_welcome.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not browser" tests
+
+# The exercise notebooks (notebooks/) run top to bottom: in JupyterLab in headless Chromium when Chromium and
+# Playwright are found (tests/test_browser.py: errors only in cells tagged raises-exception, every figure
+# drawn, widgets live), else in a plain kernel with nbval-lax. MOE_REQUIRE_BROWSER=1 (CI) never falls back.
+test-exercises: $(STAMP)
+	@if [ -n "$(CHROMIUM)" ] && $(BIN)/python -c "import playwright" 2>/dev/null \
+			|| [ "$${MOE_REQUIRE_BROWSER:-0}" != 0 ]; then \
+		echo "browser test: notebooks/ in JupyterLab, headless $(or $(CHROMIUM),(no browser found))"; \
+		echo "$(BIN)/python -m pytest -m browser tests/test_browser.py"; \
+		MOE_CHROMIUM="$(CHROMIUM)" $(BIN)/python -m pytest -m browser tests/test_browser.py; \
+	else \
+		if [ -z "$(CHROMIUM)" ]; then \
+			echo "browser test skipped: chromium not found, install it with apt-get install chromium"; \
+		else \
+			echo "browser test skipped: playwright not found, install it with $(BIN)/pip install playwright"; \
+		fi; \
+		echo "$(BIN)/python -m pytest --nbval-lax $(NBVAL) notebooks"; \
+		$(BIN)/python -m pytest --nbval-lax $(NBVAL) notebooks; \
+	fi
 
 test-notebooks: $(STAMP)
 	$(BIN)/python -m pytest --nbval $(NBVAL) solutions
-	$(BIN)/python -m pytest --nbval-lax $(NBVAL) notebooks
+	@$(MAKE) --no-print-directory test-exercises
 
 # Notebook outputs were recorded on the CPU: compare on the CPU even where a GPU is present.
-test test-notebooks: export MOE_DEVICE = cpu
+test test-notebooks test-exercises: export MOE_DEVICE = cpu
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not browser" tests
 	$(BIN)/python -m pytest --nbval $(NBVAL) solutions
-	$(BIN)/python -m pytest --nbval-lax $(NBVAL) notebooks
+	@$(MAKE) --no-print-directory test-exercises
 
 exercises: $(STAMP)
 	$(BIN)/python -m moe_course.notebooks generate
