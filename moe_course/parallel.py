@@ -1,0 +1,631 @@
+"""Expert parallelism over ``torch.distributed``: experts spread over ranks, tokens moved by two all-to-alls.
+
+With W ranks and E routed experts, rank r holds experts ``[r·E/W, (r+1)·E/W)`` (a contiguous slice of the
+stacked :class:`~moe_course.experts.GroupedExperts` tensors) and its own batch of tokens. One forward pass of
+:class:`ExpertParallelMoE` on every rank (GShard, Lepikhin et al. 2020, arXiv:2006.16668; torchtitan's
+expert-parallel MoE is organised the same way):
+
+1. **route** its own tokens with the (replicated) router;
+2. **sort** the T·k (token, expert) pairs by destination rank (stable), count the pairs per destination, and
+   exchange the counts (a tiny ``all_to_all_single``) so every rank knows how many rows it will receive;
+3. **dispatch**: ``all_to_all_single`` with uneven splits sends each rank its rows (plus their local expert ids);
+4. **compute** the local experts on what arrived, grouped by local expert (one grouped GEMM per projection);
+5. **combine**: a second all-to-all sends the results back, and each rank adds them to its tokens, weighted
+   by the routing weights (shared experts, replicated, run locally).
+
+Both all-to-alls are differentiable (``all_to_all_single_autograd``: the backward pass of a dispatch is a
+combine and vice versa), so gradients reach the input, the router and every expert. Balancing sees the whole
+batch: the routing-bias update uses the global counts (an all-reduce) and the auxiliary losses are split into
+per-rank shares that add up to the single-process value.
+
+:func:`launch` spawns W local processes (gloo on CPU, NCCL on CUDA), runs a function of this module on each,
+and returns their results; ``python -m moe_course.parallel`` runs a demo, also under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_course.balancing import BiasUpdate, RouterZLoss, SequenceAuxLoss, SwitchAuxLoss, sequence_aux_loss
+from moe_course.dispatch import capacity_mask, combine, expert_capacity
+from moe_course.experts import GroupedExperts
+from moe_course.moe import MoE
+from moe_course.routing import ExpertChoiceRouter, Routing
+
+__all__ = [
+    "ExpertParallelMoE",
+    "RankFailed",
+    "all_to_all",
+    "dispatch_bytes",
+    "expert_owner",
+    "fail_on_rank",
+    "experts_per_rank",
+    "launch",
+    "local_experts",
+    "rank_order",
+    "send_counts",
+]
+
+PHASES = ("router", "dispatch", "experts", "combine")
+"""The parts of a forward pass that :attr:`ExpertParallelMoE.last_stats` times."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# placement and the send-side permutation (pure functions: the notebook's exercises)
+
+
+def experts_per_rank(n_experts: int, world: int) -> int:
+    """E / W, the experts each rank holds; W must divide E."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int (the number of ranks), got {world!r}")
+    if n_experts % world:
+        raise ValueError(f"n_experts={n_experts} must be divisible by world={world} so every rank holds the same "
+                         "number of experts; change the number of ranks or of experts")
+    return n_experts // world
+
+
+def local_experts(rank: int, world: int, n_experts: int) -> range:
+    """The global ids of the experts rank ``rank`` holds: ``[rank·E/W, (rank+1)·E/W)`` (contiguous layout)."""
+    per = experts_per_rank(n_experts, world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    return range(rank * per, (rank + 1) * per)
+
+
+def expert_owner(expert_ids: torch.Tensor, n_experts: int, world: int) -> torch.Tensor:
+    """The rank that holds each expert: ``expert_id // (E/W)`` (contiguous, not round-robin ``e % W``)."""
+    return expert_ids // experts_per_rank(n_experts, world)
+
+
+def send_counts(indices: torch.Tensor, n_experts: int, world: int) -> torch.Tensor:
+    """(T, k) expert ids -> (W,) long: how many (token, expert) pairs this rank sends to each rank."""
+    dest = expert_owner(indices.reshape(-1), n_experts, world)  # (T*k,)
+    return torch.bincount(dest, minlength=world)
+
+
+def rank_order(indices: torch.Tensor, n_experts: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, k) -> order (T*k,), inverse (T*k,): pairs sorted by destination rank, and the way back.
+
+    Pair p = t·k + j is token t's j-th choice. ``order`` is a *stable* argsort of the destination ranks
+    (rank 0's pairs first, token order kept inside a rank), so ``pairs[order]`` is the send buffer, cut into
+    W contiguous chunks by :func:`send_counts`. ``inverse`` undoes it: ``pairs[order][inverse] == pairs``.
+    """
+    dest = expert_owner(indices.reshape(-1), n_experts, world)
+    order = dest.argsort(stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inverse
+
+
+def dispatch_bytes(indices: torch.Tensor, n_experts: int, world: int, rank: int, d_model: int,
+                   bytes_per_element: int) -> int:
+    """Bytes of token rows this rank sends to other ranks in one dispatch all-to-all (own rows stay home)."""
+    counts = send_counts(indices, n_experts, world)
+    return int(counts.sum() - counts[rank]) * d_model * bytes_per_element
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+# --------------------------------------------------------------------------------------------------------
+# collectives
+
+
+def all_to_all(x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` with uneven splits: rows ``input_splits[j]`` go to rank j.
+
+    The backward pass is the reverse all-to-all of the gradient (splits swapped).
+    """
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    group = group or dist.group.WORLD
+    out = all_to_all_single_autograd(x.contiguous(), list(output_splits), list(input_splits), group)
+    return torch.ops._c10d_functional.wait_tensor(out)  # wait now: the timings below stay honest
+
+
+def _exchange(send: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Each rank sends one number to every rank (send[j] to rank j) and receives one from each."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    return recv
+
+
+def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    t = t.detach().clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------------
+# the layer
+
+
+class ExpertParallelMoE(nn.Module):
+    """One rank's part of an expert-parallel MoE layer: the full router, E/W experts, the shared experts.
+
+    Build it from a single-process :class:`~moe_course.moe.MoE` with :meth:`from_moe` on every rank, so all
+    ranks hold the same router and together exactly the layer's experts. Call it on the rank's own tokens,
+    (T, d) or (B, S, d); every rank must call it together (it runs collectives).
+
+    Capacity (``capacity_factor``) applies per source rank, as GShard's groups: each rank's tokens get
+    ``ceil(cf · T_rank · k / E)`` slots per expert, in GShard's priority order; dropped pairs are not sent.
+    After a forward pass ``last_stats`` holds the counts, the bytes sent and the time of each phase.
+    """
+
+    def __init__(self, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        if isinstance(moe.router, ExpertChoiceRouter):
+            raise ValueError("ExpertParallelMoE needs a token-choice router (topk or hash): expert choice picks "
+                             "tokens from the whole batch, which no single rank sees")
+        if not isinstance(moe.experts, GroupedExperts):
+            raise ValueError("ExpertParallelMoE slices GroupedExperts: build the MoE with experts='grouped'")
+        lo, hi = local_experts(rank, world, moe.n_experts)[0], local_experts(rank, world, moe.n_experts)[-1] + 1
+        self.rank, self.world, self.group = rank, world, group
+        self.d_model, self.n_experts, self.top_k = moe.d_model, moe.n_experts, moe.top_k
+        self.n_local, self.first_expert = hi - lo, lo
+        self.capacity_factor = moe.capacity_factor
+        self.takes_token_ids = moe.takes_token_ids
+        self.router = copy.deepcopy(moe.router)
+        self.shared = copy.deepcopy(moe.shared)
+        self.balancing = copy.deepcopy(moe.balancing)
+        with torch.random.fork_rng(devices=[]):  # GroupedExperts draws an init we overwrite at once
+            self.experts = GroupedExperts(self.n_local, moe.d_model, moe.experts.d_hidden)
+        with torch.no_grad():
+            for name in ("w_gate", "w_up", "w_down"):
+                getattr(self.experts, name).copy_(getattr(moe.experts, name)[lo:hi])
+        self.experts.to(moe.experts.w_gate.device)
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.aux_loss_total: float = 0.0
+        self.step_counts: torch.Tensor | None = None
+        self.last_routing: Routing | None = None
+        self.last_stats: dict[str, Any] = {}
+
+    @classmethod
+    def from_moe(cls, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None) -> ExpertParallelMoE:
+        """Rank ``rank``'s part of ``moe``: its router and shared experts, and experts [r·E/W, (r+1)·E/W)."""
+        return cls(moe, rank, world, group)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.d_model:
+            raise ValueError(f"ExpertParallelMoE expects last dimension {self.d_model}, got {tuple(shape)}")
+        flat = x.reshape(-1, self.d_model)  # (T, d)
+        t, k, w = flat.shape[0], self.top_k, self.world
+        clock = [time.perf_counter()]
+
+        # 1. route (every rank holds the same router)
+        routing = self.router(flat) if token_ids is None else self.router(flat, token_ids)
+        keep = torch.ones_like(routing.indices, dtype=torch.bool)  # (T, k)
+        if self.capacity_factor is not None:
+            cap = expert_capacity(t, self.n_experts, k, self.capacity_factor)
+            keep = capacity_mask(routing.indices, self.n_experts, cap)
+        clock.append(time.perf_counter())
+
+        # 2. sort pairs by destination rank; exchange counts; 3. send the rows
+        kept = keep.reshape(-1).nonzero().squeeze(1)  # (A,) pair numbers p = t*k + j that are sent
+        experts = routing.indices.reshape(-1)[kept]  # (A,) global expert ids
+        dest = experts // self.n_local
+        order = dest.argsort(stable=True)
+        pair = kept[order]  # (A,) pairs in send order
+        token_of = pair // k
+        send = torch.bincount(dest, minlength=w)  # (W,)
+        recv = _exchange(send, self.group)  # (W,) rows each rank sends us
+        send_list, recv_list = send.tolist(), recv.tolist()
+        xs = flat.index_select(0, token_of)  # (A, d) rank-contiguous send buffer
+        xr = all_to_all(xs, recv_list, send_list, self.group)  # (R, d) grouped by source rank
+        local_ids = torch.empty(sum(recv_list), dtype=torch.long, device=flat.device)
+        dist.all_to_all_single(local_ids, (experts[order] - dest[order] * self.n_local).contiguous(),
+                               recv_list, send_list, group=self.group)
+        clock.append(time.perf_counter())
+
+        # 4. run the local experts, grouped by local expert, then restore the received order
+        by_expert = local_ids.argsort(stable=True)
+        counts = torch.bincount(local_ids, minlength=self.n_local)  # (E/W,)
+        yr = self.experts(xr.index_select(0, by_expert), counts).index_select(0, _inverse(by_expert))
+        clock.append(time.perf_counter())
+
+        # 5. send the results back and add them to their tokens, weighted
+        ys = all_to_all(yr, send_list, recv_list, self.group)  # (A, d) in send order
+        y = combine(ys, routing.weights.reshape(-1)[pair], token_of, t)
+        clock.append(time.perf_counter())
+        if self.shared is not None:
+            y = y + self.shared(flat)
+
+        self.last_routing = routing.detach()
+        self._balance(routing, tuple(shape[:-1]))
+        size = flat.element_size() * self.d_model
+        self.last_stats = {
+            "tokens": t, "sent_pairs": send_list, "received_pairs": recv_list,
+            "received_per_expert": counts.tolist(), "dropped": float(1 - keep.float().mean()) if t else 0.0,
+            "dispatch_bytes": (sum(send_list) - send_list[self.rank]) * size,
+            "combine_bytes": (sum(recv_list) - recv_list[self.rank]) * size,
+            "seconds": {p: clock[i + 1] - clock[i] for i, p in enumerate(PHASES)},
+        }
+        return y.reshape(shape)
+
+    def _balance(self, routing: Routing, batch_shape: tuple[int, ...]) -> None:
+        """Aux-loss shares (sum over ranks = the single-process loss) and the step's counts for the bias."""
+        aux = routing.scores.new_zeros((), dtype=torch.float32)
+        if self.training and len(self.balancing):
+            t, k, n = routing.indices.shape[0], self.top_k, self.n_experts
+            counts = routing.counts(n).to(routing.scores.dtype)
+            total = _all_reduce(torch.cat([counts, counts.new_tensor([t])]), self.group)
+            global_counts, t_all = total[:n], float(total[n])
+            for policy in self.balancing:
+                if isinstance(policy, SwitchAuxLoss) and t_all:  # N · Σ f_i P_i with global f and P
+                    f = global_counts / (t_all * k)
+                    aux = aux + policy.coef * n * (f * routing.scores.sum(dim=0)).sum() / t_all
+                elif isinstance(policy, RouterZLoss) and t_all:
+                    aux = aux + policy.coef * torch.logsumexp(routing.logits.float(), -1).square().sum() / t_all
+                elif isinstance(policy, SequenceAuxLoss):
+                    seqs = batch_shape[0] if len(batch_shape) == 2 else 1  # each rank holds whole sequences
+                    all_seqs = float(_all_reduce(torch.tensor([float(seqs)]), self.group)[0])
+                    if t:
+                        per_seq = sequence_aux_loss(routing.scores.reshape(seqs, -1, n),
+                                                    routing.indices.reshape(seqs, -1, k), n)
+                        aux = aux + policy.coef * per_seq * seqs / all_seqs
+            if any(isinstance(p, BiasUpdate) for p in self.balancing):
+                c = routing.counts(n).detach()
+                self.step_counts = c if self.step_counts is None else self.step_counts + c
+        self.aux_loss = aux
+        self.aux_loss_total = float(_all_reduce(aux, self.group)) if self.training and len(self.balancing) else 0.0
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """The routing-bias update with the global counts of this step (all-reduced), then reset them."""
+        if self.step_counts is None:
+            return
+        counts = _all_reduce(self.step_counts, self.group)
+        for policy in self.balancing:
+            policy.after_step(self, counts)
+        self.step_counts = None
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}/{self.world}, experts=[{self.first_expert}, {self.first_expert + self.n_local}) "
+                f"of {self.n_experts}, top_k={self.top_k}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the launcher
+
+
+class RankFailed(RuntimeError):
+    """A worker process failed, died or timed out; ``rank`` names it (the first one found)."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, backend: str, timeout_s: float) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, threads: int,
+            results: Any, fn: Callable[..., Any], args: tuple) -> None:  # noqa: ANN401
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    try:
+        _init(rank, world, backend, timeout_s)
+        results.put((rank, "ready", None))
+        out = fn(*args)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which names this rank
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo", timeout_s: float = 120.0,
+           start_timeout_s: float = 180.0, threads: int = 1) -> list[Any]:
+    """Run ``fn(*args)`` on ``world`` spawned processes joined in a process group; return the results by rank.
+
+    ``fn`` must be importable (a module-level function, e.g. of this module) and its arguments and result
+    picklable. Inside it, ``dist.get_rank()`` says which rank it is. ``start_timeout_s`` bounds the start
+    (spawn, import, joining the group); ``timeout_s`` bounds each collective and the run of ``fn`` after all
+    ranks joined. A rank that raises, dies or hangs stops the others, and :class:`RankFailed` names it (the
+    first one that failed). Backends: "gloo" (CPU) or "nccl" (one CUDA device per rank).
+    """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (CUDA), got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < 1:
+        raise ValueError("backend='nccl' needs CUDA devices; use backend='gloo' on a CPU machine")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got {world!r}")
+    for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, timeout_s, threads, results, fn, args),
+                         daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    ready: set[int] = set()
+    done: dict[int, Any] = {}
+    deadline = time.monotonic() + start_timeout_s
+    try:
+        while len(done) < world:
+            try:
+                rank, status, value = results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
+                if dead:
+                    raise RankFailed(dead[0], f"rank {dead[0]} of {world} died (exit code "
+                                     f"{procs[dead[0]].exitcode}) before returning a result") from None
+                if time.monotonic() > deadline:
+                    if len(ready) < world:
+                        late = [r for r in range(world) if r not in ready]
+                        raise RankFailed(late[0], f"rank {late[0]} of {world} did not start: ranks {late} had not "
+                                         f"joined the process group after {start_timeout_s:g} s") from None
+                    _raise_hung(procs, results, done, timeout_s)
+                continue
+            if status == "error":
+                _raise_first_failure(procs, results, done, rank, value)
+            if status == "ready":
+                ready.add(rank)
+                if len(ready) == world:
+                    deadline = time.monotonic() + timeout_s
+            else:
+                done[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(done) == world else 0.1)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        results.close()
+    return [done[r] for r in range(world)]
+
+
+_PEER_ERRORS = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out", "Timeout")
+
+
+def _raise_first_failure(procs: list, results: Any, done: dict[int, Any], rank: int,  # noqa: ANN401
+                         trace: str) -> None:
+    """Raise RankFailed for the rank that caused a failure, not one that lost its peer in a collective.
+
+    When a rank dies, the others fail a moment later with "connection reset"; so look one second longer
+    for a rank that died or failed for its own reason, and name it.
+    """
+    errors = {rank: trace}
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        try:
+            r, status, value = results.get(timeout=0.1)
+            if status == "error":
+                errors.setdefault(r, value)
+        except queue.Empty:
+            pass
+    world = len(procs)
+    for r, p in enumerate(procs):
+        if r not in errors and p.exitcode not in (None, 0):
+            raise RankFailed(r, f"rank {r} of {world} died (exit code {p.exitcode}) before returning a result; "
+                             f"then rank {rank} failed:\n{trace}")
+    own = [r for r, t in errors.items() if not any(e in t.strip().splitlines()[-1] for e in _PEER_ERRORS)]
+    silent = [r for r in range(world) if r not in errors and r not in done]
+    if not own and silent:  # everyone who spoke lost a peer: the silent rank hangs
+        raise RankFailed(silent[0], f"rank {silent[0]} of {world} timed out: it returned nothing while ranks "
+                         f"{sorted(errors)} failed waiting for it in a collective:\n{trace.strip().splitlines()[-1]}")
+    first = own[0] if own else rank
+    raise RankFailed(first, f"rank {first} of {world} failed:\n{errors[first]}")
+
+
+def _raise_hung(procs: list, results: Any, done: dict[int, Any], timeout_s: float) -> None:  # noqa: ANN401
+    """Past the deadline: the ranks waiting for a hung peer fail with the group's timeout; name the others."""
+    waiting = {}
+    end = time.monotonic() + min(10.0, max(2.0, timeout_s))
+    while time.monotonic() < end and len(done) + len(waiting) < len(procs):
+        try:
+            r, status, value = results.get(timeout=0.2)
+            if status == "error":
+                waiting[r] = value
+            elif status == "ok":
+                done[r] = value
+        except queue.Empty:
+            pass
+    silent = [r for r in range(len(procs)) if r not in done and r not in waiting]
+    culprit = silent[0] if silent else min(waiting)
+    note = f"; ranks {sorted(waiting)} failed waiting for it in a collective" if waiting and silent else ""
+    raise RankFailed(culprit, f"rank {culprit} of {len(procs)} timed out: it returned nothing within "
+                     f"{timeout_s:g} s{note}")
+
+
+def fail_on_rank(bad_rank: int, how: str) -> int:
+    """Misbehave on one rank (``how``: "raise", "exit" or "hang"); the others wait in a barrier. For tests."""
+    if dist.get_rank() == bad_rank:
+        if how == "raise":
+            raise ValueError(f"deliberate failure on rank {bad_rank}")
+        if how == "exit":
+            os._exit(7)
+        time.sleep(3600)
+    dist.barrier()
+    return dist.get_rank()
+
+
+# --------------------------------------------------------------------------------------------------------
+# functions the notebook and the tests run on every rank
+
+
+def rank_device() -> torch.device:
+    """This rank's device: its CUDA device under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reference_layer(moe_kwargs: dict[str, Any], seed: int) -> MoE:
+    torch.manual_seed(seed)
+    return MoE(**moe_kwargs).to(rank_device())
+
+
+def _probe(shape: tuple[int, ...], offset: int) -> torch.Tensor:
+    n = math.prod(shape)
+    return torch.cos(torch.arange(offset, offset + n, dtype=torch.float64) * 1.7 + 0.3).reshape(shape).float()
+
+
+def compare_with_single_process(scenarios: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """On every rank: run each scenario on the expert-parallel layer and on the single-process MoE; compare.
+
+    A scenario: ``moe`` (MoE keyword arguments), ``tokens`` (tokens per rank, one number per rank),
+    ``seed``, optional ``bias`` (a routing bias that steers tokens, e.g. away from one rank's experts) and
+    ``train`` (aux losses and one bias update). Each rank builds the same layer and the same full batch,
+    keeps its own slice, and returns the largest differences of the output, the input gradient, the
+    router's, the shared experts' and its experts' gradients, plus its send and receive counts.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for sc in scenarios:
+        moe = _reference_layer(sc["moe"], sc.get("seed", 0))
+        if "bias" in sc:
+            moe.router.expert_bias.copy_(torch.tensor(sc["bias"], dtype=torch.float32))  # copy_ moves it
+        moe.train(sc.get("train", False))
+        tokens = list(sc["tokens"])
+        gen = torch.Generator().manual_seed(sc.get("seed", 0) + 1)
+        x_all = torch.randn(sum(tokens), moe.d_model, generator=gen).to(rank_device())
+        start = sum(tokens[:rank])
+        seq = sc.get("seq_len")  # (B, S, d) batches: each rank holds whole sequences
+        d = moe.d_model
+
+        def shaped(t: torch.Tensor, seq: int | None = seq, d: int = d) -> torch.Tensor:
+            return t.reshape(-1, seq, d) if seq else t
+
+        # single process, whole batch (with capacity: each rank's tokens alone, as GShard's groups)
+        x_ref = x_all.clone().requires_grad_(True)
+        if moe.capacity_factor is None:
+            y_ref = moe(shaped(x_ref)).reshape(-1, moe.d_model)
+        else:
+            y_ref = torch.cat([moe(chunk) for chunk in x_ref.split(tokens)])
+        probe = _probe(tuple(y_ref.shape), 0).to(y_ref.device)
+        ((y_ref * probe).sum() + moe.aux_loss).backward()
+        # this rank's part
+        ep = ExpertParallelMoE.from_moe(moe, rank, world).train(sc.get("train", False))
+        ep.zero_grad()
+        x = x_all[start:start + tokens[rank]].clone().requires_grad_(True)
+        y = ep(shaped(x)).reshape(-1, moe.d_model)
+        ((y * probe[start:start + tokens[rank]]).sum() + ep.aux_loss).backward()
+        lo, hi = ep.first_expert, ep.first_expert + ep.n_local
+
+        def err(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float((a.detach() - b.detach()).abs().max()) if a.numel() else 0.0
+
+        router_grad = _all_reduce(ep.router.gate.weight.grad, None)
+        errors = {
+            "output": err(y, y_ref[start:start + tokens[rank]]),
+            "grad_input": err(x.grad, x_ref.grad[start:start + tokens[rank]]),
+            "grad_router": err(router_grad, moe.router.gate.weight.grad),
+            **{f"grad_{n}": err(getattr(ep.experts, n).grad, getattr(moe.experts, n).grad[lo:hi])
+               for n in ("w_gate", "w_up", "w_down")},
+        }
+        if ep.shared is not None:
+            errors["grad_shared"] = max(err(_all_reduce(a.grad, None), b.grad)
+                                        for a, b in zip(ep.shared.parameters(), moe.shared.parameters(), strict=True))
+        if sc.get("train", False):
+            errors["aux_loss"] = abs(ep.aux_loss_total - float(moe.aux_loss))
+            moe.after_step()
+            ep.after_step()
+            errors["bias"] = err(ep.router.expert_bias, moe.router.expert_bias)
+        out.append({"name": sc.get("name", ""), "errors": errors, "sent": ep.last_stats["sent_pairs"],
+                    "received": ep.last_stats["received_pairs"],
+                    "received_per_expert": ep.last_stats["received_per_expert"]})
+    return out
+
+
+def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 0, bias: Sequence[float] | None = None,
+                  repeats: int = 3, dtype: str = "float32") -> dict[str, Any]:
+    """On every rank: time forward + backward of the expert-parallel layer; report counts, bytes and phases.
+
+    Phase times are the fastest of ``repeats`` runs (after a warm-up); ``step`` is forward + backward.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    moe = _reference_layer(moe_kwargs, seed)
+    if bias is not None:
+        moe.router.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    ep = ExpertParallelMoE.from_moe(moe, rank, world).to(getattr(torch, dtype))
+    gen = torch.Generator().manual_seed(seed + 1 + rank)
+    x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device(), getattr(torch, dtype))
+    best: dict[str, float] = {}
+    for i in range(repeats + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        y = ep(x)
+        y.float().square().mean().backward()
+        step = time.perf_counter() - start
+        if i:
+            for name, s in {**ep.last_stats["seconds"], "step": step}.items():
+                best[name] = min(best.get(name, math.inf), s)
+    stats = dict(ep.last_stats)
+    stats["seconds"] = best
+    stats["element_size"] = x.element_size()
+    stats["routing_indices"] = ep.last_routing.indices.tolist()
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------------
+# command line: python -m moe_course.parallel [--world W]   or   torchrun --nproc-per-node W -m moe_course.parallel
+
+DEMO = {"d_model": 32, "d_hidden": 64, "n_experts": 8, "top_k": 2, "n_shared": 1}
+
+
+def _demo(tokens: int) -> dict[str, Any]:
+    world = dist.get_world_size()
+    (result,) = compare_with_single_process([{"name": "demo", "moe": DEMO, "tokens": [tokens] * world, "seed": 0}])
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the equivalence demo: locally spawned ranks, or the ranks torchrun started."""
+    parser = argparse.ArgumentParser(prog="python -m moe_course.parallel", description=main.__doc__)
+    parser.add_argument("--world", type=int, default=2, help="ranks to spawn (ignored under torchrun)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per rank")
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    args = parser.parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if args.backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        dist.init_process_group(args.backend, timeout=timedelta(seconds=120))
+        results = [None] * world
+        dist.all_gather_object(results, _demo(args.tokens))
+        dist.destroy_process_group()
+        if rank:
+            return 0
+    else:
+        from moe_course import parallel  # spawned ranks import the function from the package, not __main__
+
+        results = launch(parallel._demo, args.world, args.tokens, backend=args.backend)
+    for r, res in enumerate(results):
+        worst = max(res["errors"].values())
+        print(f"rank {r}: sent {res['sent']}, received {res['received']} pairs; largest difference from the "
+              f"single-process layer {worst:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Expert parallelism over real gloo process groups: equal to the single-process MoE, and failures never hang.
+
+Each test spawns its ranks once and runs a batch of scenarios there (spawning costs seconds on a busy CPU).
+Tolerance: every output and gradient within 1e-5 of the single-process layer with the same weights (the
+all-to-alls move values exactly; only the order of float additions differs).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moe_course import parallel
+from moe_course.moe import MoE
+from moe_course.parallel import (
+    ExpertParallelMoE,
+    RankFailed,
+    dispatch_bytes,
+    expert_owner,
+    launch,
+    local_experts,
+    rank_order,
+    send_counts,
+)
+
+TOL = 1e-5
+SMALL = {"d_model": 16, "d_hidden": 32}
+
+
+def assert_equal_to_single_process(results: list[list[dict]], names: list[str]) -> None:
+    for rank, per_rank in enumerate(results):
+        assert [r["name"] for r in per_rank] == names
+        for r in per_rank:
+            assert len(r["errors"]) >= 6  # output, input, router and the three expert tensors at least
+            for what, err in r["errors"].items():
+                assert err <= TOL, f"rank {rank}, {r['name']}: {what} differs by {err:.2e}"
+
+
+def test_two_ranks_match_single_process():
+    scenarios = [
+        {"name": "top-2, shared expert, uneven batches", "tokens": [7, 5],
+         "moe": {**SMALL, "n_experts": 8, "top_k": 2, "n_shared": 1}},
+        {"name": "top-1, rank 1 sends nothing and its experts receive nothing", "tokens": [6, 0],
+         "moe": {**SMALL, "n_experts": 4, "top_k": 1}, "bias": [0.0, 0.0, -10.0, -10.0]},
+        {"name": "training: Switch loss, z-loss, bias update (sigmoid)", "tokens": [9, 4], "train": True,
+         "moe": {**SMALL, "n_experts": 4, "top_k": 2, "score": "sigmoid", "aux_loss_coef": 0.01,
+                 "z_loss_coef": 0.001, "bias_update_rate": 0.01}},
+        {"name": "training: sequence-wise loss on (B, S, d)", "tokens": [8, 4], "seq_len": 4, "train": True,
+         "moe": {**SMALL, "n_experts": 4, "top_k": 2, "score": "sigmoid", "seq_aux_loss_coef": 0.1}},
+        {"name": "capacity per source rank", "tokens": [8, 8],
+         "moe": {**SMALL, "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}},
+    ]
+    results = launch(parallel.compare_with_single_process, 2, scenarios, timeout_s=60)
+    assert_equal_to_single_process(results, [s["name"] for s in scenarios])
+    train = [r[2]["errors"] for r in results]
+    assert all("aux_loss" in e and "bias" in e for e in train)
+    empty = [r[1] for r in results]
+    assert empty[1]["sent"] == [0, 0] and empty[1]["received"] == [0, 0]  # idle rank: no tokens, no work
+    assert empty[0]["sent"] == [6, 0] and sum(empty[0]["received_per_expert"]) == 6
+    # what one rank sends is what the other receives
+    first = [r[0] for r in results]
+    assert [first[0]["sent"][1], first[1]["sent"][0]] == [first[1]["received"][0], first[0]["received"][1]]
+
+
+def test_four_ranks_match_single_process():
+    scenarios = [
+        {"name": "top-2 + shared; rank 1 sends nothing; rank 3's experts get nothing", "tokens": [6, 0, 5, 3],
+         "moe": {**SMALL, "n_experts": 8, "top_k": 2, "n_shared": 1}, "bias": [0.0] * 6 + [-10.0] * 2},
+        {"name": "top-1, no shared expert", "tokens": [4, 5, 3, 6], "moe": {**SMALL, "n_experts": 4, "top_k": 1}},
+        {"name": "top-3 of 8", "tokens": [5, 3, 4, 2], "moe": {**SMALL, "n_experts": 8, "top_k": 3}},
+    ]
+    results = launch(parallel.compare_with_single_process, 4, scenarios, timeout_s=60)
+    assert_equal_to_single_process(results, [s["name"] for s in scenarios])
+    assert results[1][0]["sent"] == [0, 0, 0, 0]
+    assert results[3][0]["received"] == [0, 0, 0, 0]
+    assert all(sum(r[0]["received"]) > 0 for r in (results[0], results[2]))
+    # the send and receive matrices are transposes of each other
+    for i in range(3):
+        sent = torch.tensor([r[i]["sent"] for r in results])
+        received = torch.tensor([r[i]["received"] for r in results])
+        assert torch.equal(sent.t(), received)
+
+
+@pytest.mark.parametrize("how, message", [("raise", "deliberate failure on rank 1"), ("exit", "exit code 7"),
+                                          ("hang", "timed out")])
+def test_failing_rank_is_named_and_does_not_hang(how, message):
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 of 2 (failed|died|timed out)") as info:
+        launch(parallel.fail_on_rank, 2, 1, how, timeout_s=3)
+    assert info.value.rank == 1
+    assert message in str(info.value)
+    # a hang costs the 3 s timeout plus the start; the others stop as soon as the failure is seen
+    assert time.monotonic() - start < 90
+
+
+def test_placement_and_send_side_helpers():
+    assert list(local_experts(1, 4, 8)) == [2, 3]
+    assert expert_owner(torch.tensor([0, 1, 2, 7]), 8, 4).tolist() == [0, 0, 1, 3]
+    idx = torch.tensor([[3, 0], [1, 2], [0, 3]])  # 4 experts on 2 ranks: experts 0, 1 on rank 0
+    assert send_counts(idx, 4, 2).tolist() == [3, 3]
+    order, inverse = rank_order(idx, 4, 2)
+    assert order.tolist() == [1, 2, 4, 0, 3, 5]  # stable: token order kept within each rank
+    pairs = torch.arange(6)
+    assert torch.equal(pairs[order][inverse], pairs)
+    assert dispatch_bytes(idx, 4, 2, rank=0, d_model=8, bytes_per_element=4) == 3 * 8 * 4
+    with pytest.raises(ValueError, match="divisible by world"):
+        send_counts(idx, 4, 3)
+
+
+def test_layer_rejects_bad_setups():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="token-choice router"):
+        ExpertParallelMoE.from_moe(MoE(8, 16, 4, 2, router="expert_choice"), 0, 2)
+    with pytest.raises(ValueError, match="experts='grouped'"):
+        ExpertParallelMoE.from_moe(MoE(8, 16, 4, 2, experts="list"), 0, 2)
+    with pytest.raises(ValueError, match="divisible by world"):
+        ExpertParallelMoE.from_moe(MoE(8, 16, 6, 2), 0, 4)
+    with pytest.raises(ValueError, match="backend"):
+        launch(parallel.fail_on_rank, 2, 0, "raise", backend="mpi")
+
+
+def test_from_moe_slices_the_experts():
+    torch.manual_seed(0)
+    moe = MoE(8, 16, 8, 2, n_shared=1)
+    part = ExpertParallelMoE.from_moe(moe, 2, 4)
+    assert part.n_local == 2 and part.first_expert == 4
+    assert torch.equal(part.experts.w_up, moe.experts.w_up[4:6])
+    assert torch.equal(part.router.gate.weight, moe.router.gate.weight)
+    assert part.router.gate.weight.data_ptr() != moe.router.gate.weight.data_ptr()  # a copy, as on another rank
+    assert torch.equal(part.shared.down.weight, moe.shared.down.weight)
