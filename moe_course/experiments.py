@@ -1,0 +1,542 @@
+"""Named training experiments, run from the command line and stored as small JSON results.
+
+A training sweep does not fit into one notebook cell on a 2-core CPU. So an experiment is a named list of
+runs, each a ``(label, ModelConfig, TrainConfig)``, trained once per seed, with a fixed set of records: the
+validation loss curve, every MoE layer's expert load over training, MaxVio, the drop rate, router-logit
+statistics and tokens/s. ``python -m moe_course.experiments run NAME --size cpu`` trains it with a progress
+bar and writes ``data/results/NAME-SIZE.json``. A notebook loads that file with :func:`load_result` and
+re-runs a reduced version live.
+
+Every result carries a *fingerprint*: a hash of its configurations, its size and the code version
+(:data:`CODE_VERSION` and the experiment's own ``version``). :func:`load_result` refuses a file whose
+fingerprint differs from what the code would produce now, so a stored figure cannot silently go stale:
+change a configuration or the recording code and the notebook says which command re-creates the file.
+
+Sizes: ``smoke`` (seconds; the tests run every experiment at this size), ``cpu`` (minutes on a laptop CPU;
+the stored results) and ``gpu`` (a larger model for one GPU).
+
+Command line::
+
+    python -m moe_course.experiments list
+    python -m moe_course.experiments run aux_sweep --size cpu --seeds 0 1 2
+    python -m moe_course.experiments show aux_sweep --size cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moe_course.corpus import load_corpus
+from moe_course.device import pick_device, seed_everything
+from moe_course.metrics import load_entropy, max_violation
+from moe_course.model import ModelConfig, TinyLM
+from moe_course.train import TrainConfig, train
+
+__all__ = [
+    "CODE_VERSION",
+    "EXPERIMENTS",
+    "RESULTS_DIR",
+    "SIZES",
+    "Experiment",
+    "ExperimentResult",
+    "Run",
+    "RunRecord",
+    "StaleResultError",
+    "base_model",
+    "base_train",
+    "fingerprint",
+    "get_experiment",
+    "load_result",
+    "main",
+    "result_path",
+    "run_experiment",
+]
+
+CODE_VERSION = 1
+"""Bump when the recording code changes what a stored result means (new metric definition, new training loop)."""
+
+SIZES = ("smoke", "cpu", "gpu")
+RESULTS_DIR = Path(os.environ.get("MOE_RESULTS_DIR", Path(__file__).resolve().parents[1] / "data" / "results"))
+"""Where results are written and read: ``data/results`` in the repository (``MOE_RESULTS_DIR`` overrides)."""
+
+LOG_EVERY = {"smoke": 2, "cpu": 20, "gpu": 50}  # training steps per recorded point
+CORPUS_BYTES = {"smoke": 40_000, "cpu": None, "gpu": None}  # None: the whole corpus
+
+
+class StaleResultError(ValueError):
+    """A stored result was made by other configurations or an older version of the code."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration of an experiment, trained once per seed."""
+
+    label: str
+    model: ModelConfig
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named list of runs (built per size), the seeds to train each with, and a version to bump."""
+
+    name: str
+    description: str
+    build: Callable[[str], list[Run]]
+    seeds: tuple[int, ...] = (0, 1)
+    version: int = 1
+
+    def runs(self, size: str) -> list[Run]:
+        """The runs at ``size`` ("smoke", "cpu" or "gpu")."""
+        _check_size(size)
+        runs = self.build(size)
+        labels = [r.label for r in runs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"experiment {self.name!r} has duplicate run labels: {labels}")
+        return runs
+
+
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; use one of {', '.join(SIZES)}")
+
+
+def base_model(size: str, **overrides: Any) -> ModelConfig:
+    """The MoE TinyLM of each size (no balancing loss unless asked), with ``overrides`` applied."""
+    _check_size(size)
+    shapes = {
+        "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16,
+                      d_hidden=32),
+        "cpu": dict(block_size=64, n_layer=2, n_head=2, d_model=64, n_experts=8, top_k=2, expert_hidden=64,
+                    d_hidden=128),
+        "gpu": dict(block_size=256, n_layer=4, n_head=4, d_model=256, n_experts=16, top_k=2, expert_hidden=256,
+                    d_hidden=512),
+    }[size]
+    return ModelConfig(**{"ffn": "moe", "aux_loss_coef": 0.0, "z_loss_coef": 0.0, **shapes, **overrides})
+
+
+def base_train(size: str, **overrides: Any) -> TrainConfig:
+    """The training settings of each size, with ``overrides`` applied."""
+    _check_size(size)
+    settings = {
+        "smoke": dict(steps=6, batch_size=4, warmup=1, eval_every=3, eval_batches=1),
+        "cpu": dict(steps=600, batch_size=16, lr=3e-3, warmup=30, eval_every=100, eval_batches=8),
+        "gpu": dict(steps=3000, batch_size=32, lr=1e-3, warmup=200, eval_every=250, eval_batches=20),
+    }[size]
+    return TrainConfig(**{**settings, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experiments of the notebooks
+# ---------------------------------------------------------------------------------------------------------
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register(name: str, description: str, seeds: tuple[int, ...] = (0, 1), version: int = 1):
+    """Decorator: register ``build(size) -> list[Run]`` as the experiment ``name``."""
+
+    def wrap(build: Callable[[str], list[Run]]) -> Callable[[str], list[Run]]:
+        if name in EXPERIMENTS:
+            raise ValueError(f"experiment {name!r} is registered twice")
+        EXPERIMENTS[name] = Experiment(name, description, build, tuple(seeds), version)
+        return build
+
+    return wrap
+
+
+def get_experiment(name: str) -> Experiment:
+    """Look up an experiment by name, listing the known names in the error."""
+    try:
+        return EXPERIMENTS[name]
+    except KeyError:
+        raise ValueError(f"unknown experiment {name!r}; known experiments: {', '.join(sorted(EXPERIMENTS))}") from None
+
+
+ALPHAS = (0.0, 1e-3, 1e-2, 1e-1)
+
+
+@register("collapse", "notebook 04: no balancing loss; which settings (N, k, learning rate) collapse most")
+def _collapse(size: str) -> list[Run]:
+    n = base_model(size).n_experts
+    lr = base_train(size).lr
+    return [
+        Run(f"N={n} top-2", base_model(size), base_train(size)),
+        Run(f"N={n} top-1", base_model(size, top_k=1), base_train(size)),
+        Run(f"N={2 * n} top-2", base_model(size, n_experts=2 * n), base_train(size)),
+        Run(f"N={n} top-2, lr x3", base_model(size), base_train(size, lr=3 * lr)),
+    ]
+
+
+@register("aux_sweep", "notebook 04: Switch auxiliary-loss weight alpha in (0, 1e-3, 1e-2, 1e-1)", seeds=(0, 1, 2))
+def _aux_sweep(size: str) -> list[Run]:
+    return [Run(f"alpha={a:g}", base_model(size, aux_loss_coef=a), base_train(size)) for a in ALPHAS]
+
+
+@register("z_loss", "notebook 04: router z-loss (1e-3) or none, at a high learning rate")
+def _z_loss(size: str) -> list[Run]:
+    lr = 10 * base_train(size).lr
+    return [
+        Run(f"z={z:g}", base_model(size, aux_loss_coef=1e-2, z_loss_coef=z), base_train(size, lr=lr))
+        for z in (0.0, 1e-3)
+    ]
+
+
+@register("routers", "notebook 04: token choice (alpha 0.01), expert choice, hash routing and a dense twin")
+def _routers(size: str) -> list[Run]:
+    shape = base_model(size)
+    return [
+        Run("token choice, alpha=0.01", base_model(size, aux_loss_coef=1e-2), base_train(size)),
+        Run("expert choice", base_model(size, router="expert_choice"), base_train(size)),
+        Run("hash", base_model(size, router="hash"), base_train(size)),
+        Run("dense (same active width)", base_model(size, ffn="dense", d_hidden=shape.top_k * shape.expert_hidden),
+            base_train(size)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """What one run of one seed produced (lists are indexed by log point)."""
+
+    label: str
+    seed: int
+    step: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)
+    val_step: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    load: list[list[list[float]]] = field(default_factory=list)  # [log point][moe layer][expert] fractions
+    max_vio: list[list[float]] = field(default_factory=list)  # [log point][moe layer]
+    drop_rate: list[float] = field(default_factory=list)  # mean over the interval and the MoE layers
+    logit_max: list[float] = field(default_factory=list)  # largest |router logit| in the interval, any layer
+    logit_lse: list[float] = field(default_factory=list)  # mean logsumexp of the router logits (z-loss = its square)
+    skipped: list[float] = field(default_factory=list)  # fraction of tokens no expert processed (expert choice)
+    tokens_per_s: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The run's headline numbers: last val loss, and MaxVio / load entropy at the last log point."""
+        last = self.load[-1] if self.load else []
+        return {
+            "val_loss": self.val_loss[-1] if self.val_loss else math.nan,
+            "max_vio": _mean(self.max_vio[-1]) if self.max_vio else math.nan,
+            "load_entropy": _mean([load_entropy(torch.tensor(layer)) for layer in last]) if last else math.nan,
+            "drop_rate": self.drop_rate[-1] if self.drop_rate else math.nan,
+            "skipped": self.skipped[-1] if self.skipped else math.nan,
+            "logit_max": self.logit_max[-1] if self.logit_max else math.nan,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+class _Recorder:
+    """The ``train`` callback: accumulates drop rate and router-logit statistics between log points."""
+
+    def __init__(self, log_every: int, steps: int) -> None:
+        self.log_every, self.steps = log_every, steps
+        self.drop_rate: list[float] = []
+        self.logit_max: list[float] = []
+        self.logit_lse: list[float] = []
+        self.skipped: list[float] = []
+        self._drop, self._max, self._lse, self._skip, self._n = 0.0, 0.0, 0.0, 0.0, 0
+
+    @torch.no_grad()
+    def __call__(self, step: int, model: TinyLM) -> None:
+        layers = model.moe_layers()
+        drops, lses, skips = [], [], []
+        for layer in layers:
+            drops.append(float(getattr(layer, "last_dropped", 0.0)))
+            routing = getattr(layer, "last_routing", None)
+            if hasattr(routing, "experts_per_token"):
+                skips.append(float((routing.experts_per_token() == 0).float().mean()))
+            logits = getattr(routing, "logits", None)
+            if logits is not None:
+                self._max = max(self._max, float(logits.abs().max()))
+                lses.append(float(torch.logsumexp(logits.float(), dim=-1).mean()))
+        self._drop += _mean(drops) if drops else 0.0
+        self._lse += _mean(lses) if lses else 0.0
+        self._skip += _mean(skips) if skips else 0.0
+        self._n += 1
+        done = step + 1  # the callback receives the 0-based index of the step just taken
+        if done % self.log_every == 0 or done == self.steps:
+            self.drop_rate.append(self._drop / self._n)
+            self.logit_max.append(self._max)
+            self.logit_lse.append(self._lse / self._n)
+            self.skipped.append(self._skip / self._n)
+            self._drop, self._max, self._lse, self._skip, self._n = 0.0, 0.0, 0.0, 0.0, 0
+
+
+def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch.device | None = None,
+              progress: bool = False) -> RunRecord:
+    """Train ``run`` once with ``seed`` (model init and batch order) and return its record."""
+    seed_everything(seed)
+    model = TinyLM(run.model)
+    cfg = replace(run.train, seed=seed)
+    log_every = min(LOG_EVERY[size], cfg.steps)
+    recorder = _Recorder(log_every, cfg.steps)
+    hist = train(model, corpus.train, corpus.val, cfg, device=device, progress=progress, log_every=log_every,
+                 desc=f"{run.label} seed {seed}", callback=recorder)
+    return RunRecord(
+        label=run.label, seed=seed, step=list(hist.step), train_loss=_round(hist.train_loss),
+        aux_loss=_round(hist.aux_loss), val_step=list(hist.val_step), val_loss=_round(hist.val_loss),
+        load=_round(hist.load), max_vio=_round([[max_violation(torch.tensor(layer)) for layer in point]
+                                                for point in hist.load]),
+        drop_rate=_round(recorder.drop_rate), logit_max=_round(recorder.logit_max),
+        logit_lse=_round(recorder.logit_lse), skipped=_round(recorder.skipped),
+        tokens_per_s=round(hist.tokens_per_s, 1), seconds=round(hist.seconds, 2),
+    )
+
+
+def _round(values: Any, digits: int = 5) -> Any:
+    """Round floats (nested in lists) to keep the JSON small; numbers this precise are noise anyway."""
+    if isinstance(values, (list, tuple)):
+        return [_round(v, digits) for v in values]
+    if isinstance(values, float):
+        return float(f"{values:.{digits}g}") if math.isfinite(values) else values
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _configs(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    return [{"label": r.label, "model": asdict(r.model), "train": asdict(r.train)} for r in runs]
+
+
+def fingerprint(name: str, size: str) -> str:
+    """Hash of the experiment's configurations at ``size`` and of the code versions that record them."""
+    exp = get_experiment(name)
+    blob = {
+        "experiment": name,
+        "size": size,
+        "code_version": CODE_VERSION,
+        "experiment_version": exp.version,
+        "corpus_bytes": CORPUS_BYTES[size],
+        "log_every": LOG_EVERY[size],
+        "runs": _configs(exp.runs(size)),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ExperimentResult:
+    """A finished experiment: configurations, seeds, environment, fingerprint and one record per run and seed."""
+
+    experiment: str
+    size: str
+    seeds: list[int]
+    fingerprint: str
+    runs: list[dict[str, Any]]
+    records: list[RunRecord]
+    command: str = ""
+    package_version: str = ""
+    torch_version: str = ""
+    device: str = ""
+    created: str = ""
+    seconds: float = 0.0
+
+    @property
+    def labels(self) -> list[str]:
+        """Run labels in the experiment's order."""
+        return [r["label"] for r in self.runs]
+
+    def records_of(self, label: str) -> list[RunRecord]:
+        """The records (one per seed) of the run called ``label``."""
+        found = [r for r in self.records if r.label == label]
+        if not found:
+            raise KeyError(f"no run {label!r} in {self.experiment}; runs: {', '.join(self.labels)}")
+        return found
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per run and seed: label, seed and the run's final numbers."""
+        return [{"label": r.label, "seed": r.seed, **r.final} for r in self.records]
+
+    def mean(self, label: str, key: str) -> float:
+        """Mean over seeds of one final number (e.g. ``"val_loss"``) of run ``label``."""
+        return _mean([r.final[key] for r in self.records_of(label)])
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["records"] = [asdict(r) for r in self.records]
+        return out
+
+    @classmethod
+    def from_dict(cls, blob: dict[str, Any]) -> ExperimentResult:
+        records = [RunRecord(**r) for r in blob["records"]]
+        return cls(**{**blob, "records": records})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as JSON (compact, one record per line region)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n", encoding="utf-8")
+        return path
+
+
+def result_path(name: str, size: str, results_dir: str | Path | None = None) -> Path:
+    """``data/results/NAME-SIZE.json`` (or under ``results_dir``)."""
+    _check_size(size)
+    return Path(results_dir or RESULTS_DIR) / f"{name}-{size}.json"
+
+
+def _command(name: str, size: str) -> str:
+    return f"python -m moe_course.experiments run {name} --size {size}"
+
+
+def load_result(name: str, size: str = "cpu", results_dir: str | Path | None = None) -> ExperimentResult:
+    """Read a stored result; raise :class:`StaleResultError` if the code would now produce a different one."""
+    path = result_path(name, size, results_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no stored result {path}; create it with `{_command(name, size)}`")
+    result = ExperimentResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    expected = fingerprint(name, size)
+    if result.fingerprint != expected:
+        raise StaleResultError(
+            f"{path} is stale: it was made with fingerprint {result.fingerprint}, but the experiment's "
+            f"configurations or code now give {expected}. Re-run `{_command(name, size)}` and commit the new file."
+        )
+    return result
+
+
+def run_experiment(
+    name: str,
+    size: str = "cpu",
+    seeds: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    save: bool = True,
+    results_dir: str | Path | None = None,
+) -> ExperimentResult:
+    """Train every run of experiment ``name`` at ``size`` for each seed; save and return the result."""
+    from moe_course import __version__
+
+    exp = get_experiment(name)
+    runs = exp.runs(size)
+    seeds = list(exp.seeds if seeds is None else seeds)
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed (e.g. --seeds 0 1)")
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    corpus = load_corpus(max_bytes=CORPUS_BYTES[size])
+    records = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(runs) * len(seeds), desc=f"{name} ({size})", disable=not progress)
+    for run in runs:
+        for seed in seeds:
+            bar.set_postfix_str(f"{run.label}, seed {seed}")
+            record = train_run(run, seed, corpus, size, device)
+            records.append(record)
+            bar.update()
+    bar.close()
+    result = ExperimentResult(
+        experiment=name, size=size, seeds=seeds, fingerprint=fingerprint(name, size), runs=_configs(runs),
+        records=records, command=_command(name, size) + (f" --seeds {' '.join(map(str, seeds))}"
+                                                         if seeds != list(exp.seeds) else ""),
+        package_version=__version__, torch_version=torch.__version__,
+        device=f"{device.type} ({_device_name(device)})", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    if save:
+        result.save(result_path(name, size, results_dir))
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{platform.machine()}, {torch.get_num_threads()} threads"
+    return device.type
+
+
+def format_summary(result: ExperimentResult) -> str:
+    """A plain-text table of the final numbers per run and seed."""
+    lines = [f"{result.experiment} ({result.size}, {result.device}, {result.seconds:.0f} s)",
+             f"{'run':<28} {'seed':>4} {'val loss':>9} {'MaxVio':>7} {'load H':>7} {'drop':>6} {'skip':>6} "
+             f"{'|logit|max':>10} {'tok/s':>8}"]
+    for row in result.summary():
+        lines.append(f"{row['label']:<28} {row['seed']:>4} {row['val_loss']:>9.4f} {row['max_vio']:>7.3f} "
+                     f"{row['load_entropy']:>7.3f} {row['drop_rate']:>6.3f} {row['skipped']:>6.3f} "
+                     f"{row['logit_max']:>10.2f} {row['tokens_per_s']:>8.0f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m moe_course.experiments list | run NAME | show NAME``; usage errors exit with status 2."""
+    parser = argparse.ArgumentParser(prog="python -m moe_course.experiments", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the experiments")
+    run_p = sub.add_parser("run", help="train an experiment and write data/results/NAME-SIZE.json")
+    show_p = sub.add_parser("show", help="print the final numbers of a stored result")
+    for p in (run_p, show_p):
+        p.add_argument("name", help="experiment name (see `list`)")
+        p.add_argument("--size", default="cpu", choices=SIZES, help="model and training size (default: cpu)")
+        p.add_argument("--results-dir", help=f"folder of the JSON results (default: {RESULTS_DIR})")
+    run_p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the experiment's own)")
+    run_p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    run_p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, exp in sorted(EXPERIMENTS.items()):
+            print(f"{name:<12} seeds {list(exp.seeds)}  {exp.description}")
+        return 0
+    if args.name not in EXPERIMENTS:
+        parser.error(f"unknown experiment {args.name!r}; known experiments: {', '.join(sorted(EXPERIMENTS))}")
+    if args.command == "show":
+        try:
+            result = load_result(args.name, args.size, args.results_dir)
+        except (FileNotFoundError, StaleResultError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(format_summary(result))
+        return 0
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    result = run_experiment(args.name, args.size, args.seeds, device, results_dir=args.results_dir)
+    print(format_summary(result))
+    print(f"wrote {result_path(args.name, args.size, args.results_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

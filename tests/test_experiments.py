@@ -1,0 +1,191 @@
+"""moe_course.experiments: every experiment runs at smoke size, results round-trip, stale results are refused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_course import experiments as ex
+from moe_course.experiments import (
+    EXPERIMENTS,
+    SIZES,
+    Experiment,
+    ExperimentResult,
+    RunRecord,
+    StaleResultError,
+    fingerprint,
+    load_result,
+    main,
+    result_path,
+    run_experiment,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Smoke-sized models run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_experiment_runs_at_smoke_size_and_round_trips(name, tmp_path):
+    result = run_experiment(name, "smoke", seeds=[0], progress=False, results_dir=tmp_path)
+    runs = EXPERIMENTS[name].runs("smoke")
+    assert [r.label for r in result.records] == [r.label for r in runs]
+    for record, run in zip(result.records, runs, strict=True):
+        steps = run.train.steps
+        assert record.step[-1] == steps and record.val_step[-1] == steps
+        assert len(record.load) == len(record.step) == len(record.max_vio) == len(record.drop_rate)
+        assert len(record.logit_max) == len(record.step) == len(record.skipped)
+        n_moe = run.model.n_layer if run.model.ffn == "moe" else 0
+        assert len(record.load[-1]) == n_moe
+        for layer in record.load[-1]:
+            assert len(layer) == run.model.n_experts and sum(layer) == pytest.approx(1.0, abs=1e-3)
+        assert record.tokens_per_s > 0
+    blob = json.loads(result_path(name, "smoke", tmp_path).read_text())
+    for key in ("package_version", "torch_version", "device", "seeds", "runs", "fingerprint", "created"):
+        assert blob[key] not in (None, "", [])
+    assert blob["runs"][0]["model"] == runs[0].model.to_dict()
+    loaded = load_result(name, "smoke", tmp_path)
+    assert [r.val_loss for r in loaded.records] == [r.val_loss for r in result.records]
+    assert loaded.records[0].final["val_loss"] == result.records[0].final["val_loss"]
+
+
+def test_seeds_give_one_record_each_and_differ(tmp_path):
+    result = run_experiment("z_loss", "smoke", seeds=[0, 1], progress=False, results_dir=tmp_path)
+    assert [(r.label, r.seed) for r in result.records] == [("z=0", 0), ("z=0", 1), ("z=0.001", 0), ("z=0.001", 1)]
+    a, b = result.records_of("z=0")
+    assert a.train_loss != b.train_loss
+    again = run_experiment("z_loss", "smoke", seeds=[0], progress=False, save=False)
+    assert again.records_of("z=0")[0].val_loss == a.val_loss  # fixed seeds reproduce the numbers
+    assert result.mean("z=0", "val_loss") == pytest.approx((a.val_loss[-1] + b.val_loss[-1]) / 2)
+    with pytest.raises(KeyError, match="no run 'nope'"):
+        result.records_of("nope")
+
+
+def test_alpha_sweep_covers_the_switch_values():
+    coefs = [r.model.aux_loss_coef for r in EXPERIMENTS["aux_sweep"].runs("cpu")]
+    assert coefs == [0.0, 1e-3, 1e-2, 1e-1]
+    assert len(EXPERIMENTS["aux_sweep"].seeds) >= 2
+
+
+def _stored(tmp_path, name="z_loss") -> Path:
+    """A stored result as run_experiment writes it (without training: only the fingerprint matters here)."""
+    runs = EXPERIMENTS[name].runs("smoke")
+    result = ExperimentResult(name, "smoke", [0], fingerprint(name, "smoke"), ex._configs(runs),
+                              [RunRecord(r.label, 0, val_loss=[1.0]) for r in runs])
+    return result.save(result_path(name, "smoke", tmp_path))
+
+
+def test_a_stored_result_loads_while_it_matches(tmp_path):
+    _stored(tmp_path)
+    assert load_result("z_loss", "smoke", tmp_path).records_of("z=0")[0].val_loss == [1.0]
+
+
+def test_a_changed_configuration_makes_the_stored_result_stale(tmp_path, monkeypatch):
+    _stored(tmp_path)
+    original = EXPERIMENTS["z_loss"]
+
+    def changed(size):
+        return [replace(r, train=replace(r.train, lr=r.train.lr / 2)) for r in original.build(size)]
+
+    monkeypatch.setitem(EXPERIMENTS, "z_loss", Experiment("z_loss", original.description, changed, original.seeds))
+    with pytest.raises(StaleResultError, match=r"stale.*python -m moe_course.experiments run z_loss --size smoke"):
+        load_result("z_loss", "smoke", tmp_path)
+
+
+def test_a_new_code_version_makes_the_stored_result_stale(tmp_path, monkeypatch):
+    _stored(tmp_path)
+    before = fingerprint("z_loss", "smoke")
+    monkeypatch.setattr(ex, "CODE_VERSION", ex.CODE_VERSION + 1)
+    assert fingerprint("z_loss", "smoke") != before
+    with pytest.raises(StaleResultError, match="fingerprint"):
+        load_result("z_loss", "smoke", tmp_path)
+
+
+def test_an_edited_fingerprint_is_refused(tmp_path):
+    path = _stored(tmp_path)
+    blob = json.loads(path.read_text())
+    blob["fingerprint"] = "0" * 16
+    path.write_text(json.dumps(blob))
+    with pytest.raises(StaleResultError):
+        load_result("z_loss", "smoke", tmp_path)
+
+
+def test_fingerprint_depends_on_size_and_experiment_only():
+    assert fingerprint("z_loss", "smoke") == fingerprint("z_loss", "smoke")
+    assert fingerprint("z_loss", "smoke") != fingerprint("z_loss", "cpu")
+    assert fingerprint("z_loss", "cpu") != fingerprint("aux_sweep", "cpu")
+
+
+def test_missing_result_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m moe_course.experiments run aux_sweep --size cpu"):
+        load_result("aux_sweep", "cpu", tmp_path)
+
+
+def test_bad_arguments_are_rejected_with_the_fix():
+    with pytest.raises(ValueError, match="unknown experiment 'nope'; known experiments: .*aux_sweep"):
+        ex.get_experiment("nope")
+    with pytest.raises(ValueError, match="unknown size 'huge'; use one of smoke, cpu, gpu"):
+        ex.base_model("huge")
+    with pytest.raises(ValueError, match="seeds is empty"):
+        run_experiment("z_loss", "smoke", seeds=[], progress=False, save=False)
+
+
+def test_every_size_builds_valid_configurations():
+    for name, exp in EXPERIMENTS.items():
+        for size in SIZES:
+            runs = exp.runs(size)
+            assert runs, name
+            assert len({r.label for r in runs}) == len(runs)
+
+
+def test_stored_results_match_the_code():
+    """A stored result that no longer matches its configurations fails here first, naming the command."""
+    for path in sorted((ROOT / "data" / "results").glob("*.json")):
+        name, size = path.stem.rsplit("-", 1)
+        result = load_result(name, size, path.parent)
+        assert result.records and result.seeds
+
+
+def test_recorder_logs_on_the_training_loop_schedule():
+    recorder = ex._Recorder(log_every=3, steps=7)
+    model = torch.nn.Module()
+    model.moe_layers = lambda: []
+    for step in range(7):
+        recorder(step, model)
+    assert len(recorder.drop_rate) == 3  # after steps 3, 6 and the last one (7)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["run"], ["run", "nope"], ["run", "z_loss", "--size", "huge"], ["show", "nope"], ["frobnicate"],
+     ["run", "z_loss", "--seeds", "x"]],
+)
+def test_cli_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_cli_list_run_and_show(tmp_path, capsys):
+    assert main(["list"]) == 0
+    assert "aux_sweep" in capsys.readouterr().out
+    assert main(["show", "z_loss", "--size", "smoke", "--results-dir", str(tmp_path)]) == 1
+    assert "python -m moe_course.experiments run z_loss --size smoke" in capsys.readouterr().err
+    assert main(["run", "z_loss", "--size", "smoke", "--seeds", "3", "--results-dir", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "z=0.001" in out and "wrote" in out
+    assert main(["show", "z_loss", "--size", "smoke", "--results-dir", str(tmp_path)]) == 0
+    assert load_result("z_loss", "smoke", tmp_path).seeds == [3]
