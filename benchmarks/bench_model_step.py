@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -29,7 +30,9 @@ from moe_course.device import pick_device, seed_everything
 from moe_course.model import TinyLM
 from moe_course.params import count_model
 from moe_course.timing import samples_many, synchronize
-from moe_course.train import _autocast, get_preset
+from moe_course.train import _autocast, get_preset, optimizer_kernel
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def train_step(model: TinyLM, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Callable[[], None]:
@@ -37,7 +40,7 @@ def train_step(model: TinyLM, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Ca
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), foreach=True)
+                            lr=1e-4, betas=(0.9, 0.95), **optimizer_kernel(x.device))
 
     def step() -> None:
         with _autocast(x.device, amp):
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["cpu", "gpu"], default=None, help="preset pair (default: by device)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--experts", choices=["grouped", "list"], default="grouped")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall-clock, or this process's CPU time (steadier on a shared machine; use --threads 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randint(0, cfg.vocab_size, (b, t), generator=gen).to(device)
         y = torch.randint(0, cfg.vocab_size, (b, t), generator=gen).to(device)
         models[kind], steps[kind], tokens = model, train_step(model, x, y, amp), b * t
-    samples = samples_many(steps, repeats=repeats, warmup=3)
+    samples = samples_many(steps, repeats=repeats, warmup=3, clock=CLOCKS[args.clock])
 
     best = {k: min(v) for k, v in samples.items()}
     median = {k: statistics.median(v) for k, v in samples.items()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,8 @@ from moe_course.device import pick_device, seed_everything
 from moe_course.experts import SwiGLU
 from moe_course.moe import MoE, SoftMixture
 from moe_course.timing import samples_many
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def step_fn(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: pick_device())")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall-clock, or this process's CPU time (steadier on a shared machine; use --threads 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args(argv)
@@ -78,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         "soft mixture": SoftMixture(d, h, n),
     }
     for name in ("MoE sorted (list)", "MoE loop (list)", "MoE dense-dispatch"):  # the same function, 4 ways
-        layers[name].load_state_dict(layers["MoE grouped"].state_dict())
+        layers[name].router.load_state_dict(layers["MoE grouped"].router.state_dict())
+        layers[name].experts = layers["MoE grouped"].experts.to_experts()
     steps = {name: step_fn(layer.to(device), x) for name, layer in layers.items()}
-    samples = samples_many(steps, repeats=repeats, warmup=2)
+    samples = samples_many(steps, repeats=repeats, warmup=2, clock=CLOCKS[args.clock])
     median = {name: statistics.median(s) for name, s in samples.items()}
 
     print(f"device {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -33,8 +33,12 @@ def synchronize() -> None:
 
 
 def time_samples(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1,
-                 **kwargs: Any) -> list[float]:
-    """Seconds taken by each of ``repeats`` calls ``fn(*args, **kwargs)``, after ``warmup`` untimed calls."""
+                 clock: Callable[[], float] = time.perf_counter, **kwargs: Any) -> list[float]:
+    """Seconds taken by each of ``repeats`` calls ``fn(*args, **kwargs)``, after ``warmup`` untimed calls.
+
+    ``clock`` is wall-clock time by default; ``time.process_time`` counts only this process's CPU time, which
+    other programs competing for the cores disturb far less (use it with one thread).
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if warmup < 0:
@@ -44,10 +48,10 @@ def time_samples(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: i
     synchronize()
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn(*args, **kwargs)
         synchronize()
-        samples.append(time.perf_counter() - start)
+        samples.append(clock() - start)
     return samples
 
 
@@ -65,7 +69,8 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
 
 
 def samples_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int = 5, warmup: int = 1,
-                 threads: int | None = None, **kwargs: Any) -> dict[str, list[float]]:
+                 threads: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 **kwargs: Any) -> dict[str, list[float]]:
     """Seconds of every call of each ``fn(*args, **kwargs)`` in ``fns``, measured round-robin.
 
     Each round times every function once, in order, so slow periods of a shared machine hit all of them
@@ -85,10 +90,10 @@ def samples_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int
     try:
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for name, fn in fns.items():
-            samples[name] += time_samples(fn, *args, repeats=1, warmup=warmup, **kwargs)
+            samples[name] += time_samples(fn, *args, repeats=1, warmup=warmup, clock=clock, **kwargs)
         for _ in range(repeats - 1):
             for name, fn in fns.items():
-                samples[name] += time_samples(fn, *args, repeats=1, warmup=0, **kwargs)
+                samples[name] += time_samples(fn, *args, repeats=1, warmup=0, clock=clock, **kwargs)
     finally:
         torch.set_num_threads(before)
     return samples
