@@ -33,16 +33,17 @@ def synchronize() -> None:
 
 
 def time_samples(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1,
-                 clock: Callable[[], float] = time.perf_counter, **kwargs: Any) -> list[float]:
+                 clock: Callable[[], float] | None = None, **kwargs: Any) -> list[float]:
     """Seconds taken by each of ``repeats`` calls ``fn(*args, **kwargs)``, after ``warmup`` untimed calls.
 
-    ``clock`` is wall-clock time by default; ``time.process_time`` counts only this process's CPU time, which
-    other programs competing for the cores disturb far less (use it with one thread).
+    ``clock`` is wall-clock time (``time.perf_counter``) by default; ``time.process_time`` counts only this
+    process's CPU time, which other programs competing for the cores disturb far less (use it with one thread).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"warmup must be 0 or more, got {warmup}")
+    clock = clock or time.perf_counter
     for _ in range(warmup):
         fn(*args, **kwargs)
     synchronize()
@@ -69,7 +70,7 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
 
 
 def samples_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int = 5, warmup: int = 1,
-                 threads: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 threads: int | None = None, clock: Callable[[], float] | None = None,
                  **kwargs: Any) -> dict[str, list[float]]:
     """Seconds of every call of each ``fn(*args, **kwargs)`` in ``fns``, measured round-robin.
 
