@@ -561,14 +561,14 @@ def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 
                   repeats: int = 3, dtype: str = "float32") -> dict[str, Any]:
     """On every rank: time forward + backward of the expert-parallel layer; report counts, bytes and phases.
 
-    Phase times are the fastest of ``repeats`` runs (after a warm-up); ``step`` is forward + backward.
+    Phase times (forward) and ``step`` (forward + backward) are the fastest of ``repeats`` runs after a warm-up.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     moe = _reference_layer(moe_kwargs, seed)
     if bias is not None:
         moe.router.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))
     ep = ExpertParallelMoE.from_moe(moe, rank, world).to(getattr(torch, dtype))
-    gen = torch.Generator().manual_seed(seed + 1 + rank)
+    gen = torch.Generator().manual_seed(seed + 1 + rank)  # every rank has its own tokens
     x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device(), getattr(torch, dtype))
     best: dict[str, float] = {}
     for i in range(repeats + 1):
@@ -583,8 +583,34 @@ def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 
     stats = dict(ep.last_stats)
     stats["seconds"] = best
     stats["element_size"] = x.element_size()
-    stats["routing_indices"] = ep.last_routing.indices.tolist()
     return stats
+
+
+def profile_layers(settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`profile_layer` for each dict of its keyword arguments, in one process group."""
+    return [profile_layer(**s) for s in settings]
+
+
+def communication_volume(settings: Sequence[dict[str, Any]], tokens_per_rank: int, seed: int = 0
+                         ) -> list[dict[str, Any]]:
+    """On every rank, for each MoE setting: one forward pass; the pairs and bytes each all-to-all carried.
+
+    Bytes are those of the token rows handed to the collective for other ranks (``split sizes × d ×
+    element size``); rows for the rank's own experts are copied locally and not counted.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for s in settings:
+        moe = _reference_layer(s, seed)
+        ep = ExpertParallelMoE.from_moe(moe, rank, world)
+        gen = torch.Generator().manual_seed(seed + 1 + rank)
+        with torch.no_grad():
+            ep(torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device()))
+        st = ep.last_stats
+        out.append({"d_model": moe.d_model, "top_k": moe.top_k, "tokens": st["tokens"], "sent": st["sent_pairs"],
+                    "received": st["received_pairs"], "dispatch_bytes": st["dispatch_bytes"],
+                    "combine_bytes": st["combine_bytes"], "element_size": 4})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
