@@ -93,6 +93,8 @@ class Run:
     label: str
     model: ModelConfig
     train: TrainConfig
+    probe: Callable[[TinyLM, Any], dict[str, Any]] | None = field(default=None, compare=False)  # after training:
+    # probe(model, corpus) -> extra measurements stored in RunRecord.extra (bump the experiment's version if it changes)
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,30 @@ def _routers(size: str) -> list[Run]:
     ]
 
 
+FINE_GRAINED_SHAPES = {  # notebook 05: a GShard-style layer N=8 (16 on GPU) top-2 of width h; m = 4, K_s = 1
+    "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16),
+    "cpu": dict(block_size=128, n_layer=4, n_head=4, d_model=128, n_experts=8, top_k=2, expert_hidden=128),
+    "gpu": dict(block_size=256, n_layer=4, n_head=4, d_model=256, n_experts=16, top_k=2, expert_hidden=256),
+}
+
+
+def _probe_05(model: TinyLM, corpus: Any) -> dict[str, Any]:
+    from moe_course.analysis import probe
+
+    return probe(model, corpus, masks=(1, 4))
+
+
+@register("fine_grained", "notebook 05: GShard 8 top-2 vs fine-grained 32 top-8 vs DeepSeekMoE 1+31 top-7 vs dense, "
+          "equal expert parameters (total and active); masking and specialisation probes", seeds=(0, 1, 2))
+def _fine_grained(size: str) -> list[Run]:
+    from moe_course.fine_grained import comparison_configs
+
+    base = base_model(size, aux_loss_coef=1e-2, **FINE_GRAINED_SHAPES[size])
+    steps = {"smoke": {}, "cpu": dict(steps=300, eval_every=50, eval_batches=16), "gpu": {}}[size]
+    return [Run(label, cfg, base_train(size, **steps), probe=_probe_05)
+            for label, cfg in comparison_configs(base, m=4, n_shared=1).items()]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------------------------------------
@@ -237,6 +263,7 @@ class RunRecord:
     skipped: list[float] = field(default_factory=list)  # fraction of tokens no expert processed (expert choice)
     tokens_per_s: float = 0.0
     seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # what the run's probe measured on the trained model
 
     @property
     def final(self) -> dict[str, float]:
@@ -304,6 +331,7 @@ def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch
     recorder = _Recorder(log_every, cfg.steps)
     hist = train(model, corpus.train, corpus.val, cfg, device=device, progress=progress, log_every=log_every,
                  desc=f"{run.label} seed {seed}", callback=recorder)
+    extra = _round(run.probe(model, corpus)) if run.probe is not None else {}
     return RunRecord(
         label=run.label, seed=seed, step=list(hist.step), train_loss=_round(hist.train_loss),
         aux_loss=_round(hist.aux_loss), val_step=list(hist.val_step), val_loss=_round(hist.val_loss),
@@ -311,7 +339,7 @@ def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch
                                                 for point in hist.load]),
         drop_rate=_round(recorder.drop_rate), logit_max=_round(recorder.logit_max),
         logit_lse=_round(recorder.logit_lse), skipped=_round(recorder.skipped),
-        tokens_per_s=round(hist.tokens_per_s, 1), seconds=round(hist.seconds, 2),
+        tokens_per_s=round(hist.tokens_per_s, 1), seconds=round(hist.seconds, 2), extra=extra,
     )
 
 
@@ -319,6 +347,8 @@ def _round(values: Any, digits: int = 5) -> Any:
     """Round floats (nested in lists) to keep the JSON small; numbers this precise are noise anyway."""
     if isinstance(values, (list, tuple)):
         return [_round(v, digits) for v in values]
+    if isinstance(values, dict):
+        return {k: _round(v, digits) for k, v in values.items()}
     if isinstance(values, float):
         return float(f"{values:.{digits}g}") if math.isfinite(values) else values
     return values

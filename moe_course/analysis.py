@@ -1,0 +1,205 @@
+"""What trained experts do: redundancy (mask each token's best experts), similarity, and specialisation by token type.
+
+* **Redundancy** (DeepSeekMoE §4.5, arXiv:2401.06066): at evaluation, skip each token's ``m`` best routed experts
+  (``TopKRouter.mask_top``; the next-best take their place) and measure how much the loss rises. If other
+  experts hold the same knowledge, the loss barely moves; the paper finds that its fine-grained experts are
+  less redundant: masking hurts DeepSeekMoE more than GShard.
+* **Similarity**: the mean cosine similarity between the outputs of every pair of routed experts on the same
+  inputs (the layer's real inputs, captured with a hook). Outputs, not weights: a SwiGLU's hidden units can
+  be permuted without changing it, so two equal experts can have dissimilar weight matrices.
+* **Specialisation**: route validation text and count, per MoE layer, each token's first-choice expert by the
+  Python token type of the byte (:class:`~moe_course.corpus.TokenType`). The mutual information I(type;
+  expert) measures how much the expert tells about the type; a *random-router baseline* (the same expert
+  choices shuffled across tokens, so the same loads) gives what chance alone produces with this many tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from moe_course.routing import TopKRouter
+from moe_course.train import evaluate
+
+__all__ = [
+    "expert_output_similarity",
+    "mask_top_experts",
+    "mutual_information",
+    "random_router_table",
+    "redundancy",
+    "routing_tables",
+    "shared_output_share",
+    "specialisation",
+]
+
+
+def _routers(model: torch.nn.Module) -> list[TopKRouter]:
+    return [m for m in model.modules() if isinstance(m, TopKRouter)]
+
+
+@contextlib.contextmanager
+def mask_top_experts(model: torch.nn.Module, m: int) -> Iterator[torch.nn.Module]:
+    """Within the block, every top-k router of ``model`` skips each token's ``m`` best experts."""
+    routers = _routers(model)
+    if m and not routers:
+        raise ValueError("mask_top_experts needs a model with top-k routers (a dense model has none)")
+    old = [r.mask_top for r in routers]
+    try:
+        for r in routers:
+            r.mask_top = m
+        yield model
+    finally:
+        for r, value in zip(routers, old, strict=True):
+            r.mask_top = value
+
+
+def redundancy(model: torch.nn.Module, data: torch.Tensor, masks: tuple[int, ...] = (1,), batch_size: int = 16,
+               n_batches: int = 8, seed: int = 1234) -> dict[str, float]:
+    """Validation loss with nothing masked (``"base"``) and with each token's top-``m`` experts masked (``"mask_m"``).
+
+    Masks that a layer cannot take (m > N − k: too few experts left to choose k) are left out.
+    """
+    out = {"base": evaluate(model, data, batch_size, n_batches, seed)}
+    spare = min((r.n_experts - r.k for r in _routers(model)), default=0)
+    for m in (m for m in masks if m <= spare):
+        with mask_top_experts(model, m):
+            out[f"mask_{m}"] = evaluate(model, data, batch_size, n_batches, seed)
+    return out
+
+
+def _windows(data: torch.Tensor, types: torch.Tensor, batch_size: int, block_size: int,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows x (B, T) of ``data`` and the token type of each *input* byte (B, T)."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
+    index = starts[:, None] + torch.arange(block_size)
+    return data[index].long(), types[index].long()
+
+
+@torch.no_grad()
+def routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, n_types: int,
+                   batch_size: int = 16, n_batches: int = 4, seed: int = 1234) -> list[torch.Tensor]:
+    """Per MoE layer, a (n_types, N) count table: tokens of each type whose *first choice* is each expert."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    layers = model.moe_layers()
+    tables = [torch.zeros(n_types, layer.n_experts, dtype=torch.long) for layer in layers]
+    was_training = model.training
+    model.eval()
+    for _ in range(n_batches):
+        x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
+        model(x.to(device))
+        for table, layer in zip(tables, layers, strict=True):
+            first = layer.last_routing.indices[:, 0].cpu()  # (B*T,)
+            table.index_put_((t.reshape(-1), first), torch.ones_like(first), accumulate=True)
+    model.train(was_training)
+    return tables
+
+
+def mutual_information(table: torch.Tensor) -> float:
+    """I(row; column) in bits of a contingency table of counts: Σ p(r,c) log2 p(r,c) / (p(r) p(c))."""
+    p = table.double() / table.sum()
+    pr, pc = p.sum(dim=1, keepdim=True), p.sum(dim=0, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * torch.log2(p[nz] / (pr * pc)[nz])).sum())
+
+
+def _entropy_bits(counts: torch.Tensor) -> float:
+    p = counts.double() / counts.sum()
+    p = p[p > 0]
+    return float(-(p * torch.log2(p)).sum())
+
+
+def random_router_table(table: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The table a router blind to token type would give: the same tokens and expert loads, choices shuffled."""
+    rows = torch.repeat_interleave(torch.arange(table.shape[0]), table.sum(dim=1))
+    cols = torch.repeat_interleave(torch.arange(table.shape[1]), table.sum(dim=0))
+    perm = torch.randperm(len(cols), generator=torch.Generator().manual_seed(seed))
+    out = torch.zeros_like(table)
+    out.index_put_((rows, cols[perm]), torch.ones_like(rows), accumulate=True)
+    return out
+
+
+def specialisation(tables: list[torch.Tensor], seed: int = 0) -> dict[str, list[float]]:
+    """Per layer: I(type; expert) in bits, the random-router baseline, and I / H(type) (share of the type's entropy)."""
+    mi = [mutual_information(t) for t in tables]
+    base = [mutual_information(random_router_table(t, seed)) for t in tables]
+    h_type = [_entropy_bits(t.sum(dim=1)) for t in tables]
+    return {"mi": mi, "mi_random": base, "mi_over_h_type": [i / h for i, h in zip(mi, h_type, strict=True)]}
+
+
+def _capture_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The (T, d) input of every MoE layer for one forward pass of ``x``."""
+    seen: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+             for layer in model.moe_layers()]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def expert_output_similarity(model: torch.nn.Module, data: torch.Tensor, n_tokens: int = 512,
+                             seed: int = 1234) -> list[float]:
+    """Per MoE layer: mean cosine similarity of two different routed experts' outputs on the same inputs."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    block = model.cfg.block_size
+    starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
+    x = data[starts[:, None] + torch.arange(block)].long().to(device)
+    was_training = model.training
+    model.eval()
+    inputs = _capture_inputs(model, x)
+    model.train(was_training)
+    sims = []
+    for layer, h in zip(model.moe_layers(), inputs, strict=True):
+        outs = torch.stack([expert(h) for expert in layer.experts])  # (N, T, d)
+        unit = torch.nn.functional.normalize(outs.double(), dim=-1)
+        cos = torch.einsum("atd,btd->abt", unit, unit).mean(dim=-1)  # (N, N) mean over tokens
+        n = cos.shape[0]
+        sims.append(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))))
+    return sims
+
+
+@torch.no_grad()
+def shared_output_share(model: torch.nn.Module, data: torch.Tensor, n_tokens: int = 512,
+                        seed: int = 1234) -> list[float]:
+    """Per MoE layer with shared experts: ‖shared(x)‖ / (‖shared(x)‖ + ‖routed part‖), averaged over tokens."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    block = model.cfg.block_size
+    starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
+    x = data[starts[:, None] + torch.arange(block)].long().to(device)
+    was_training = model.training
+    model.eval()
+    inputs = _capture_inputs(model, x)
+    shares = []
+    for layer, h in zip(model.moe_layers(), inputs, strict=True):
+        if getattr(layer, "shared", None) is None:
+            continue
+        shared = layer.shared(h).norm(dim=-1)
+        routed = (layer(h) - layer.shared(h)).norm(dim=-1)
+        shares.append(float((shared / (shared + routed)).mean()))
+    model.train(was_training)
+    return shares
+
+
+def probe(model: torch.nn.Module, corpus: Any, masks: tuple[int, ...] = (1,), n_batches: int = 8,
+          batch_size: int = 16) -> dict[str, Any]:
+    """Everything notebook 05 measures on a trained model: masking losses, similarity, specialisation, shared share."""
+    from moe_course.corpus import TOKEN_TYPE_NAMES
+
+    if not model.moe_layers():
+        return {}
+    out: dict[str, Any] = {"redundancy": redundancy(model, corpus.val, masks, batch_size, n_batches)}
+    out["similarity"] = expert_output_similarity(model, corpus.val)
+    tables = routing_tables(model, corpus.val, corpus.val_types, len(TOKEN_TYPE_NAMES), batch_size, n_batches // 2)
+    out["specialisation"] = specialisation(tables)
+    out["tables"] = [t.tolist() for t in tables]
+    out["shared_share"] = shared_output_share(model, corpus.val)
+    return out
