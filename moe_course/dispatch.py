@@ -101,8 +101,11 @@ def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
 
 
 def combine(ys: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Weighted scatter-add of expert outputs back to their tokens: (A, d), (A,), (A,) -> (T, d)."""
-    ys = ys * weight.unsqueeze(-1).to(ys.dtype)
+    """Weighted scatter-add of expert outputs back to their tokens: (A, d), (A,), (A,) -> (T, d).
+
+    Accumulates in the routing weights' precision (fp32), also when the experts ran in bf16 on a GPU.
+    """
+    ys = ys.to(weight.dtype) * weight.unsqueeze(-1)
     return ys.new_zeros(n_tokens, ys.shape[-1]).index_add(0, token, ys)
 
 
