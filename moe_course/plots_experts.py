@@ -1,0 +1,130 @@
+"""Notebook 05's figures: expert layouts, routing combinations, the trained comparison and specialisation heatmaps.
+
+===========================  ==========================================================================
+``plot_expert_layouts``      the three layouts at equal parameters: N top-k, m·N top-m·k, K_s shared + rest
+``plot_combinations``        log10 C(m·N, m·k) as experts are split finer (and DeepSeek-V3's C(256, 8))
+``plot_seed_comparison``     one final number per run label: every seed as a dot, the mean as a bar
+``plot_type_heatmaps``       per MoE layer, token types × experts: P(expert | type) / P(expert) (lift)
+===========================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from moe_course.fine_grained import FineGrainedConfig, n_combinations
+from moe_course.plots import COLORS, _style, figure_axes
+
+__all__ = ["plot_combinations", "plot_expert_layouts", "plot_seed_comparison", "plot_type_heatmaps", "type_lift"]
+
+_ROUTED, _CHOSEN, _SHARED = "#d9d9d9", COLORS[1], COLORS[2]
+
+
+def plot_expert_layouts(layouts: Mapping[str, FineGrainedConfig], width: int | None = None,
+                        ax: Axes | None = None) -> Figure:
+    """One row per layout: each expert a box as wide as its hidden size; one token's experts coloured.
+
+    Grey: routed experts the token skips; orange: its top-k routed experts; green: shared experts.
+    """
+    fig, ax = figure_axes(ax, (8.0, 0.9 + 0.7 * len(layouts)))
+    width = width or max(c.expert_hidden * (c.n_routed + c.n_shared) for c in layouts.values())
+    gen = np.random.default_rng(0)
+    for row, (label, cfg) in enumerate(layouts.items()):
+        y = len(layouts) - 1 - row
+        chosen = set(gen.choice(cfg.n_routed, cfg.top_k, replace=False).tolist())
+        x = 0.0
+        for e in range(cfg.n_shared + cfg.n_routed):
+            shared = e < cfg.n_shared
+            color = _SHARED if shared else (_CHOSEN if e - cfg.n_shared in chosen else _ROUTED)
+            ax.add_patch(Rectangle((x, y + 0.15), cfg.expert_hidden * 0.92, 0.7, color=color, lw=0))
+            x += cfg.expert_hidden
+        ax.text(-0.01 * width, y + 0.5, label, ha="right", va="center", fontsize=9)
+    ax.set_xlim(-0.02 * width, width * 1.01)
+    ax.set_ylim(0, len(layouts))
+    ax.set_yticks([])
+    ax.set_xlabel("hidden units (box width = expert width); same total width in every row")
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in (_SHARED, _CHOSEN, _ROUTED)]
+    ax.legend(handles, ["shared (every token)", "routed, chosen for this token", "routed, not chosen"],
+              loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False, fontsize=8)
+    return fig
+
+
+def plot_combinations(n_experts: int = 8, top_k: int = 2, ms: Sequence[int] = (1, 2, 4, 8, 16),
+                      extra: Mapping[str, tuple[int, int]] | None = None, ax: Axes | None = None) -> Figure:
+    """log10 of C(m·N, m·k), the expert sets a token can get, for each split m (plus ``extra`` labelled points)."""
+    fig, ax = figure_axes(ax, (7.0, 3.6))
+    labels = [f"m={m}\nC({m * n_experts},{m * top_k})" for m in ms]
+    values = [math.log10(n_combinations(m * n_experts, m * top_k)) for m in ms]
+    for name, (n, k) in (extra or {}).items():
+        labels.append(f"{name}\nC({n},{k})")
+        values.append(math.log10(n_combinations(n, k)))
+    bars = ax.bar(range(len(values)), values, color=[COLORS[0]] * len(ms) + [COLORS[3]] * (len(values) - len(ms)))
+    for bar, v in zip(bars, values, strict=True):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{10 ** v:.2g}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    _style(ax, f"expert sets per token, N={n_experts} experts top-{top_k} split m ways", None, "log10 combinations")
+    return fig
+
+
+def plot_seed_comparison(values: Mapping[str, Sequence[float]], ylabel: str = "validation loss (nats/byte)",
+                         title: str | None = None, ax: Axes | None = None, zoom: bool = True) -> Figure:
+    """Each label's seeds as dots and their mean as a bar, with the min-max spread as an error bar."""
+    fig, ax = figure_axes(ax, (7.0, 3.6))
+    for i, seeds in enumerate(values.values()):
+        arr = np.asarray(seeds, dtype=float)
+        mean = float(arr.mean())
+        ax.bar(i, mean, color=COLORS[i % len(COLORS)], alpha=0.35, width=0.6)
+        ax.errorbar(i, mean, yerr=[[mean - arr.min()], [arr.max() - mean]], color="black", capsize=4, lw=1)
+        ax.scatter(np.full(len(arr), i) + np.linspace(-0.12, 0.12, len(arr)), arr, color=COLORS[i % len(COLORS)],
+                   zorder=3, s=18)
+    ax.set_xticks(range(len(values)), list(values), fontsize=8)
+    if zoom:
+        lo = min(min(v) for v in values.values())
+        hi = max(max(v) for v in values.values())
+        pad = 0.25 * (hi - lo) + 1e-3
+        ax.set_ylim(lo - pad, hi + pad)
+    _style(ax, title, None, ylabel)
+    return fig
+
+
+def type_lift(table: torch.Tensor | Sequence[Sequence[int]]) -> np.ndarray:
+    """P(expert | type) / P(expert) of a (types, experts) count table; 1 means no preference."""
+    t = np.asarray(table.tolist() if hasattr(table, "tolist") else table, dtype=float)
+    p_type_expert = t / np.maximum(t.sum(axis=1, keepdims=True), 1)
+    p_expert = t.sum(axis=0) / max(t.sum(), 1)
+    return np.divide(p_type_expert, p_expert, out=np.zeros_like(p_type_expert), where=p_expert > 0)
+
+
+def plot_type_heatmaps(tables: Sequence[torch.Tensor | Sequence[Sequence[int]]], type_names: Sequence[str],
+                       title: str | None = None, vmax: float = 4.0, axes: Sequence[Axes] | None = None) -> Figure:
+    """One heatmap per MoE layer: token types (rows) × experts (columns), coloured by the lift (log scale)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    if axes is None:
+        fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables) + 1, 3.2), layout="constrained",
+                                 squeeze=False)
+        axes = list(axes[0])
+    fig = axes[0].figure
+    image = None
+    for i, (ax, table) in enumerate(zip(axes, tables, strict=True)):
+        lift = np.clip(type_lift(table), 1 / vmax, vmax)
+        image = ax.imshow(lift, aspect="auto", cmap="RdBu_r", norm=LogNorm(1 / vmax, vmax), interpolation="nearest")
+        ax.set_title(f"layer {i}", fontsize=9)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_yticks(range(len(type_names)), type_names if i == 0 else [""] * len(type_names), fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="P(expert | type) / P(expert)", shrink=0.9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
