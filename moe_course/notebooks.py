@@ -332,18 +332,19 @@ def _progress_bar_text(model_id: str, states: dict) -> str | None:
         return None
     left, right = (html.unescape(str(part.get("value", ""))).replace("\u2007", " ") for part in parts[::2])
     shown = re.search(r"(\d{1,3})%$", left)
-    count = re.match(r" ?[\d.]+[kMGTPEZY]?/([\d.]+[kMGTPEZY]?)", right)
+    count = re.match(r" ?([\d.]+[kMGTPEZY]?)/([\d.]+[kMGTPEZY]?)", right)
     if not (shown and count):  # no total: tqdm writes the whole bar ("train: 50it [00:01, 40.1it/s]") right
         return right
     from tqdm.std import Bar
 
     value, total = float(parts[1].get("value") or 0.0), float(parts[1].get("max") or 1.0)
     fraction = min(max(value / total, 0.0), 1.0)
-    if round(100 * fraction) != int(shown.group(1)):
+    shown_n = count.group(1)
+    if round(100 * fraction) != int(shown.group(1)) or (shown_n.isdigit() and float(shown_n) != value):
         # a bar closed with leave=False keeps the text of its last refresh; only the value is final
-        n = count.group(1) if value >= total else f"{value:g}"
+        n = count.group(2) if value >= total else f"{value:g}"
         left = f"{left[: shown.start() - (3 - len(shown.group(1)))]}{100 * fraction:3.0f}%"
-        right = f" {n}/{count.group(1)}"
+        right = f" {n}/{count.group(2)}"
     return f"{left}|{Bar(fraction)}|{right}"
 
 

@@ -327,6 +327,16 @@ def test_finish_progress_bars_stores_the_last_frame() -> None:
     assert widget in vbox.data  # not a progress bar: kept as it is
     assert _sanitize(bar.data["text/plain"]) == _sanitize(first_frame)  # nbval compares the live first frame
 
+    # leave=False: tqdm closes the bar without redrawing its text; the widget's value is final
+    for left, right in [(f"train:{space}{space}97%", f"{space}29/30{space}[00:01&lt;00:00]"),
+                        (f"train:{space}100%", f"{space}1499/1500{space}[00:01&lt;00:00]")]:
+        total = 1500 if "1500" in right else 30
+        nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
+            "state": _tqdm_widget_state(left, total, total, right)}}
+        nb.cells[0].outputs[0].data = {widget: view, "text/plain": first_frame}
+        assert finish_progress_bars(nb) == 1
+        assert nb.cells[0].outputs[0].data["text/plain"] == f"train: 100%|██████████| {total}/{total}"
+
 
 # ------------------------------------------------------------------------------------------------------
 # make_exercise
