@@ -1,0 +1,317 @@
+"""Checks for notebook 06's exercises: DeepSeek-V3's auxiliary-loss-free balancing.
+
+* ``check.bias_update(fn)``: ``fn(bias (N,), routing, u) -> new bias (N,)``: bᵢ + u·sign(c̄ − cᵢ) with cᵢ the
+  number of the batch's assignments (``routing.indices``) that went to expert i and c̄ their mean (Wang et al.
+  2024, arXiv:2408.15664; DeepSeek-V3, arXiv:2412.19437). A plain tensor, never a trained parameter.
+* ``check.biased_topk(fn)``: ``fn(logits (T, N), bias (N,), k) -> (weights (T, k), indices (T, k))``: sigmoid
+  scores s; the top-k of s + b are chosen; the weights are the *unbiased* s of the chosen, renormalised.
+* ``check.group_limited_topk(fn)``: ``fn(logits, bias, k, n_groups, topk_groups)``: the same gate, but each token
+  may only use its ``topk_groups`` best groups of contiguous experts, a group scored by the sum of its two
+  highest biased scores (DeepSeek-V3's reference ``Gate``).
+
+Each check runs fixed inputs, names the usual mistakes by recomputing them, and compares the gradient with
+respect to the logits with the reference's (and checks that no gradient reaches the bias).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_course.balancing import bias_update as ref_bias_update
+from moe_course.check._core import as_tensor, call, close, compare_grads, expect_shape, fail, ok
+from moe_course.routing import Routing, sigmoid_topk
+
+__all__ = ["bias_update", "biased_topk", "group_limited_topk"]
+
+NOT_TRAINED = ("the bias is not a trained parameter: no optimizer and no gradient touch it. Compute the new "
+               "bias from the counts under torch.no_grad() (or from detached counts) and return a plain tensor, "
+               "never an nn.Parameter or a tensor that requires grad")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bias update
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _routing(indices: torch.Tensor, n_experts: int, seed: int) -> Routing:
+    """A batch's routing with the given choices; the scores are random and require grad, as in training."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(indices.shape[0], n_experts, generator=g)
+    scores = logits.sigmoid().requires_grad_(True)
+    weights = scores.gather(-1, indices)
+    return Routing(weights=weights / weights.sum(-1, keepdim=True), indices=indices, logits=logits, scores=scores)
+
+
+def _bias_cases() -> list[tuple[str, torch.Tensor, Routing, float]]:
+    # case 1: 9 tokens, k = 2, N = 6: counts [6, 3, 1, 3, 5, 0], mean 3 (two experts exactly at the mean)
+    idx1 = torch.tensor([[0, 4], [0, 1], [0, 4], [1, 0], [4, 3], [0, 2], [3, 4], [0, 1], [4, 3]])
+    # case 2: 12 tokens, k = 1, N = 4: counts [1, 7, 0, 4], mean 3
+    idx2 = torch.tensor([[1], [1], [3], [1], [0], [3], [1], [1], [3], [1], [3], [1]])
+    return [
+        ("9 tokens, k=2, 6 experts, u=1e-3", torch.tensor([0.1, -0.2, 0.0, 0.05, 0.0, -0.1]), _routing(idx1, 6, 0),
+         1e-3),
+        ("12 tokens, k=1, 4 experts, u=0.01", torch.tensor([0.0, 0.3, -0.05, 0.02]), _routing(idx2, 4, 1), 0.01),
+    ]
+
+
+def _bias_mistakes(bias: torch.Tensor, routing: Routing, u: float) -> list[tuple[str, torch.Tensor]]:
+    n = bias.shape[0]
+    counts = torch.bincount(routing.indices.reshape(-1), minlength=n).to(bias.dtype)
+    gap = counts.mean() - counts  # > 0: underloaded
+    scores = routing.scores.detach()
+    by_score = scores.sum(dim=0)
+    by_weight = torch.zeros(n).index_add_(0, routing.indices.reshape(-1), routing.weights.detach().reshape(-1))
+    share = counts / counts.sum()
+    return [
+        ("reversed the sign: an overloaded expert (cᵢ > c̄) must get a *lower* bias, so it is chosen less; "
+         "b + u·sign(c̄ − cᵢ)", bias + u * torch.sign(-gap)),
+        ("used the experts' scores instead of their counts: the rule balances the *load*, the number of "
+         "assignments cᵢ each expert received (count routing.indices), not the router's scores",
+         bias + u * torch.sign(by_score.mean() - by_score)),
+        ("weighted the counts by the combine weights: cᵢ counts every assignment once (the load an expert "
+         "must compute), whatever its weight", bias + u * torch.sign(by_weight.mean() - by_weight)),
+        ("made a step proportional to the imbalance (a gradient step on Σᵢ bᵢ·(cᵢ − c̄)); the rule moves every "
+         "bias by exactly ±u: u·sign(c̄ − cᵢ), and no gradient or optimizer is involved", bias + u * gap),
+        ("made a step proportional to the imbalance of the load shares; the rule moves every bias by exactly "
+         "±u: u·sign(c̄ − cᵢ)", bias + u * (1.0 / n - share)),
+        ("returned only the change u·sign(c̄ − cᵢ); return the new bias b + u·sign(c̄ − cᵢ)", u * torch.sign(gap)),
+        ("moved the bias of an expert whose count equals the mean: sign(0) = 0, so it keeps its bias "
+         "(use torch.sign, not a two-way choice)", bias + torch.where(gap > 0, u, -u)),
+        ("compared with the mean score or share instead of the mean count c̄ = T·k/N of the same counts",
+         bias + u * torch.sign(1.0 / n - counts)),
+    ]
+
+
+def bias_update(fn: Callable[[torch.Tensor, Routing, float], Any]) -> None:
+    """Check ``fn(bias (N,), routing, u) -> (N,)``: bᵢ + u·sign(c̄ − cᵢ) from the batch's counts."""
+    for label, bias, routing, u in _bias_cases():
+        what = f"bias_update on {label}"
+        given = bias.clone()
+        result = call(fn, given, routing, u, what=what)
+        if result is None:
+            fail(f"{what} returned None; return the new bias (an (N,) tensor)")
+        if isinstance(result, nn.Parameter):
+            fail(f"{what} returned an nn.Parameter; {NOT_TRAINED}")
+        result = as_tensor(result, what)
+        expect_shape(result, tuple(bias.shape), what)
+        if not result.is_floating_point():
+            fail(f"{what} returned {result.dtype}; the bias is a float tensor like the scores it is added to")
+        expected = ref_bias_update(bias, routing.counts(bias.shape[0]), u)
+        if not close(result, expected, atol=1e-7, rtol=1e-6):
+            for hint, wrong in _bias_mistakes(bias, routing, u):
+                if close(result, wrong, atol=1e-7, rtol=1e-6):
+                    fail(f"{what}: it looks like you {hint}.")
+            fail(f"{what}: expected {[round(v, 4) for v in expected.tolist()]}, got "
+                 f"{[round(v, 4) for v in result.detach().tolist()]}. Count each expert's assignments in "
+                 "routing.indices (all k choices), compare with their mean, and move each bias by ±u")
+        if result.requires_grad:
+            fail(f"{what}: the values are right but the result requires grad (it is connected to autograd); "
+                 f"{NOT_TRAINED}")
+    ok("bias_update", "bᵢ + u·sign(c̄ − cᵢ) from the counts, ties kept, no gradient")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Biased top-k with unbiased weights, and its group-limited version
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _same(w: torch.Tensor, i: torch.Tensor, w_ref: torch.Tensor, i_ref: torch.Tensor) -> bool:
+    """Same (expert, weight) pairs in every row, whatever the column order."""
+    if w.shape != w_ref.shape or i.shape != i_ref.shape:
+        return False
+    i_sorted, perm = i.long().sort(dim=-1)
+    r_sorted, r_perm = i_ref.long().sort(dim=-1)
+    if not torch.equal(i_sorted.cpu(), r_sorted.cpu()):
+        return False
+    return close(w.detach().gather(-1, perm), w_ref.detach().gather(-1, r_perm))
+
+
+def _unpack(result: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        fail(f"{what} should return a pair (weights, indices), got {type(result).__name__}")
+    weights, indices = as_tensor(result[0], what + "'s weights"), as_tensor(result[1], what + "'s indices")
+    if not weights.is_floating_point() and indices.is_floating_point():
+        fail(f"{what} returned (indices, weights); return them in the order (weights, indices)")
+    if not weights.is_floating_point():
+        fail(f"{what}: weights should be floating point, got {weights.dtype}")
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        fail(f"{what}: indices should be integer expert ids (torch.long, as topk returns), got {indices.dtype}")
+    return weights, indices
+
+
+def _renorm(w: torch.Tensor) -> torch.Tensor:
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+def _gate(logits: torch.Tensor, bias: torch.Tensor, k: int, *, choose: str = "s+b", weigh: str = "s",
+          renorm: str = "chosen", score: str = "sigmoid", mask: torch.Tensor | None = None,
+          fill: float = -torch.inf) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate with each design choice switchable (the correct one is all defaults)."""
+    s = logits.sigmoid() if score == "sigmoid" else logits.softmax(dim=-1)
+    choice = {"s+b": s + bias, "s": s, "s-b": s - bias, "sig(l+b)": (logits + bias).sigmoid()}[choose]
+    if mask is not None:
+        choice = choice.masked_fill(mask, fill)
+    indices = choice.topk(k, dim=-1).indices
+    source = {"s": s, "s+b": s + bias, "sig(l+b)": (logits + bias).sigmoid()}[weigh]
+    w = source.gather(-1, indices)
+    if renorm == "chosen":
+        w = _renorm(w)
+    elif renorm == "all":
+        w = w / source.sum(dim=-1, keepdim=True)
+    return w, indices
+
+
+def _topk_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int]]:
+    g = torch.Generator().manual_seed(606)
+    return [
+        ("7 tokens x 5 experts, k=2", 1.5 * torch.randn(7, 5, generator=g), 0.3 * torch.randn(5, generator=g), 2),
+        ("6 tokens x 8 experts, k=3", 1.5 * torch.randn(6, 8, generator=g), 0.3 * torch.randn(8, generator=g), 3),
+        ("9 tokens x 4 experts, k=1", 1.5 * torch.randn(9, 4, generator=g), 0.4 * torch.randn(4, generator=g), 1),
+    ]
+
+
+def _topk_mistakes(logits: torch.Tensor, bias: torch.Tensor, k: int) -> list[tuple[str, tuple]]:
+    return [
+        ("added the bias to the combine weights; the bias only decides *which* experts are chosen, the weights "
+         "are the plain sigmoid scores of the chosen experts, renormalised",
+         _gate(logits, bias, k, weigh="s+b")),
+        ("added the bias to the combine weights and did not renormalise them; the weights are the plain "
+         "sigmoid scores of the chosen experts divided by their sum", _gate(logits, bias, k, weigh="s+b", renorm="no")),
+        ("did not renormalise: the weights must sum to 1 over the k chosen experts (divide the chosen scores "
+         "by their sum)", _gate(logits, bias, k, renorm="no")),
+        ("renormalised over all N experts; divide by the sum over the k *chosen* experts only",
+         _gate(logits, bias, k, renorm="all")),
+        ("ignored the bias when choosing: take the top-k of scores + bias (the weights stay unbiased)",
+         _gate(logits, bias, k, choose="s")),
+        ("subtracted the bias; it is added: top-k of s + b (a raised bias attracts tokens)",
+         _gate(logits, bias, k, choose="s-b")),
+        ("added the bias to the logits before the sigmoid; DeepSeek-V3 adds it to the sigmoid scores: "
+         "top-k of sigmoid(logits) + b", _gate(logits, bias, k, choose="sig(l+b)")),
+        ("added the bias to the logits before the sigmoid (for the choice and the weights); the bias is added "
+         "to the sigmoid scores and only for the choice", _gate(logits, bias, k, choose="sig(l+b)", weigh="sig(l+b)")),
+        ("used a softmax; DeepSeek-V3's affinities are sigmoid scores, one per expert: s = sigmoid(logits)",
+         _gate(logits, bias, k, score="softmax")),
+    ]
+
+
+def _check_gate(what: str, result: Any, logits: torch.Tensor, given: torch.Tensor, given_bias: torch.Tensor,
+                expected: tuple[torch.Tensor, torch.Tensor], mistakes: list[tuple[str, tuple]],
+                reference: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Values (any column order), then the gradient w.r.t. the logits, then no gradient into the bias."""
+    t, k = expected[1].shape
+    weights, indices = _unpack(result, what)
+    expect_shape(weights, (t, k), what + "'s weights")
+    expect_shape(indices, (t, k), what + "'s indices")
+    if not _same(weights, indices, *expected):
+        for hint, (w_bad, i_bad) in mistakes:
+            if _same(weights, indices, w_bad, i_bad):
+                fail(f"{what}: it looks like you {hint}.")
+        if not torch.equal(indices.long().sort(-1).values, expected[1].sort(-1).values):
+            fail(f"{what}: wrong experts chosen. Token 0 should get experts {sorted(expected[1][0].tolist())}, "
+                 f"got {sorted(indices[0].tolist())}")
+        fail(f"{what}: the right experts, wrong weights. Token 0: expected "
+             f"{[round(v, 3) for v in expected[0][0].tolist()]} for experts {expected[1][0].tolist()}, got "
+             f"{[round(v, 3) for v in weights[0].detach().tolist()]} for {indices[0].tolist()}")
+    if given_bias.requires_grad and weights.requires_grad:
+        (g_bias,) = torch.autograd.grad(weights.sum(), given_bias, retain_graph=True, allow_unused=True)
+        if g_bias is not None and bool(g_bias.abs().max() > 0):
+            fail(f"{what}: the values are right but a gradient reaches the bias; the bias only selects "
+                 "experts and must get no gradient (it is updated by the sign rule, outside autograd)")
+    perm, r_perm = indices.long().argsort(dim=-1), expected[1].argsort(dim=-1)
+    ref_logits = logits.clone().requires_grad_(True)
+    w_ref = reference(ref_logits)
+    compare_grads(what, weights.gather(-1, perm), w_ref.gather(-1, r_perm), {"the logits": given},
+                  {"the logits": ref_logits})
+
+
+def biased_topk(fn: Callable[[torch.Tensor, torch.Tensor, int], Any]) -> None:
+    """Check ``fn(logits (T, N), bias (N,), k) -> (weights, indices)``: choose on s + b, weigh by s renormalised."""
+    for label, logits, bias, k in _topk_cases():
+        what = f"biased_topk on {label}"
+        given, given_bias = logits.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        result = call(fn, given, given_bias, k, what=what)
+        if not torch.equal(given.detach(), logits) or not torch.equal(given_bias.detach(), bias):
+            fail(f"{what} changed its inputs in place; compute new tensors instead")
+        expected = sigmoid_topk(logits, k, bias)
+        _check_gate(what, result, logits, given, given_bias, expected, _topk_mistakes(logits, bias, k),
+                    lambda lg, bias=bias, k=k: sigmoid_topk(lg, k, bias)[0])
+    ok("biased_topk", "top-k of sigmoid + bias, weights from the unbiased scores renormalised; k = 1, 2, 3")
+
+
+def _group_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
+    g = torch.Generator().manual_seed(6060)
+    strong = torch.tensor([0.1, -0.9, 0.0, -0.8, -0.9, 0.2, -0.7, -0.95, 0.05, -0.85, -0.9, 0.0])
+    return [
+        ("10 tokens, 12 experts in 4 groups, top-2 groups, k=3", 1.5 * torch.randn(10, 12, generator=g),
+         0.3 * torch.randn(12, generator=g), 3, 4, 2),
+        ("8 tokens, 8 experts in 4 groups, top-2 groups, k=2", 1.5 * torch.randn(8, 8, generator=g),
+         0.3 * torch.randn(8, generator=g), 2, 4, 2),
+        ("9 tokens, 12 experts in 3 groups, top-1 group, k=2", 2.0 * torch.randn(9, 12, generator=g),
+         0.3 * torch.randn(12, generator=g), 2, 3, 1),
+        ("12 tokens, 12 experts in 4 groups, top-2 groups, k=3, large negative biases",
+         1.5 * torch.randn(12, 12, generator=g), strong, 3, 4, 2),
+    ]
+
+
+def _group_mask(choice: torch.Tensor, n_groups: int, topk_groups: int, score: str = "top2",
+                layout: str = "contiguous") -> torch.Tensor:
+    """(T, N) True outside the token's chosen groups, with the group score and layout switchable."""
+    t, n = choice.shape
+    size = n // n_groups
+    if layout == "contiguous":
+        grouped = choice.view(t, n_groups, size)
+    else:  # expert e in group e % G
+        grouped = choice.view(t, size, n_groups).transpose(1, 2)
+    group_scores = {"top2": lambda: grouped.topk(min(2, size), dim=-1).values.sum(-1),
+                    "max": lambda: grouped.amax(-1), "sum": lambda: grouped.sum(-1)}[score]()
+    best = group_scores.topk(topk_groups, dim=-1).indices
+    outside = torch.ones(t, n_groups, dtype=torch.bool).scatter(1, best, False)  # (T, G)
+    if layout == "contiguous":
+        return outside.repeat_interleave(size, dim=1)
+    return outside.repeat(1, size)  # expert e belongs to group e % G
+
+
+def _group_mistakes(logits: torch.Tensor, bias: torch.Tensor, k: int, n_groups: int,
+                    topk_groups: int) -> list[tuple[str, tuple]]:
+    s = logits.sigmoid()
+    right = _group_mask(s + bias, n_groups, topk_groups)
+    return [
+        ("scored each group by its single best expert (max); DeepSeek-V3 scores a group by the sum of its two "
+         "highest biased scores", _gate(logits, bias, k, mask=_group_mask(s + bias, n_groups, topk_groups, "max"))),
+        ("scored each group by the sum of all its experts' scores; use the sum of its two highest biased scores",
+         _gate(logits, bias, k, mask=_group_mask(s + bias, n_groups, topk_groups, "sum"))),
+        ("scored the groups with the unbiased scores; the group score uses the biased scores s + b too",
+         _gate(logits, bias, k, mask=_group_mask(s, n_groups, topk_groups))),
+        ("did not limit the tokens to their best groups: mask the experts outside the topk_groups best groups "
+         "before the top-k", _gate(logits, bias, k)),
+        ("grouped the experts round-robin (expert e in group e % G); groups are contiguous blocks: experts "
+         "0 .. N/G − 1 form group 0, i.e. view(T, G, N/G)",
+         _gate(logits, bias, k, mask=_group_mask(s + bias, n_groups, topk_groups, layout="round-robin"))),
+        ("filled the masked experts with 0; biased scores can be negative, so a masked expert could still be "
+         "chosen: fill with -inf", _gate(logits, bias, k, mask=right, fill=0.0)),
+        ("added the bias to the combine weights; it only decides which experts are chosen",
+         _gate(logits, bias, k, mask=right, weigh="s+b")),
+        ("did not renormalise the weights over the k chosen experts", _gate(logits, bias, k, mask=right, renorm="no")),
+    ]
+
+
+def group_limited_topk(fn: Callable[..., Any]) -> None:
+    """Check ``fn(logits, bias, k, n_groups, topk_groups) -> (weights, indices)``: DeepSeek-V3's gate."""
+    for label, logits, bias, k, n_groups, topk_groups in _group_cases():
+        what = f"group_limited_topk on {label}"
+        given, given_bias = logits.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        result = call(fn, given, given_bias, k, n_groups, topk_groups, what=what)
+        if not torch.equal(given.detach(), logits) or not torch.equal(given_bias.detach(), bias):
+            fail(f"{what} changed its inputs in place; compute new tensors instead")
+        expected = sigmoid_topk(logits, k, bias, n_groups=n_groups, topk_groups=topk_groups)
+
+        def reference(lg: torch.Tensor, bias=bias, k=k, g=n_groups, tg=topk_groups) -> torch.Tensor:
+            return sigmoid_topk(lg, k, bias, n_groups=g, topk_groups=tg)[0]
+
+        _check_gate(what, result, logits, given, given_bias, expected,
+                    _group_mistakes(logits, bias, k, n_groups, topk_groups), reference)
+    ok("group_limited_topk", "best groups by top-2 biased scores, then biased top-k, unbiased renormalised weights")
