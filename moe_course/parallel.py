@@ -58,6 +58,7 @@ __all__ = [
     "launch",
     "local_experts",
     "rank_order",
+    "ranks_per_token",
     "send_counts",
 ]
 
@@ -109,6 +110,12 @@ def rank_order(indices: torch.Tensor, n_experts: int, world: int) -> tuple[torch
     order = dest.argsort(stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return order, inverse
+
+
+def ranks_per_token(indices: torch.Tensor, n_experts: int, world: int) -> torch.Tensor:
+    """(T, k) expert ids -> (T,): how many different ranks each token's k experts live on."""
+    hit = torch.zeros(indices.shape[0], world, dtype=torch.bool, device=indices.device)
+    return hit.scatter_(1, expert_owner(indices, n_experts, world), True).sum(dim=1)
 
 
 def dispatch_bytes(indices: torch.Tensor, n_experts: int, world: int, rank: int, d_model: int,
@@ -255,6 +262,8 @@ class ExpertParallelMoE(nn.Module):
             "received_per_expert": counts.tolist(), "dropped": float(1 - keep.float().mean()) if t else 0.0,
             "dispatch_bytes": (sum(send_list) - send_list[self.rank]) * size,
             "combine_bytes": (sum(recv_list) - recv_list[self.rank]) * size,
+            "metadata_bytes": (sum(send_list) - send_list[self.rank]) * local_ids.element_size() + 2 * send.numel()
+            * send.element_size(),  # local expert ids of the rows sent away, and the counts (both ways)
             "seconds": {p: clock[i + 1] - clock[i] for i, p in enumerate(PHASES)},
         }
         return y.reshape(shape)
@@ -591,6 +600,29 @@ def profile_layers(settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [profile_layer(**s) for s in settings]
 
 
+def balance_with_bias(moe_kwargs: dict[str, Any], tokens_per_rank: int, bias: Sequence[float], steps: int,
+                      seed: int = 0) -> list[int]:
+    """On every rank: start from a skewed routing bias and apply the bias update (global counts) ``steps``
+    times, each after a forward pass on fresh tokens; return the rows this rank received at each step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    moe = _reference_layer(moe_kwargs, seed)
+    moe.router.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    ep = ExpertParallelMoE.from_moe(moe, rank, world).train()
+    gen = torch.Generator().manual_seed(seed + 1 + rank)
+    received = []
+    for _ in range(steps + 1):
+        with torch.no_grad():
+            ep(torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device()))
+        received.append(sum(ep.last_stats["received_pairs"]))
+        ep.after_step()
+    return received
+
+
+def run_all(calls: Sequence[tuple[Callable[..., Any], tuple]]) -> list[Any]:
+    """Run several functions of the package in one process group (one spawn): ``[fn(*args) for fn, args]``."""
+    return [fn(*args) for fn, args in calls]
+
+
 def communication_volume(settings: Sequence[dict[str, Any]], tokens_per_rank: int, seed: int = 0
                          ) -> list[dict[str, Any]]:
     """On every rank, for each MoE setting: one forward pass; the pairs and bytes each all-to-all carried.
@@ -609,7 +641,8 @@ def communication_volume(settings: Sequence[dict[str, Any]], tokens_per_rank: in
         st = ep.last_stats
         out.append({"d_model": moe.d_model, "top_k": moe.top_k, "tokens": st["tokens"], "sent": st["sent_pairs"],
                     "received": st["received_pairs"], "dispatch_bytes": st["dispatch_bytes"],
-                    "combine_bytes": st["combine_bytes"], "element_size": 4})
+                    "combine_bytes": st["combine_bytes"], "metadata_bytes": st["metadata_bytes"],
+                    "element_size": 4})
     return out
 
 

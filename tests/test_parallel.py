@@ -22,6 +22,7 @@ from moe_course.parallel import (
     launch,
     local_experts,
     rank_order,
+    ranks_per_token,
     send_counts,
 )
 
@@ -105,6 +106,8 @@ def test_placement_and_send_side_helpers():
     pairs = torch.arange(6)
     assert torch.equal(pairs[order][inverse], pairs)
     assert dispatch_bytes(idx, 4, 2, rank=0, d_model=8, bytes_per_element=4) == 3 * 8 * 4
+    assert ranks_per_token(idx, 4, 2).tolist() == [2, 2, 2]
+    assert ranks_per_token(torch.tensor([[0, 1], [2, 3], [0, 3]]), 4, 2).tolist() == [1, 1, 2]
     with pytest.raises(ValueError, match="divisible by world"):
         send_counts(idx, 4, 3)
 
