@@ -1,6 +1,7 @@
 """Expert parallelism over real gloo process groups: equal to the single-process MoE, and failures never hang.
 
-Each test spawns its ranks once and runs a batch of scenarios there (spawning costs seconds on a busy CPU).
+Each test starts its ranks once and runs a batch of scenarios there; ranks start from a fork server that
+imported torch once per session (a fresh interpreter per rank costs seconds on a busy CPU).
 Tolerance: every output and gradient within 1e-5 of the single-process layer with the same weights (the
 all-to-alls move values exactly; only the order of float additions differs).
 """
@@ -122,6 +123,8 @@ def test_layer_rejects_bad_setups():
         ExpertParallelMoE.from_moe(MoE(8, 16, 6, 2), 0, 4)
     with pytest.raises(ValueError, match="backend"):
         launch(parallel.fail_on_rank, 2, 0, "raise", backend="mpi")
+    with pytest.raises(ValueError, match="start_method"):
+        launch(parallel.fail_on_rank, 2, 0, "raise", start_method="thread")
 
 
 def test_from_moe_slices_the_experts():
