@@ -136,3 +136,10 @@ def test_from_moe_slices_the_experts():
     assert torch.equal(part.router.gate.weight, moe.router.gate.weight)
     assert part.router.gate.weight.data_ptr() != moe.router.gate.weight.data_ptr()  # a copy, as on another rank
     assert torch.equal(part.shared.down.weight, moe.shared.down.weight)
+
+
+def test_command_line_demo_runs_and_reports_each_rank(capsys):
+    assert parallel.main(["--world", "2", "--tokens", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1"]
+    assert all(float(line.rsplit(" ", 1)[1]) <= TOL for line in lines)
