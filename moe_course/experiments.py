@@ -194,6 +194,13 @@ def _aux_sweep(size: str) -> list[Run]:
     return [Run(f"alpha={a:g}", base_model(size, aux_loss_coef=a), base_train(size)) for a in ALPHAS]
 
 
+@register("aux_sweep_capacity", "notebook 04: the alpha sweep with capacity factor 1.25 (Switch trains with a "
+          "capacity limit, so imbalance drops tokens)")
+def _aux_sweep_capacity(size: str) -> list[Run]:
+    return [Run(f"alpha={a:g}", base_model(size, aux_loss_coef=a, capacity_factor=1.25), base_train(size))
+            for a in ALPHAS]
+
+
 @register("z_loss", "notebook 04: router z-loss (1e-3) or none, at a high learning rate")
 def _z_loss(size: str) -> list[Run]:
     lr = 10 * base_train(size).lr

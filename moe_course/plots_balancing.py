@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -229,7 +230,7 @@ def plot_layer_loads(load: Sequence[Sequence[Sequence[float]]], steps: Sequence[
     points, layers, n = arr.shape
     if len(steps) != points:
         raise ValueError(f"{len(steps)} steps for {points} log points")
-    fig = fig or Figure(figsize=(4.2 * layers + 1.2, 3.3), layout="constrained")
+    fig = fig or plt.figure(figsize=(4.2 * layers + 1.2, 3.3), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, layers, sharey=True))
     colors = [COLORS[e % len(COLORS)] for e in range(n)]
     for layer, ax in enumerate(axes):
