@@ -224,7 +224,7 @@ def _routers(size: str) -> list[Run]:
 
 FINE_GRAINED_SHAPES = {  # notebook 05: a GShard-style layer N=8 (16 on GPU) top-2 of width h; m = 4, K_s = 1
     "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16),
-    "cpu": dict(block_size=128, n_layer=4, n_head=4, d_model=128, n_experts=8, top_k=2, expert_hidden=128),
+    "cpu": dict(block_size=64, n_layer=2, n_head=2, d_model=64, n_experts=8, top_k=2, expert_hidden=64),
     "gpu": dict(block_size=256, n_layer=4, n_head=4, d_model=256, n_experts=16, top_k=2, expert_hidden=256),
 }
 
