@@ -163,6 +163,10 @@ def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
 # the layer
 
 
+_GLOBAL_POLICIES = (SwitchAuxLoss, RouterZLoss, SequenceAuxLoss, BiasUpdate)
+"""Balancing policies the layer computes over all ranks' tokens (global counts by all-reduce)."""
+
+
 class ExpertParallelMoE(nn.Module):
     """One rank's part of an expert-parallel MoE layer: the full router, E/W experts, the shared experts.
 
@@ -182,6 +186,10 @@ class ExpertParallelMoE(nn.Module):
                              "tokens from the whole batch, which no single rank sees")
         if not isinstance(moe.experts, GroupedExperts):
             raise ValueError("ExpertParallelMoE slices GroupedExperts: build the MoE with experts='grouped'")
+        unknown = [type(p).__name__ for p in moe.balancing if not isinstance(p, _GLOBAL_POLICIES)]
+        if unknown:
+            raise ValueError(f"ExpertParallelMoE does not know how to compute {unknown} across ranks; it supports "
+                             f"{[c.__name__ for c in _GLOBAL_POLICIES]}")
         lo, hi = local_experts(rank, world, moe.n_experts)[0], local_experts(rank, world, moe.n_experts)[-1] + 1
         self.rank, self.world, self.group = rank, world, group
         self.d_model, self.n_experts, self.top_k = moe.d_model, moe.n_experts, moe.top_k
@@ -284,7 +292,7 @@ class ExpertParallelMoE(nn.Module):
                     aux = aux + policy.coef * torch.logsumexp(routing.logits.float(), -1).square().sum() / t_all
                 elif isinstance(policy, SequenceAuxLoss):
                     seqs = batch_shape[0] if len(batch_shape) == 2 else 1  # each rank holds whole sequences
-                    all_seqs = float(_all_reduce(torch.tensor([float(seqs)]), self.group)[0])
+                    all_seqs = float(_all_reduce(counts.new_tensor([seqs]), self.group)[0])
                     if t:
                         per_seq = sequence_aux_loss(routing.scores.reshape(seqs, -1, n),
                                                     routing.indices.reshape(seqs, -1, k), n)
@@ -650,13 +658,14 @@ def communication_volume(settings: Sequence[dict[str, Any]], tokens_per_rank: in
         moe = _reference_layer(s, seed)
         ep = ExpertParallelMoE.from_moe(moe, rank, world)
         gen = torch.Generator().manual_seed(seed + 1 + rank)
+        x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device())
         with torch.no_grad():
-            ep(torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device()))
+            ep(x)
         st = ep.last_stats
         out.append({"d_model": moe.d_model, "top_k": moe.top_k, "tokens": st["tokens"], "sent": st["sent_pairs"],
                     "received": st["received_pairs"], "dispatch_bytes": st["dispatch_bytes"],
                     "combine_bytes": st["combine_bytes"], "metadata_bytes": st["metadata_bytes"],
-                    "element_size": 4})
+                    "element_size": x.element_size()})
     return out
 
 

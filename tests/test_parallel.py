@@ -121,6 +121,10 @@ def test_layer_rejects_bad_setups():
         ExpertParallelMoE.from_moe(MoE(8, 16, 4, 2, experts="list"), 0, 2)
     with pytest.raises(ValueError, match="divisible by world"):
         ExpertParallelMoE.from_moe(MoE(8, 16, 6, 2), 0, 4)
+    custom = MoE(8, 16, 4, 2)
+    custom.balancing.append(torch.nn.Identity())
+    with pytest.raises(ValueError, match="across ranks"):
+        ExpertParallelMoE.from_moe(custom, 0, 2)
     with pytest.raises(ValueError, match="backend"):
         launch(parallel.fail_on_rank, 2, 0, "raise", backend="mpi")
     with pytest.raises(ValueError, match="start_method"):
