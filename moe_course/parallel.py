@@ -589,10 +589,11 @@ def compare_with_single_process(scenarios: Sequence[dict[str, Any]]) -> list[dic
 
 
 def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 0, bias: Sequence[float] | None = None,
-                  repeats: int = 3, dtype: str = "float32") -> dict[str, Any]:
+                  repeats: int = 5, warmup: int = 2, dtype: str = "float32") -> dict[str, Any]:
     """On every rank: time forward + backward of the expert-parallel layer; report counts, bytes and phases.
 
-    Phase times (forward) and ``step`` (forward + backward) are the fastest of ``repeats`` runs after a warm-up.
+    Phase times (forward) and ``step`` (forward + backward) are the fastest of ``repeats`` runs after
+    ``warmup`` untimed ones (other programs can only make a run slower, so the fastest is the least disturbed).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     moe = _reference_layer(moe_kwargs, seed)
@@ -602,13 +603,13 @@ def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 
     gen = torch.Generator().manual_seed(seed + 1 + rank)  # every rank has its own tokens
     x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device(), getattr(torch, dtype))
     best: dict[str, float] = {}
-    for i in range(repeats + 1):
+    for i in range(warmup + repeats):
         dist.barrier()
         start = time.perf_counter()
         y = ep(x)
         y.float().square().mean().backward()
         step = time.perf_counter() - start
-        if i:
+        if i >= warmup:
             for name, s in {**ep.last_stats["seconds"], "step": step}.items():
                 best[name] = min(best.get(name, math.inf), s)
     stats = dict(ep.last_stats)

@@ -35,18 +35,18 @@ def plot_expert_parallel_flow(sent: Sequence[Sequence[int]], title: str | None =
         for x, stage in zip(xs, STAGES, strict=True):
             if "all-to-all" in stage:
                 continue
-            ax.add_patch(FancyBboxPatch((x - 0.7, y - 0.32), 1.4, 0.64, boxstyle="round,pad=0.02",
+            ax.add_patch(FancyBboxPatch((x - 0.8, y - 0.32), 1.6, 0.64, boxstyle="round,pad=0.02",
                                         facecolor=colors[r % 10], alpha=0.25, edgecolor=colors[r % 10]))
-            ax.text(x, y, stage if r == 0 else stage.split("\n")[0], ha="center", va="center", fontsize=8)
+            ax.text(x, y, stage, ha="center", va="center", fontsize=7.5)
         ax.text(-1.0, y, f"rank {r}", ha="right", va="center", fontsize=10, color=colors[r % 10])
-    for x0, x1, back in ((0.7, 3.3, False), (4.7, 7.3, True)):
+    for x0, x1, back in ((0.8, 3.2, False), (4.8, 7.2, True)):
         for i in range(w):
             for j in range(w):
                 n = sent[i][j]
                 if n == 0:
                     continue
                 src, dst = (j, i) if back else (i, j)
-                ax.plot([x0, x1], [-src, -dst], color=colors[(i if not back else i) % 10],
+                ax.plot([x0, x1], [-src, -dst], color=colors[i % 10],  # coloured by the tokens' rank
                         linewidth=0.5 + 4 * n / biggest, alpha=0.7)
     ax.text(2, 0.75, "all-to-all #1\n(tokens out)", ha="center", fontsize=9)
     ax.text(6, 0.75, "all-to-all #2\n(results back)", ha="center", fontsize=9)
@@ -54,7 +54,7 @@ def plot_expert_parallel_flow(sent: Sequence[Sequence[int]], title: str | None =
     ax.set_ylim(-w + 0.4, 1.4)
     ax.axis("off")
     ax.set_title(title or "expert parallelism: each rank's tokens travel to the experts' ranks and back")
-    im = heat.imshow(sent, cmap="Blues")
+    im = heat.imshow(sent, cmap="Blues", vmin=0)
     for i in range(w):
         for j in range(w):
             heat.text(j, i, str(sent[i][j]), ha="center", va="center", fontsize=9,
@@ -90,7 +90,7 @@ def plot_received_rows(received_per_expert: Sequence[Sequence[int]], ax: Axes | 
 
 
 def plot_phase_times(seconds: Sequence[Mapping[str, float]], ax: Axes | None = None,
-                     title: str = "forward pass per rank") -> Axes:
+                     title: str = "forward pass per rank", legend: bool = True) -> Axes:
     """Stacked horizontal bars: each rank's router / dispatch / experts / combine time (milliseconds)."""
     if not seconds:
         raise ValueError("seconds must hold one dict of phase times per rank")
@@ -105,5 +105,6 @@ def plot_phase_times(seconds: Sequence[Mapping[str, float]], ax: Axes | None = N
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds")
     ax.set_title(title)
-    ax.legend(fontsize=8, ncols=4, loc="lower right")
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax

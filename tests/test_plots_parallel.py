@@ -67,3 +67,4 @@ def test_phase_times_stack_in_milliseconds():
     assert sum(b.get_width() for b in rank0) == pytest.approx(16.0)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["rank 0", "rank 1"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(PHASE_COLORS)
+    assert plot_phase_times(seconds, legend=False).get_legend() is None
