@@ -333,6 +333,7 @@ def _loss_free_06(size: str) -> list[Run]:
         Run("no balancing", m(size), t),
         Run("aux alpha=1e-3", m(size, aux_loss_coef=1e-3), t),
         Run("aux alpha=1e-2", m(size, aux_loss_coef=1e-2), t),
+        Run("aux alpha=1e-1", m(size, aux_loss_coef=1e-1), t),
         Run("loss-free u=1e-3", m(size, bias_update_rate=U), t),
         Run("loss-free u=1e-4", m(size, bias_update_rate=1e-4), t),
         Run("loss-free u=1e-2", m(size, bias_update_rate=1e-2), t),
@@ -343,7 +344,7 @@ def _loss_free_06(size: str) -> list[Run]:
 
 
 EXPERIMENTS["loss_free_06"] = (
-    "notebook 06: sigmoid gate with no balancing, aux loss (1e-3, 1e-2), loss-free bias (u = 1e-4, 1e-3, 1e-2), "
+    "notebook 06: sigmoid gate with no balancing, aux loss (1e-3, 1e-2, 1e-1), loss-free bias (u = 1e-4, 1e-3, 1e-2), "
     "+ sequence-wise aux loss, + group-limited routing", _loss_free_06, (0, 1, 2), 1)
 
 
@@ -364,7 +365,7 @@ class LossFreeRecord:
     step: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     aux_loss: list[float] = field(default_factory=list)
-    max_vio_batch: list[float] = field(default_factory=list)  # mean over the interval's batches and the layers
+    max_vio_batch: list[float] = field(default_factory=list)  # mean over the interval's batches and layers
     bias: list[list[list[float]]] = field(default_factory=list)  # [log point][moe layer][expert]
     grad_lm: list[float] = field(default_factory=list)  # ‖∇L_LM‖ on the router weights (fixed probe batch)
     grad_aux: list[float] = field(default_factory=list)  # ‖∇L_aux‖ at α = 1
@@ -377,8 +378,8 @@ class LossFreeRecord:
 
     @property
     def final(self) -> dict[str, float]:
-        """Headline numbers: last val loss and MaxVio_global; MaxVio_batch averaged over the second half."""
-        half = self.max_vio_batch[len(self.max_vio_batch) // 2:]
+        """Headline numbers: last val loss and MaxVio_global; MaxVio_batch averaged over the last quarter."""
+        half = self.max_vio_batch[-max(1, len(self.max_vio_batch) // 4):]
         return {
             "val_loss": self.val_loss[-1] if self.val_loss else math.nan,
             "max_vio_global": self.max_vio_global[-1] if self.max_vio_global else math.nan,

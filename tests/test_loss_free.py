@@ -142,7 +142,7 @@ def test_experiment_configurations():
     runs = {r.label: r.model for r in lf.get_runs("loss_free_06", "cpu")}
     assert all(m.router_score == "sigmoid" for m in runs.values())  # the same gate everywhere
     assert runs["no balancing"].aux_loss_coef == 0 and runs["no balancing"].bias_update_rate == 0
-    assert [runs[f"aux alpha={a}"].aux_loss_coef for a in ("1e-3", "1e-2")] == [1e-3, 1e-2]
+    assert [runs[f"aux alpha={a}"].aux_loss_coef for a in ("1e-3", "1e-2", "1e-1")] == [1e-3, 1e-2, 1e-1]
     assert sorted(m.bias_update_rate for label, m in runs.items() if label.startswith("loss-free u=")) == \
         [1e-4, 1e-3, 1e-2]
     assert runs["loss-free + seq aux 1e-4"].seq_aux_loss_coef == 1e-4
