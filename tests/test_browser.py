@@ -9,7 +9,7 @@ The run stands in for nbval-lax on notebooks/ in ``make test`` (see the Makefile
 Needs Playwright (``pip install playwright``) and a Chromium binary (Debian: ``apt-get install chromium``;
 set MOE_CHROMIUM to use another path); Playwright's own browser download is not used. Without them the
 test is skipped, or fails when MOE_REQUIRE_BROWSER=1 (CI). On failure, screenshots of the page and of
-each failing cell are written to the test's tmp_path and named in the message.
+each failing cell are written to SCREENSHOTS (in the system's temp folder) and named in the message.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,11 +47,14 @@ WIDGET_TYPE = "application/vnd.jupyter.widget-view+json"
 # Generous limits: the test machine has 2 slow cores shared with other jobs.
 SERVER_START_S = 180
 KERNEL_START_S = 180
-RUN_ALL_S = 900
+RUN_ALL_S = 1800
 RENDER_S = 120
 RUN_START_S = 60  # Run All must start a cell within this
 SLIDER_REDRAW_S = 120
 STALLED_S = 15  # kernel idle this long with cells left unrun: Run All stopped (an untagged error)
+
+# Own folders, not pytest's tmp_path: parallel pytest runs on the machine rotate (delete) old tmp_path folders.
+SCREENSHOTS = Path(tempfile.gettempdir()) / "moe_course_browser_test"
 
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 # The state of every cell of the open notebook, in notebook order: prompt, figures, widgets, sliders.
@@ -134,14 +138,14 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def lab(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def lab(browser: Any) -> Iterator[dict[str, Any]]:
     """JupyterLab on a free localhost port, serving a temporary copy of notebooks/ (and data/, if present).
 
     The copy lets the test save the notebooks it runs without touching the repository. Settings come from
     temporary folders: the course's overrides (no news pop-up) and, for the test only, every cell kept in
     the page (windowingMode none) so that the page can be read from top to bottom.
     """
-    tmp = tmp_path_factory.mktemp("lab")
+    tmp = Path(tempfile.mkdtemp(prefix="moe_course_lab_"))
     root = tmp / "course"
     shutil.copytree(REPO / "notebooks", root / "notebooks")
     if (REPO / "data").is_dir():
@@ -159,7 +163,10 @@ def lab(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
            f"--LabApp.user_settings_dir={tracker.parents[2]}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}"]
     if hasattr(os, "getuid") and os.getuid() == 0:
         cmd.append("--allow-root")
-    env = {**os.environ, "MOE_DEVICE": os.environ.get("MOE_DEVICE", "cpu")}
+    # One intra-op thread per kernel unless told otherwise: on a 2-core machine shared with other jobs,
+    # PyTorch's default (one thread per core) oversubscribes the cores and small ops slow down many times.
+    env = {**os.environ, "MOE_DEVICE": os.environ.get("MOE_DEVICE", "cpu"),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log = open(tmp / "jupyterlab.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -182,6 +189,7 @@ def lab(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         server.kill()
         server.wait()
     log.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _wait_for_kernel(page: Any) -> None:
@@ -292,6 +300,7 @@ def _screenshots(page: Any, stem: Path, cells: Iterable[int]) -> list[str]:
     """Save a screenshot of the page and of (up to five of) the given cells; return their paths."""
     shots = [f"{stem}.png"]
     try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=shots[0])
         for i in sorted(cells)[:5]:
             shots.append(f"{stem}_cell{i}.png")
@@ -302,7 +311,7 @@ def _screenshots(page: Any, stem: Path, cells: Iterable[int]) -> list[str]:
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_in_browser(name: str, lab: dict[str, Any], browser: Any, tmp_path: Path) -> None:
+def test_notebook_runs_in_browser(name: str, lab: dict[str, Any], browser: Any) -> None:
     """Run All in JupyterLab: errors only where tagged, every figure drawn, widgets live."""
     path = lab["root"] / "notebooks" / name
     solution_expected = expected_outputs(REPO / "solutions" / name)
@@ -364,11 +373,11 @@ def test_notebook_runs_in_browser(name: str, lab: dict[str, Any], browser: Any, 
                 if slider_problem := _move_slider(page, cell_locator):
                     problem(i, slider_problem)
         if problems:
-            shots = _screenshots(page, tmp_path / Path(name).stem, problems)
+            shots = _screenshots(page, SCREENSHOTS / Path(name).stem, problems)
             problems[len(nb.cells)] = ["screenshots: " + ", ".join(shots)]
         print(f"{name}: Run All took {run_s:.1f} s in the browser")
     except BaseException:
-        print("screenshots:", ", ".join(_screenshots(page, tmp_path / Path(name).stem, problems)))
+        print("screenshots:", ", ".join(_screenshots(page, SCREENSHOTS / Path(name).stem, problems)))
         raise
     finally:
         page.close()
