@@ -87,17 +87,25 @@ class BalancingPolicy(nn.Module):
 
 
 class SwitchAuxLoss(BalancingPolicy):
-    """coef · N · Σᵢ fᵢ · Pᵢ (Switch Transformer; α = 1e-2 there)."""
+    """coef · N · Σᵢ fᵢ · Pᵢ (Switch Transformer; α = 1e-2 there).
 
-    def __init__(self, coef: float, n_experts: int) -> None:
+    With sigmoid scores (``normalize=True``) Pᵢ uses each token's scores normalised to sum to 1, s/Σs, as
+    DeepSeek-V3's balance losses do: on raw sigmoids the loss could only push popular experts down, never
+    pull idle ones up. Softmax scores already sum to 1 and are used as they are.
+    """
+
+    def __init__(self, coef: float, n_experts: int, normalize: bool = False) -> None:
         super().__init__()
-        self.coef, self.n_experts = _coef("aux_loss_coef", coef), n_experts
+        self.coef, self.n_experts, self.normalize = _coef("aux_loss_coef", coef), n_experts, normalize
 
     def loss(self, routing, batch_shape: tuple[int, ...]) -> torch.Tensor:  # noqa: ANN001
-        return self.coef * switch_aux_loss(routing.scores, routing.indices, self.n_experts)
+        scores = routing.scores
+        if self.normalize:
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        return self.coef * switch_aux_loss(scores, routing.indices, self.n_experts)
 
     def extra_repr(self) -> str:
-        return f"coef={self.coef}"
+        return f"coef={self.coef}, normalize={self.normalize}"
 
 
 class RouterZLoss(BalancingPolicy):

@@ -145,7 +145,7 @@ class MoE(nn.Module):
         self._dispatch = get_dispatcher(self.dispatch)
         policies: list[BalancingPolicy] = []
         if aux_loss_coef:
-            policies.append(SwitchAuxLoss(aux_loss_coef, n_experts))
+            policies.append(SwitchAuxLoss(aux_loss_coef, n_experts, normalize=score == "sigmoid"))
         if z_loss_coef:
             policies.append(RouterZLoss(z_loss_coef))
         if seq_aux_loss_coef:

@@ -208,11 +208,11 @@ def train(
         scaler.step(opt)
         scaler.update()
         model.after_step()
-        if callback is not None:
-            callback(step, model)
-        for c, layer, n in zip(counts, moe_layers, n_experts, strict=True):
+        for c, layer, n in zip(counts, moe_layers, n_experts, strict=True):  # before the callback's own passes
             if layer.last_routing is not None:
                 c += layer.last_routing.counts(n)
+        if callback is not None:
+            callback(step, model)
         ce_sum, aux_sum, seen = ce_sum + ce.detach(), aux_sum + aux.detach().float(), seen + 1
         last = step == cfg.steps - 1
         if (step + 1) % log_every == 0 or last:

@@ -275,3 +275,17 @@ def test_mask_top_skips_each_tokens_best_experts():
     router.mask_top = 5
     with pytest.raises(ValueError, match="mask_top"):
         router(x)
+
+
+def test_switch_loss_on_sigmoid_scores_uses_normalised_scores():
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, 2, score="sigmoid", aux_loss_coef=1.0).train()
+    x = torch.randn(12, 8)
+    layer(x)
+    r = layer.router(x)
+    normed = r.scores / r.scores.sum(dim=-1, keepdim=True)
+    assert torch.allclose(layer.aux_loss, switch_aux_loss(normed, r.indices, 4))
+    soft = MoE(8, 16, 4, 2, aux_loss_coef=1.0).train()
+    soft(x)
+    rs = soft.router(x)
+    assert torch.allclose(soft.aux_loss, switch_aux_loss(rs.scores, rs.indices, 4))  # softmax: unchanged
