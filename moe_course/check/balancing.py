@@ -83,8 +83,9 @@ def _switch_mistakes(probs: torch.Tensor, indices: torch.Tensor, n: int) -> list
     f_first = torch.bincount(indices[:, 0], minlength=n).to(probs.dtype) / t
     fix_f = "fᵢ = (assignments to expert i) / (T·k)"
     return [
-        ("counted fᵢ over the T tokens instead of the T·k assignments, so Σᵢ fᵢ = k; divide the counts by "
-         f"T·k ({fix_f})", n * (counts / t * p).sum()),
+        ("counted fᵢ over the T tokens instead of the T·k assignments, so Σᵢ fᵢ = k and the loss is k times too "
+         f"large (some implementations do this and fold k into α); here divide the counts by T·k ({fix_f}), so "
+         "that the loss is 1 under uniform routing", n * (counts / t * p).sum()),
         ("took Pᵢ from the top-k weights (the probabilities of the chosen experts only); Pᵢ is the mean of "
          "the full softmax over all T tokens, probs.mean(dim=0), so that every expert gets a gradient",
          n * (f * p_topk).sum()),
