@@ -13,10 +13,12 @@ Module map (one concept per module):
 ``moe``                the MoE layer (router + experts + dispatch) and the soft mixture
 ``model``              a small decoder-only transformer LM with a pluggable feed-forward block
 ``train``              one training loop for notebooks and ``python -m moe_course.train``
+``experiments``        named training sweeps stored as fingerprinted JSON (``python -m moe_course.experiments``)
 ``metrics``            expert load, MaxVio, coefficient of variation, routing entropy
 ``params``             total/active parameters and FLOPs of our models and of published ones
 ``plots``              the figures the notebooks draw
 ``widgets``            ipywidgets explorers that fall back to static plots
+``plots_balancing``    notebook 04's figures, the collapse simulation and the balancing explorer
 ``check``              exercise checks: ``check.topk_router(my_router)`` and friends
 ``notebooks``          the pipeline that makes exercise notebooks from the solutions
 ``links``              the repository URL (``REPO_URL``) and the Colab / Binder links and badges
