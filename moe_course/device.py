@@ -7,6 +7,8 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -91,3 +93,20 @@ def environment_report(verbose: bool = True) -> dict[str, object]:
         else:
             print(f"Accelerator found ({device.type}): experiments scale up automatically.")
     return report
+
+
+@contextmanager
+def cpu_threads(n: int = 1) -> Iterator[None]:
+    """Run the block with ``n`` PyTorch CPU threads, then restore the previous count.
+
+    For loops over tiny tensors (notebook 01's 2-D mixtures): one thread does them as fast as two, and keeps
+    them fast when other programs are busy on the cores (many threads then wait on each other, 8x slower here).
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

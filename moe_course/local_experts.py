@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -41,6 +41,8 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
+
+from moe_course.device import cpu_threads
 
 __all__ = [
     "Expert",
@@ -361,26 +363,27 @@ def train_mixture(
         groups = [{"params": model.parameters(), "lr": lr}]
     opt = torch.optim.Adam(groups)
     history = TrainHistory(loss_name=loss)
-    start = time.perf_counter()
-    model.train()
-    for step in tqdm(range(1, steps + 1), desc=f"train ({loss})", disable=not progress, leave=False):
-        if batch_size is None or batch_size >= len(x):
-            xb, db = x, d
-        else:
-            idx = torch.randint(len(x), (batch_size,), generator=gen).to(device)
-            xb, db = x[idx], d[idx]
-        value, _ = _objective(model, xb, db, loss)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        if step % log_every == 0 or step == steps or step == 1:
-            history.step.append(step)
-            history.loss.append(float(value.detach()))
-            history.train_mse.append(_mse(model, x, d))
-            if x_test is not None and d_test is not None:
-                history.test_mse.append(_mse(model, x_test, d_test))
-    model.eval()
-    history.seconds = time.perf_counter() - start
+    with cpu_threads(1) if device.type == "cpu" else nullcontext():  # tiny tensors: one thread is fastest
+        start = time.perf_counter()
+        model.train()
+        for step in tqdm(range(1, steps + 1), desc=f"train ({loss})", disable=not progress, leave=False):
+            if batch_size is None or batch_size >= len(x):
+                xb, db = x, d
+            else:
+                idx = torch.randint(len(x), (batch_size,), generator=gen).to(device)
+                xb, db = x[idx], d[idx]
+            value, _ = _objective(model, xb, db, loss)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            if step % log_every == 0 or step == steps or step == 1:
+                history.step.append(step)
+                history.loss.append(float(value.detach()))
+                history.train_mse.append(_mse(model, x, d))
+                if x_test is not None and d_test is not None:
+                    history.test_mse.append(_mse(model, x_test, d_test))
+        model.eval()
+        history.seconds = time.perf_counter() - start
     return history
 
 
