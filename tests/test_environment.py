@@ -90,7 +90,8 @@ def test_binder_post_build_installs_the_package_without_dependencies():
     assert os.access(post_build, os.X_OK) and text.startswith("#!/bin/bash\n") and "set -euo pipefail" in text
     assert re.search(r"^python -m pip install .*--no-deps -e \.$", text, flags=re.MULTILINE)
     assert "torch.version.cuda is None" in text
-    overrides = json.loads(text.split("<<'JSON'\n", 1)[1].split("\nJSON\n", 1)[0])
+    assert 'cp jupyter-settings/overrides.json "$settings/overrides.json"' in text
+    overrides = json.loads((ROOT / "jupyter-settings" / "overrides.json").read_text())
     assert overrides["@jupyterlab/apputils-extension:notification"] == {"fetchNews": "false", "checkForUpdates": False}
 
 
