@@ -71,17 +71,20 @@ SETUP_MARKER = "# MoE from Scratch setup cell"
 """The first line of the setup cell starts with this comment; it is how the generator recognises it."""
 
 SETUP_CELL = f"""\
-{SETUP_MARKER} (the same in every notebook). On Google Colab it installs the course package
-# from GitHub and turns on interactive widgets; everywhere it checks that the package can be imported.
+{SETUP_MARKER} (the same in every notebook). On Google Colab it clones the course (the package
+# and the stored results in data/results), installs it and turns on interactive widgets; everywhere it checks
+# that the package can be imported.
 import sys
 
 if "google.colab" in sys.modules:
+    import os
     import subprocess
 
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "git+{REPO_URL}"],
-        check=True,
-    )
+    course = "/content/moe-from-scratch"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", "{REPO_URL}", course], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    sys.path.insert(0, course)  # this kernel started before the install
     from google.colab import output as colab_output
 
     colab_output.enable_custom_widget_manager()

@@ -140,7 +140,7 @@ def _demo_index(source: str) -> int:
 
 def test_setup_cell_holds_repo_url_and_compiles() -> None:
     assert moe_course.REPO_URL in SETUP_CELL
-    assert f"git+{moe_course.REPO_URL}" in SETUP_CELL
+    assert f'"git", "clone", "--depth", "1", "{moe_course.REPO_URL}"' in SETUP_CELL
     assert SETUP_CELL.startswith(nbmod.SETUP_MARKER)
     assert SETUP_CELL.splitlines()[0].startswith("# ")  # begins with an explaining comment
     assert "!" not in "".join(line.split("#")[0] for line in SETUP_CELL.splitlines())  # pure Python
@@ -173,8 +173,12 @@ def test_setup_cell_on_colab_installs_package_and_enables_widgets(monkeypatch: p
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(subprocess, "check_call", refuse)
     monkeypatch.setattr(subprocess, "call", refuse)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the clone first on sys.path
     exec(compile(SETUP_CELL, "<setup cell>", "exec"), {})
-    assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q", f"git+{moe_course.REPO_URL}"]]
+    course = "/content/moe-from-scratch"  # the whole repository, so data/results/ is there too
+    assert pip_calls == [["git", "clone", "--depth", "1", moe_course.REPO_URL, course],
+                         [sys.executable, "-m", "pip", "install", "-q", "-e", course]]
+    assert sys.path[0] == course
     assert calls == ["widgets"]
 
 
