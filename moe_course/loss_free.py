@@ -345,7 +345,7 @@ def _loss_free_06(size: str) -> list[Run]:
 
 EXPERIMENTS["loss_free_06"] = (
     "notebook 06: sigmoid gate with no balancing, aux loss (1e-3, 1e-2, 1e-1), loss-free bias (u = 1e-4, 1e-3, 1e-2), "
-    "+ sequence-wise aux loss, + group-limited routing", _loss_free_06, (0, 1, 2), 1)
+    "+ sequence-wise aux loss, + group-limited routing", _loss_free_06, (0, 1, 2), 2)
 
 
 def get_runs(name: str, size: str) -> list[Run]:
