@@ -7,10 +7,11 @@ Module map (one concept per module):
 ``corpus``             the Python standard library as a byte-level text corpus, with token types
 ``synthetic``          small generated datasets for the early notebooks
 ``local_experts``      the 1991 mixture of local experts (Jacobs, Jordan, Nowlan & Hinton)
-``experts``            expert feed-forward networks (dense FFN, SwiGLU) and banks of experts
-``routing``            routers: softmax top-k, sigmoid scores, noisy top-k gating
+``experts``            expert FFNs (dense FFN, SwiGLU) and ``GroupedExperts`` (stacked weights, grouped GEMM)
+``routing``            routers: top-k (softmax, sigmoid, noisy, group-limited), expert choice, hash
 ``dispatch``           sending tokens to experts and combining them; capacity and dropped tokens
-``moe``                the MoE layer (router + experts + dispatch) and the soft mixture
+``moe``                the MoE layer (router + experts + shared + dispatch + balancing) and the soft mixture
+``balancing``          balancing losses and policies: Switch, z-loss, importance, sequence-wise, routing bias
 ``model``              a small decoder-only transformer LM with a pluggable feed-forward block
 ``train``              one training loop for notebooks and ``python -m moe_course.train``
 ``experiments``        named training sweeps stored as fingerprinted JSON (``python -m moe_course.experiments``)
@@ -19,6 +20,13 @@ Module map (one concept per module):
 ``plots``              the figures the notebooks draw
 ``widgets``            ipywidgets explorers that fall back to static plots
 ``plots_balancing``    notebook 04's figures, the collapse simulation and the balancing explorer
+``fine_grained``       DeepSeekMoE configurations: fine-grained segmentation and shared experts (notebook 05)
+``analysis``           looking inside trained MoEs: expert masking, similarity, token-type tables (notebook 05)
+``plots_experts``      notebook 05's figures
+``loss_free``          auxiliary-loss-free balancing: gradient interference, MaxVio, the 06 experiment
+``plots_loss_free``    notebook 06's figures and the bias explorer
+``parallel``           expert parallelism over torch.distributed: the layer and the process launcher (07)
+``plots_parallel``     notebook 07's figures
 ``check``              exercise checks: ``check.topk_router(my_router)`` and friends
 ``notebooks``          the pipeline that makes exercise notebooks from the solutions
 ``links``              the repository URL (``REPO_URL``) and the Colab / Binder links and badges
