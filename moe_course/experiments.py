@@ -241,7 +241,7 @@ def _fine_grained(size: str) -> list[Run]:
     from moe_course.fine_grained import comparison_configs
 
     base = base_model(size, aux_loss_coef=1e-2, **FINE_GRAINED_SHAPES[size])
-    steps = {"smoke": {}, "cpu": dict(steps=300, eval_every=50, eval_batches=16), "gpu": {}}[size]
+    steps = {"smoke": {}, "cpu": dict(steps=600, eval_every=100, eval_batches=16), "gpu": {}}[size]
     return [Run(label, cfg, base_train(size, **steps), probe=_probe_05)
             for label, cfg in comparison_configs(base, m=4, n_shared=1).items()]
 
