@@ -28,6 +28,7 @@ __all__ = [
     "expert_output_similarity",
     "mask_top_experts",
     "mutual_information",
+    "probe",
     "random_router_table",
     "redundancy",
     "routing_tables",
