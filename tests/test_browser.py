@@ -57,7 +57,8 @@ STALLED_S = 15  # kernel idle this long with cells left unrun: Run All stopped (
 SCREENSHOTS = Path(tempfile.gettempdir()) / "moe_course_browser_test"
 
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
-# The state of every cell of the open notebook, in notebook order: prompt, figures, widgets, sliders.
+# The state of every cell of the open notebook, in notebook order: prompt, figures, widgets (progress bars
+# excluded), sliders.
 CELLS_JS = """(panel) => [...document.querySelectorAll(panel + ' .jp-Notebook .jp-Cell')].map(cell => {
   const top = [...cell.querySelectorAll('.jp-OutputArea-output')]
     .filter(o => !o.parentElement.closest('.jupyter-widgets'));
@@ -70,7 +71,9 @@ CELLS_JS = """(panel) => [...document.querySelectorAll(panel + ' .jp-Notebook .j
     figures_loaded: outside.filter(i => i.complete && i.naturalWidth > 0).length,
     widget_figures: imgs.filter(i => i.closest('.jupyter-widgets') && i.complete && i.naturalWidth > 0)
                         .map(i => i.src),
-    widgets: top.filter(o => o.querySelector('.jupyter-widgets')).length,
+    // tqdm progress bars are widgets live but stored as text in the solutions (notebooks.finish_progress_bars)
+    widgets: top.filter(o => o.querySelector('.jupyter-widgets')
+                          && !o.querySelector('.widget-hprogress, .widget-vprogress')).length,
     sliders: cell.querySelectorAll('.widget-slider').length,
     widget_errors: (cell.innerText.match(/Error displaying widget|Loading widget\\.\\.\\./g) || []).length,
   };
