@@ -287,7 +287,10 @@ class ExpertParallelMoE(nn.Module):
             for policy in self.balancing:
                 if isinstance(policy, SwitchAuxLoss) and t_all:  # N · Σ f_i P_i with global f and P
                     f = global_counts / (t_all * k)
-                    aux = aux + policy.coef * n * (f * routing.scores.sum(dim=0)).sum() / t_all
+                    scores = routing.scores
+                    if policy.normalize:  # sigmoid scores, normalised per token as the single-process loss does
+                        scores = scores / scores.sum(dim=-1, keepdim=True)
+                    aux = aux + policy.coef * n * (f * scores.sum(dim=0)).sum() / t_all
                 elif isinstance(policy, RouterZLoss) and t_all:
                     aux = aux + policy.coef * torch.logsumexp(routing.logits.float(), -1).square().sum() / t_all
                 elif isinstance(policy, SequenceAuxLoss):
