@@ -175,6 +175,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:  # (B, S, d) or (T, d)
         shape = x.shape
+        if not x.is_floating_point():
+            raise TypeError(f"MoE expects floating-point token vectors, got dtype {x.dtype}; embed token ids "
+                            "first (nn.Embedding) or call .float()")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoE expects last dimension {self.d_model}, got {tuple(shape)}")
         flat = x.reshape(-1, shape[-1])  # (T, d)

@@ -289,3 +289,9 @@ def test_switch_loss_on_sigmoid_scores_uses_normalised_scores():
     soft(x)
     rs = soft.router(x)
     assert torch.allclose(soft.aux_loss, switch_aux_loss(rs.scores, rs.indices, 4))  # softmax: unchanged
+
+
+def test_moe_rejects_non_float_tokens():
+    layer = MoE(8, 16, 4, 2)
+    with pytest.raises(TypeError, match="floating-point token vectors"):
+        layer(torch.randint(0, 5, (3, 8)))
