@@ -95,6 +95,9 @@ class Run:
     train: TrainConfig
     probe: Callable[[TinyLM, Any], dict[str, Any]] | None = field(default=None, compare=False)  # after training:
     # probe(model, corpus) -> extra measurements stored in RunRecord.extra (bump the experiment's version if it changes)
+    tracker: Callable[..., Any] | None = field(default=None, compare=False)  # during training: tracker(corpus,
+    # cfg, log_every, size, device) -> a train callback with .record() -> dict, stored in RunRecord.extra
+    log_every: int | None = None  # training steps per recorded point (default: LOG_EVERY[size])
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,30 @@ def _fine_grained(size: str) -> list[Run]:
             for label, cfg in comparison_configs(base, m=4, n_shared=1).items()]
 
 
+@register("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (1e-3, 1e-2, 1e-1), loss-free bias "
+          "(u = 1e-4, 1e-3, 1e-2), + sequence-wise aux loss, + group-limited routing", seeds=(0, 1, 2))
+def _loss_free_06(size: str) -> list[Run]:
+    from moe_course import loss_free
+
+    m, t = loss_free.base_model, loss_free.base_train(size)
+    groups = 4 if m(size).n_experts >= 8 else 2  # DeepSeek-V3: 8 groups (nodes), each token uses at most 4
+    u = loss_free.U
+    configs = [
+        ("no balancing", m(size)),
+        ("aux alpha=1e-3", m(size, aux_loss_coef=1e-3)),
+        ("aux alpha=1e-2", m(size, aux_loss_coef=1e-2)),
+        ("aux alpha=1e-1", m(size, aux_loss_coef=1e-1)),
+        ("loss-free u=1e-3", m(size, bias_update_rate=u)),
+        ("loss-free u=1e-4", m(size, bias_update_rate=1e-4)),
+        ("loss-free u=1e-2", m(size, bias_update_rate=1e-2)),
+        ("loss-free + seq aux 1e-4", m(size, bias_update_rate=u, seq_aux_loss_coef=1e-4)),
+        (f"loss-free, best {groups // 2} of {groups} groups",
+         m(size, bias_update_rate=u, n_groups=groups, topk_groups=groups // 2)),
+    ]
+    return [Run(label, cfg, t, tracker=loss_free.track, log_every=loss_free.LOG_EVERY[size])
+            for label, cfg in configs]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------------------------------------
@@ -334,11 +361,21 @@ def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch
     seed_everything(seed)
     model = TinyLM(run.model)
     cfg = replace(run.train, seed=seed)
-    log_every = min(LOG_EVERY[size], cfg.steps)
+    log_every = min(run.log_every or LOG_EVERY[size], cfg.steps)
     recorder = _Recorder(log_every, cfg.steps)
+    tracker = run.tracker(corpus, cfg, log_every, size, device) if run.tracker is not None else None
+
+    def callback(step: int, model: TinyLM) -> None:
+        recorder(step, model)  # first: it reads the step's routing, which a tracker's own passes may replace
+        if tracker is not None:
+            tracker(step, model)
+
     hist = train(model, corpus.train, corpus.val, cfg, device=device, progress=progress, log_every=log_every,
-                 desc=f"{run.label} seed {seed}", callback=recorder)
-    extra = _round(run.probe(model, corpus)) if run.probe is not None else {}
+                 desc=f"{run.label} seed {seed}", callback=callback)
+    extra = dict(tracker.record()) if tracker is not None else {}
+    if run.probe is not None:
+        extra.update(run.probe(model, corpus))
+    extra = _round(extra)
     return RunRecord(
         label=run.label, seed=seed, step=list(hist.step), train_loss=_round(hist.train_loss),
         aux_loss=_round(hist.aux_loss), val_step=list(hist.val_step), val_loss=_round(hist.val_loss),
@@ -367,7 +404,8 @@ def _round(values: Any, digits: int = 5) -> Any:
 
 
 def _configs(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    return [{"label": r.label, "model": asdict(r.model), "train": asdict(r.train)} for r in runs]
+    return [{"label": r.label, "model": asdict(r.model), "train": asdict(r.train),
+             **({"log_every": r.log_every} if r.log_every else {})} for r in runs]
 
 
 def fingerprint(name: str, size: str) -> str:

@@ -1,14 +1,13 @@
-"""moe_course.loss_free: router-gradient interference, MaxVio batch/global, the recorder, the bias toy, experiments."""
+"""moe_course.loss_free: router-gradient interference, MaxVio batch/global, the recorder, the bias toy, loss_free_06."""
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 
+from moe_course import experiments as ex
 from moe_course import loss_free as lf
 from moe_course.balancing import switch_aux_loss
 from moe_course.corpus import load_corpus
@@ -102,62 +101,36 @@ def test_a_slow_rate_balances_less():
 
 
 def test_experiment_runs_at_smoke_size_and_round_trips(tmp_path):
-    labels = ["no balancing", "aux alpha=1e-2", "loss-free u=1e-3"]
-    result = lf.run_experiment("loss_free_06", "smoke", seeds=[0], device="cpu", progress=False,
-                               results_dir=tmp_path, labels=labels)
-    assert [r.label for r in result.records] == labels
+    result = ex.run_experiment("loss_free_06", "smoke", seeds=[0], device="cpu", progress=False, results_dir=tmp_path)
+    assert result.labels[:3] == ["no balancing", "aux alpha=1e-3", "aux alpha=1e-2"]
     for rec in result.records:
+        extra = rec.extra
         assert rec.step[-1] == 6 and rec.val_step == [3, 6]
-        assert len(rec.max_vio_batch) == len(rec.step) == len(rec.bias) == len(rec.grad_cos) == len(rec.load)
-        assert len(rec.max_vio_global) == len(rec.val_loss) == 2
-        assert all(math.isfinite(v) for v in rec.final.values())
-    free = result.records_of("loss-free u=1e-3")[0]
-    assert any(b != 0 for b in free.bias[-1][0])  # the bias moved ...
-    assert all(b == 0 for b in result.records_of("no balancing")[0].bias[-1][0])  # ... and only where asked
-    assert all(abs(b) <= 6 * 1e-3 + 1e-9 for b in free.bias[-1][0])  # at most u per step
-    blob = json.loads(lf.result_path("loss_free_06", "smoke", tmp_path).read_text())
-    assert blob["fingerprint"] == lf.fingerprint("loss_free_06", "smoke")
-    loaded = lf.load_result("loss_free_06", "smoke", tmp_path)
-    assert loaded.records[0].val_loss == result.records[0].val_loss
-    mean, spread = loaded.stats("no balancing", "val_loss")
-    assert mean == loaded.records[0].final["val_loss"] and spread == 0.0
-
-
-def test_stale_and_missing_results_are_refused(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="python -m moe_course.loss_free run"):
-        lf.load_result("loss_free_06", "smoke", tmp_path)
-    lf.run_experiment("loss_free_06", "smoke", seeds=[0], device="cpu", progress=False, results_dir=tmp_path,
-                      labels=["no balancing"])
-    desc, build, seeds, version = lf.EXPERIMENTS["loss_free_06"]
-
-    def changed(size):
-        return [replace(r, train=replace(r.train, lr=r.train.lr / 2)) for r in build(size)]
-
-    monkeypatch.setitem(lf.EXPERIMENTS, "loss_free_06", (desc, changed, seeds, version))
-    with pytest.raises(lf.StaleResultError, match="stale"):
-        lf.load_result("loss_free_06", "smoke", tmp_path)
+        assert len(extra["max_vio_batch"]) == len(rec.step) == len(extra["bias"]) == len(extra["grad_cos"])
+        assert len(extra["max_vio_global"]) == len(rec.val_loss) == 2
+        assert all(math.isfinite(v) for v in lf.final(rec).values())
+    free = result.records_of("loss-free u=1e-3")[0].extra["bias"]
+    assert any(b != 0 for b in free[-1][0])  # the bias moved ...
+    assert all(b == 0 for b in result.records_of("no balancing")[0].extra["bias"][-1][0])  # ... only where asked
+    assert all(abs(b) <= 6 * 1e-3 + 1e-9 for b in free[-1][0])  # at most u per step
+    loaded = ex.load_result("loss_free_06", "smoke", tmp_path)
+    assert loaded.records[0].extra == result.records[0].extra
+    mean, spread = lf.stats(loaded, "no balancing", "val_loss")
+    assert mean == lf.final(loaded.records[0])["val_loss"] and spread == 0.0
 
 
 def test_experiment_configurations():
-    runs = {r.label: r.model for r in lf.get_runs("loss_free_06", "cpu")}
-    assert all(m.router_score == "sigmoid" for m in runs.values())  # the same gate everywhere
-    assert runs["no balancing"].aux_loss_coef == 0 and runs["no balancing"].bias_update_rate == 0
-    assert [runs[f"aux alpha={a}"].aux_loss_coef for a in ("1e-3", "1e-2", "1e-1")] == [1e-3, 1e-2, 1e-1]
-    assert sorted(m.bias_update_rate for label, m in runs.items() if label.startswith("loss-free u=")) == \
+    runs = {r.label: r for r in ex.get_experiment("loss_free_06").runs("cpu")}
+    models = {label: r.model for label, r in runs.items()}
+    assert all(m.router_score == "sigmoid" for m in models.values())  # the same gate everywhere
+    assert models["no balancing"].aux_loss_coef == 0 and models["no balancing"].bias_update_rate == 0
+    assert [models[f"aux alpha={a}"].aux_loss_coef for a in ("1e-3", "1e-2", "1e-1")] == [1e-3, 1e-2, 1e-1]
+    assert sorted(m.bias_update_rate for label, m in models.items() if label.startswith("loss-free u=")) == \
         [1e-4, 1e-3, 1e-2]
-    assert runs["loss-free + seq aux 1e-4"].seq_aux_loss_coef == 1e-4
-    grouped = runs["loss-free, best 2 of 4 groups"]
+    assert models["loss-free + seq aux 1e-4"].seq_aux_loss_coef == 1e-4
+    grouped = models["loss-free, best 2 of 4 groups"]
     assert (grouped.n_groups, grouped.topk_groups) == (4, 2)
-    assert len(lf.EXPERIMENTS["loss_free_06"][2]) >= 3
+    assert all(r.tracker is lf.track and r.log_every == lf.LOG_EVERY["cpu"] for r in runs.values())
+    assert len(ex.get_experiment("loss_free_06").seeds) >= 3
     with pytest.raises(ValueError, match="unknown size"):
-        lf.get_runs("loss_free_06", "huge")
-    with pytest.raises(ValueError, match="unknown experiment"):
-        lf.get_runs("nope", "cpu")
-
-
-def test_cli_usage_errors(capsys):
-    assert lf.main(["list"]) == 0
-    assert "loss_free_06" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        lf.main(["run", "nope", "--size", "smoke"])
-    assert exc.value.code == 2
+        lf.base_model("huge")
