@@ -259,45 +259,30 @@ def simulate_bias(n_experts: int = 8, k: int = 2, rate: float = 1e-3, skew: floa
 # The loss_free_06 experiment's pieces (registered in moe_course.experiments)
 # ---------------------------------------------------------------------------------------------------------
 
-SIZES = ("smoke", "cpu", "gpu")
 LOG_EVERY = {"smoke": 2, "cpu": 10, "gpu": 50}  # training steps per recorded point
 U = 1e-3  # DeepSeek-V3's bias update speed
-
-
-def _check_size(size: str) -> None:
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; use one of {', '.join(SIZES)}")
+SMALLER = {  # notebook 06 trains 27 runs: at cpu size, a smaller model and half the steps of the course's default
+    "model": {"cpu": dict(block_size=32, d_model=32, expert_hidden=32, d_hidden=64)},
+    "train": {"cpu": dict(steps=300, warmup=20, eval_every=50)},
+}
 
 
 def base_model(size: str, **overrides: Any) -> ModelConfig:
-    """The sigmoid-gate MoE TinyLM of each size, no balancing unless asked, with ``overrides`` applied."""
-    _check_size(size)
-    shapes = {
-        "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16,
-                      d_hidden=32),
-        "cpu": dict(block_size=32, n_layer=2, n_head=2, d_model=32, n_experts=8, top_k=2, expert_hidden=32,
-                    d_hidden=64),
-        "gpu": dict(block_size=256, n_layer=4, n_head=4, d_model=256, n_experts=16, top_k=2, expert_hidden=256,
-                    d_hidden=512),
-    }[size]
-    return ModelConfig(**{"ffn": "moe", "router_score": "sigmoid", "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
-                          **shapes, **overrides})
+    """The experiments' MoE TinyLM with DeepSeek-V3's sigmoid gate (smaller at cpu size), ``overrides`` applied."""
+    from moe_course.experiments import base_model as course_model
+
+    return course_model(size, **{"router_score": "sigmoid", **SMALLER["model"].get(size, {}), **overrides})
 
 
 def base_train(size: str, **overrides: Any) -> TrainConfig:
-    """The training settings of each size, with ``overrides`` applied."""
-    _check_size(size)
-    settings = {
-        "smoke": dict(steps=6, batch_size=4, warmup=1, eval_every=3, eval_batches=1),
-        "cpu": dict(steps=300, batch_size=16, lr=3e-3, warmup=20, eval_every=50, eval_batches=8),
-        "gpu": dict(steps=3000, batch_size=32, lr=1e-3, warmup=200, eval_every=250, eval_batches=20),
-    }[size]
-    return TrainConfig(**{**settings, **overrides})
+    """The experiments' training settings (300 steps at cpu size), ``overrides`` applied."""
+    from moe_course.experiments import base_train as course_train
+
+    return course_train(size, **{**SMALLER["train"].get(size, {}), **overrides})
 
 
 def track(corpus: Any, cfg: TrainConfig, log_every: int, size: str, device: torch.device | None) -> LossFreeRecorder:
     """The experiment's per-step tracker: a :class:`LossFreeRecorder` with a fixed validation probe batch."""
-    _check_size(size)
     return LossFreeRecorder(log_every, cfg, corpus.val, probe_batch=PROBE_BATCH[size])
 
 
