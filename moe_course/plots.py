@@ -72,9 +72,11 @@ def figure_axes(ax: Axes | None, figsize: tuple[float, float] = (7.0, 4.0)) -> t
     return fig, ax
 
 
-def _style(ax: Axes, title: str | None, xlabel: str | None = None, ylabel: str | None = None) -> None:
+def style_axes(ax: Axes, title: str | None, xlabel: str | None = None, ylabel: str | None = None,
+               title_size: float | None = None) -> None:
+    """The course's look for one axes: title and labels, a light grid behind the data, no top/right spines."""
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=title_size)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:
@@ -139,7 +141,7 @@ def plot_param_breakdown(
     ax.set_xlim(0, (100 if relative else left.max()) * 1.2)  # room for the totals
     if relative:
         ax.set_xticks(range(0, 101, 20))
-    _style(ax, title, "share of all parameters (%)" if relative else "parameters (billions)")
+    style_axes(ax, title, "share of all parameters (%)" if relative else "parameters (billions)")
     ax.grid(False, axis="y")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
     return fig
@@ -189,7 +191,7 @@ def plot_total_vs_active(
     ax.set_yscale("log")
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
-    _style(ax, title, "active parameters per token (billions, log scale)", "total parameters (billions, log scale)")
+    style_axes(ax, title, "active parameters per token (billions, log scale)", "total parameters (billions, log scale)")
     return fig
 
 
@@ -229,7 +231,7 @@ def plot_scaling(
         ax.set_yscale("log")
     else:
         ax.set_ylim(bottom=0)
-    _style(ax, title, xlabel, ylabel)
+    style_axes(ax, title, xlabel, ylabel)
     if series:
         ax.legend(frameon=False)
     return fig
@@ -257,7 +259,7 @@ def plot_loss_curves(
         ax.plot(hist.step, hist.train_loss, color=color, label=f"{name} (train)")
         if getattr(hist, "val_loss", None):
             ax.plot(hist.val_step, hist.val_loss, color=color, ls="--", marker="o", ms=3, label=f"{name} (val)")
-    _style(ax, title, "step", ylabel)
+    style_axes(ax, title, "step", ylabel)
     if histories:
         ax.legend(frameon=False)
     return fig
@@ -295,14 +297,14 @@ def plot_expert_load(
             ax.axhline(e / n_experts, color="white", ls=":", lw=0.8)
         ax.set_ylim(0, 1)
         ax.set_xlim(steps.min(), steps.max())
-        _style(ax, title, "step", "share of routed tokens")
+        style_axes(ax, title, "step", "share of routed tokens")
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
     else:
         image = ax.imshow(load.T, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest",
                           extent=(steps.min(), steps.max(), -0.5, n_experts - 0.5))
         fig.colorbar(image, ax=ax, label="share of routed tokens")
         ax.set_yticks(range(n_experts))
-        _style(ax, title, "step", "expert")
+        style_axes(ax, title, "step", "expert")
         ax.grid(False)
     return fig
 

@@ -25,7 +25,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from moe_course.plots import COLORS, figure_axes
+from moe_course.plots import COLORS, figure_axes, style_axes
 
 __all__ = [
     "CollapseSimulation",
@@ -41,19 +41,6 @@ __all__ = [
 
 STATIC_ALPHAS = (0.0, 0.01, 0.1, 1.0)
 SLIDER_ALPHAS = (0.0, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-
-
-def _style(ax: Axes, title: str | None, xlabel: str | None = None, ylabel: str | None = None) -> None:
-    if title:
-        ax.set_title(title, fontsize=10)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,7 +144,7 @@ def plot_simulated_load(sim: CollapseSimulation, ax: Axes | None = None, title: 
     if title is None:
         title = (f"N={sim.n_experts}, k={sim.top_k}, α={sim.alpha:g}: MaxVio {float(sim.max_vio[-1]):.2f}, "
                  f"{sim.dead} starved")
-    _style(ax, title, "step", "share of assignments")
+    style_axes(ax, title, "step", "share of assignments", title_size=10)
     return fig
 
 
@@ -204,7 +191,7 @@ def balancing_explorer(static: bool = False, n_experts: int = 8, k: int = 2, alp
         ax_load, ax_vio = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
         plot_simulated_load(sim, ax_load)
         ax_vio.plot(np.arange(1, steps + 1), sim.max_vio.numpy(), color=COLORS[3])
-        _style(ax_vio, "MaxVio over time", "step", "MaxVio")
+        style_axes(ax_vio, "MaxVio over time", "step", "MaxVio", title_size=10)
         display(fig)
 
     out = widgets.interactive_output(update, controls)
@@ -239,7 +226,7 @@ def plot_layer_loads(load: Sequence[Sequence[Sequence[float]]], steps: Sequence[
             ax.axhline(e / n, color="white", ls=":", lw=0.8)
         ax.set_ylim(0, 1)
         ax.set_xlim(min(steps), max(steps))
-        _style(ax, f"MoE layer {layer}", "step", "share of routed tokens" if layer == 0 else None)
+        style_axes(ax, f"MoE layer {layer}", "step", "share of routed tokens" if layer == 0 else None, title_size=10)
     axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -261,7 +248,8 @@ def plot_alpha_sweep(rows: Sequence[Mapping[str, Any]], ax: Axes | None = None,
         color = COLORS[i % len(COLORS)]
         ax.scatter(x, y, color=color, s=18, alpha=0.6)
         ax.scatter([np.mean(x)], [np.mean(y)], color=color, s=90, edgecolors="black", label=f"α = {alpha:g}")
-    _style(ax, title, "MaxVio at the end of training (0 = perfectly balanced)", "validation loss (nats/byte)")
+    style_axes(ax, title, "MaxVio at the end of training (0 = perfectly balanced)", "validation loss (nats/byte)",
+               title_size=10)
     ax.legend(frameon=False, fontsize=8)
     return fig
 
@@ -274,7 +262,7 @@ def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], a
         ax.plot(steps, values, color=COLORS[i % len(COLORS)], label=name)
     if logy:
         ax.set_yscale("log")
-    _style(ax, title, "step", ylabel)
+    style_axes(ax, title, "step", ylabel, title_size=10)
     if series:
         ax.legend(frameon=False, fontsize=8)
     return fig
@@ -292,5 +280,5 @@ def plot_experts_per_token(counts: torch.Tensor | Sequence[int], ax: Axes | None
         mean = counts.double().mean().item() if counts.numel() else math.nan
         title = f"experts per token: mean {mean:.2f}, {int(hist[0])} of {counts.numel()} tokens get none"
     ax.set_xticks(np.arange(len(hist)))
-    _style(ax, title, "experts that processed the token", "tokens")
+    style_axes(ax, title, "experts that processed the token", "tokens", title_size=10)
     return fig

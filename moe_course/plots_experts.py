@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from moe_course.fine_grained import FineGrainedConfig, n_combinations
-from moe_course.plots import COLORS, _style, figure_axes
+from moe_course.plots import COLORS, figure_axes, style_axes
 
 __all__ = ["plot_combinations", "plot_expert_layouts", "plot_seed_comparison", "plot_type_heatmaps", "type_lift"]
 
@@ -71,7 +71,7 @@ def plot_combinations(n_experts: int = 8, top_k: int = 2, ms: Sequence[int] = (1
     for bar, v in zip(bars, values, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{10 ** v:.2g}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(values)), labels, fontsize=8)
-    _style(ax, f"expert sets per token, N={n_experts} experts top-{top_k} split m ways", None, "log10 combinations")
+    style_axes(ax, f"expert sets per token, N={n_experts} experts top-{top_k} split m ways", None, "log10 combinations")
     return fig
 
 
@@ -92,7 +92,7 @@ def plot_seed_comparison(values: Mapping[str, Sequence[float]], ylabel: str = "v
         hi = max(max(v) for v in values.values())
         pad = 0.25 * (hi - lo) + 1e-3
         ax.set_ylim(lo - pad, hi + pad)
-    _style(ax, title, None, ylabel)
+    style_axes(ax, title, None, ylabel)
     return fig
 
 

@@ -19,24 +19,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from moe_course.loss_free import BiasSimulation, simulate_bias
-from moe_course.plots import COLORS, figure_axes
+from moe_course.plots import COLORS, figure_axes, style_axes
 
 __all__ = ["STATIC_RATES", "bias_explorer", "plot_bias", "plot_series", "plot_tradeoff", "static_bias_figure"]
 
 STATIC_RATES = (1e-4, 1e-3, 1e-2)
 SLIDER_RATES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-
-
-def _style(ax: Axes, title: str | None, xlabel: str | None = None, ylabel: str | None = None) -> None:
-    if title:
-        ax.set_title(title, fontsize=10)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
 
 
 def plot_bias(bias: Any, steps: Sequence[int] | None = None, ax: Axes | None = None,
@@ -52,7 +40,7 @@ def plot_bias(bias: Any, steps: Sequence[int] | None = None, ax: Axes | None = N
     for e in range(b.shape[1]):
         ax.plot(x, b[:, e], color=COLORS[e % len(COLORS)], linewidth=1.2, label=f"E{e}")
     ax.axhline(0.0, color="black", linewidth=0.8)
-    _style(ax, title, "step", "bias bᵢ")
+    style_axes(ax, title, "step", "bias bᵢ", title_size=10)
     return ax.figure
 
 
@@ -70,7 +58,7 @@ def plot_series(series: Mapping[str, tuple[Sequence[float], Sequence[Sequence[fl
             ax.fill_between(steps, v.min(axis=0), v.max(axis=0), color=color, alpha=0.15, linewidth=0)
     if log:
         ax.set_yscale("log")
-    _style(ax, title, "step", ylabel)
+    style_axes(ax, title, "step", ylabel, title_size=10)
     ax.legend(fontsize=7)
     return ax.figure
 
@@ -82,7 +70,7 @@ def plot_tradeoff(points: Mapping[str, Sequence[tuple[float, float]]], ax: Axes 
     for i, (label, pts) in enumerate(points.items()):
         p = np.asarray(pts, dtype=float).reshape(-1, 2)
         ax.scatter(p[:, 0], p[:, 1], color=COLORS[i % len(COLORS)], label=label, s=28)
-    _style(ax, title, "MaxVio_global (validation set)", "validation loss (nats/byte)")
+    style_axes(ax, title, "MaxVio_global (validation set)", "validation loss (nats/byte)", title_size=10)
     ax.legend(fontsize=7)
     return ax.figure
 
@@ -93,7 +81,7 @@ def _draw(fig: Figure, sim: BiasSimulation) -> None:
     steps = np.arange(1, len(sim.max_vio) + 1)
     ax_vio.plot(steps, sim.max_vio.numpy(), color=COLORS[3], linewidth=1.0)
     tail = float(sim.max_vio[-len(steps) // 5:].mean())
-    _style(ax_vio, f"MaxVio_batch (last fifth: {tail:.2f})", "step", "MaxVio")
+    style_axes(ax_vio, f"MaxVio_batch (last fifth: {tail:.2f})", "step", "MaxVio", title_size=10)
 
 
 def static_bias_figure(rates: Sequence[float] = STATIC_RATES, skew: float = 1.0, n_experts: int = 8, k: int = 2,

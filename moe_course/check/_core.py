@@ -155,3 +155,18 @@ def compare_grads(what: str, got: torch.Tensor, ref: torch.Tensor, mine: Grads, 
 
 def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def weights_and_ids(result: Any, what: str, ids: str = "indices", meaning: str = "integer expert ids"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack a learner's ``(weights, ids)`` pair, naming a swapped order or wrong dtypes (routers, expert choice)."""
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        fail(f"{what} should return a pair (weights, {ids}), got {type(result).__name__}")
+    weights, index = as_tensor(result[0], what + "'s weights"), as_tensor(result[1], f"{what}'s {ids}")
+    if not weights.is_floating_point() and index.is_floating_point():
+        fail(f"{what} returned ({ids}, weights); return them in the order (weights, {ids})")
+    if not weights.is_floating_point():
+        fail(f"{what}: weights should be floating point, got {weights.dtype}")
+    if index.is_floating_point() or index.dtype == torch.bool:
+        fail(f"{what}: {ids} should be {meaning} (torch.long, as topk returns), got {index.dtype}")
+    return weights, index

@@ -24,7 +24,7 @@ import torch
 
 from moe_course.balancing import router_z_loss as ref_z_loss
 from moe_course.balancing import switch_aux_loss as ref_switch_aux_loss
-from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok
+from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok, weights_and_ids
 from moe_course.routing import expert_choice as ref_expert_choice
 from moe_course.routing import expert_choice_capacity
 
@@ -238,19 +238,6 @@ def _ec_mistakes(logits: torch.Tensor, c: int) -> list[tuple[str, tuple[torch.Te
     ]
 
 
-def _unpack_pair(result: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        fail(f"{what} should return a pair (weights, token_ids), got {type(result).__name__}")
-    weights, ids = as_tensor(result[0], what + "'s weights"), as_tensor(result[1], what + "'s token_ids")
-    if not weights.is_floating_point() and ids.is_floating_point():
-        fail(f"{what} returned (token_ids, weights); return them in the order (weights, token_ids)")
-    if not weights.is_floating_point():
-        fail(f"{what}: weights should be floating point, got {weights.dtype}")
-    if ids.is_floating_point() or ids.dtype == torch.bool:
-        fail(f"{what}: token_ids should be integer token positions (torch.long, as topk returns), got {ids.dtype}")
-    return weights, ids
-
-
 def expert_choice(fn: Callable[[torch.Tensor, float], Any]) -> None:
     """Check ``fn(logits (T, N), capacity_factor) -> (weights (N, c), token_ids (N, c))`` and its gradient."""
     for label, logits, cf in _ec_cases():
@@ -258,7 +245,7 @@ def expert_choice(fn: Callable[[torch.Tensor, float], Any]) -> None:
         c = expert_choice_capacity(t, n, cf)
         what = f"expert_choice on {label}"
         given = logits.clone().requires_grad_(True)
-        weights, ids = _unpack_pair(call(fn, given, cf, what=what), what)
+        weights, ids = weights_and_ids(call(fn, given, cf, what=what), what, "token_ids", "integer token positions")
         if not torch.equal(given.detach(), logits):
             fail(f"{what} changed the logits in place; compute new tensors instead")
         if weights.dim() != 2 or ids.dim() != 2:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moe_course.balancing import bias_update as ref_bias_update
-from moe_course.check._core import as_tensor, call, close, compare_grads, expect_shape, fail, ok
+from moe_course.check._core import as_tensor, call, close, compare_grads, expect_shape, fail, ok, weights_and_ids
 from moe_course.routing import Routing, sigmoid_topk
 
 __all__ = ["bias_update", "biased_topk", "group_limited_topk"]
@@ -130,19 +130,6 @@ def _same(w: torch.Tensor, i: torch.Tensor, w_ref: torch.Tensor, i_ref: torch.Te
     return close(w.detach().gather(-1, perm), w_ref.detach().gather(-1, r_perm))
 
 
-def _unpack(result: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        fail(f"{what} should return a pair (weights, indices), got {type(result).__name__}")
-    weights, indices = as_tensor(result[0], what + "'s weights"), as_tensor(result[1], what + "'s indices")
-    if not weights.is_floating_point() and indices.is_floating_point():
-        fail(f"{what} returned (indices, weights); return them in the order (weights, indices)")
-    if not weights.is_floating_point():
-        fail(f"{what}: weights should be floating point, got {weights.dtype}")
-    if indices.is_floating_point() or indices.dtype == torch.bool:
-        fail(f"{what}: indices should be integer expert ids (torch.long, as topk returns), got {indices.dtype}")
-    return weights, indices
-
-
 def _renorm(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=-1, keepdim=True)
 
@@ -203,7 +190,7 @@ def _check_gate(what: str, result: Any, logits: torch.Tensor, given: torch.Tenso
                 reference: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Values (any column order), then the gradient w.r.t. the logits, then no gradient into the bias."""
     t, k = expected[1].shape
-    weights, indices = _unpack(result, what)
+    weights, indices = weights_and_ids(result, what)
     expect_shape(weights, (t, k), what + "'s weights")
     expect_shape(indices, (t, k), what + "'s indices")
     if not _same(weights, indices, *expected):

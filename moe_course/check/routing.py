@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moe_course.check._core import as_tensor, call, close, compare_grads, expect_shape, fail, ok
+from moe_course.check._core import call, close, compare_grads, expect_shape, fail, ok, weights_and_ids
 from moe_course.routing import softmax_topk
 
 __all__ = ["topk_router"]
@@ -89,26 +89,13 @@ def _mistakes(logits: torch.Tensor, k: int) -> list[tuple[str, tuple[torch.Tenso
     return out
 
 
-def _unpack(result: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        fail(f"{what} should return a pair (weights, indices), got {type(result).__name__}")
-    weights, indices = as_tensor(result[0], what + "'s weights"), as_tensor(result[1], what + "'s indices")
-    if not weights.is_floating_point() and indices.is_floating_point():
-        fail(f"{what} returned (indices, weights); return them in the order (weights, indices)")
-    if not weights.is_floating_point():
-        fail(f"{what}: weights should be floating point, got {weights.dtype}")
-    if indices.is_floating_point() or indices.dtype == torch.bool:
-        fail(f"{what}: indices should be integer expert ids (torch.long, as topk returns), got {indices.dtype}")
-    return weights, indices
-
-
 def topk_router(fn: Callable[[torch.Tensor, int], Any]) -> None:
     """Check a learner's ``fn(logits (T, N), k) -> (weights (T, k), indices (T, k))``, Mixtral-style."""
     for label, logits, k in _cases():
         t, n = logits.shape
         what = f"topk_router on {label}"
         given = logits.clone().requires_grad_(True)
-        weights, indices = _unpack(call(fn, given, k, what=what), what)
+        weights, indices = weights_and_ids(call(fn, given, k, what=what), what)
         if not torch.equal(given.detach(), logits):
             fail(f"{what} changed the logits in place; compute new tensors instead")
         if tuple(weights.shape) == (k, n) or tuple(indices.shape) == (k, n):
