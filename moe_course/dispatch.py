@@ -70,13 +70,9 @@ def dispatch_sorted(
 ) -> torch.Tensor:
     """Permute token copies into contiguous per-expert slices, run each expert once, scatter-add back."""
     _check(x, weights, indices, len(experts))
-    k = indices.shape[1]
-    flat = indices.reshape(-1)  # (T*k,) expert of each (token, slot) pair
-    order = flat.argsort(stable=True)  # pairs grouped by expert
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()  # tokens per expert
-    token_of = order // k  # which token each sorted pair came from
+    order, token_of, counts = sort_by_expert(indices, len(experts))  # pairs grouped by expert, and their tokens
     xs = x[token_of]  # (T*k, d), expert 0's tokens first, then expert 1's, ...
-    ys = torch.cat([expert(chunk) for expert, chunk in zip(experts, xs.split(counts), strict=True)])
+    ys = torch.cat([expert(chunk) for expert, chunk in zip(experts, xs.split(counts.tolist()), strict=True)])
     ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
     return torch.zeros_like(x).index_add(0, token_of, ys)
 

@@ -151,11 +151,8 @@ class GroupedExperts(nn.Module):
             hidden = F.silu(F.grouped_mm(x, self.w_gate.to(dtype), offs=offsets))
             hidden = hidden * F.grouped_mm(x, self.w_up.to(dtype), offs=offsets)  # (A, h)
             return _GradContiguous.apply(F.grouped_mm(hidden, self.w_down.to(dtype), offs=offsets))
-        outs = [  # fallback: one matmul per expert on its slice of the stacked weights
-            (F.silu(xe @ self.w_gate[e]) * (xe @ self.w_up[e])) @ self.w_down[e]
-            for e, xe in enumerate(x.split(counts.tolist()))
-        ]
-        return torch.cat(outs)
+        # fallback: each expert (a view of its slice of the stacked weights) on its slice of the tokens
+        return torch.cat([self[e](xe) for e, xe in enumerate(x.split(counts.tolist()))])
 
     @classmethod
     def from_experts(cls, experts: Sequence[nn.Module]) -> GroupedExperts:

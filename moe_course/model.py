@@ -66,10 +66,6 @@ class ModelConfig:
                 z_loss_coef=self.z_loss_coef, seq_aux_loss_coef=self.seq_aux_loss_coef,
                 bias_update_rate=self.bias_update_rate,
             )
-            if self.router != "topk" and (self.aux_loss_coef or self.z_loss_coef or self.seq_aux_loss_coef
-                                          or self.bias_update_rate):
-                raise ValueError(f"router={self.router!r} balances without losses or a bias: set aux_loss_coef, "
-                                 "z_loss_coef, seq_aux_loss_coef and bias_update_rate to 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -73,6 +73,10 @@ def validate_moe_args(
         raise ValueError("dispatch='grouped' needs experts='grouped'; use dispatch='sorted' for a ModuleList")
     for name, value in coefs.items():
         _nonneg_float(name, value)
+    balanced_by_design = router in ("expert_choice", "hash") or isinstance(router, (ExpertChoiceRouter, HashRouter))
+    if balanced_by_design and any(coefs.values()):
+        raise ValueError(f"router={router!r} balances without losses or a bias: set "
+                         f"{', '.join(coefs)} to 0")
 
 
 class MoE(nn.Module):
@@ -131,10 +135,6 @@ class MoE(nn.Module):
                                         vocab_size)
         self.takes_token_ids = isinstance(self.router, HashRouter)
         token_choice = not isinstance(self.router, ExpertChoiceRouter)
-        if not token_choice or isinstance(self.router, HashRouter):
-            if aux_loss_coef or z_loss_coef or seq_aux_loss_coef or bias_update_rate:
-                raise ValueError(f"router={router!r} balances without losses or a bias: set aux_loss_coef, "
-                                 "z_loss_coef, seq_aux_loss_coef and bias_update_rate to 0")
         if bias_update_rate and not hasattr(self.router, "expert_bias"):
             raise ValueError("bias_update_rate needs a router with an expert_bias buffer (TopKRouter)")
         self.experts = GroupedExperts(n_experts, d_model, d_hidden) if experts == "grouped" else \

@@ -12,8 +12,8 @@ Three scoring rules from the papers:
 Routers are small modules with one contract, ``router(x (T, d), token_ids (T,) | None) -> routing``:
 :class:`TopKRouter` (token choice, with DeepSeek-V3's group-limited selection), :class:`ExpertChoiceRouter`
 (each expert picks its tokens; Zhou et al. 2022) and :class:`HashRouter` (a fixed hash of the token id;
-Roller et al. 2021). Every routing record can count its assignments per expert (``counts``) and list them
-sorted by expert (``sorted_assignments``), which is all the MoE layer's dispatcher needs.
+Roller et al. 2021). Every routing record counts its assignments per expert (``counts``); the expert-choice
+record also lists them sorted by expert (``sorted_assignments``), since its dispatch differs from token choice's.
 """
 
 from __future__ import annotations
@@ -47,15 +47,6 @@ class Routing:
     def counts(self, n_experts: int) -> torch.Tensor:
         """Assignments per expert (N,), counting each of a token's k choices."""
         return torch.bincount(self.indices.reshape(-1), minlength=n_experts)
-
-    def sorted_assignments(self, n_experts: int) -> Assignments:
-        """The T·k (token, expert) pairs in expert order (stable: token order kept within an expert)."""
-        flat = self.indices.reshape(-1)  # (T*k,)
-        order = flat.argsort(stable=True)
-        return Assignments(
-            token=order // self.indices.shape[1], weight=self.weights.reshape(-1)[order],
-            counts=torch.bincount(flat, minlength=n_experts),
-        )
 
     def detach(self) -> Routing:
         """A copy without autograd history, for logging."""
@@ -100,6 +91,27 @@ def _check_k(k: int, n_experts: int) -> None:
         )
 
 
+def select_topk(
+    scores: torch.Tensor, k: int, bias: torch.Tensor | None = None, renormalize: bool = True,
+    n_groups: int = 1, topk_groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the k experts with the largest ``scores + bias``; weight them by the plain scores.
+
+    scores: (T, N) probabilities or affinities -> weights (T, k), indices (T, k). The bias (N,) or (T, N) only
+    changes *which* experts are chosen; ``n_groups > 1`` first keeps each token's ``topk_groups`` best groups.
+    The one selection rule behind :func:`softmax_topk`, :func:`sigmoid_topk` and :class:`TopKRouter`.
+    """
+    _check_k(k, scores.shape[-1])
+    choice = scores if bias is None else scores + bias
+    if n_groups > 1:
+        choice = choice.masked_fill(group_limited_mask(choice, n_groups, topk_groups, bias is not None), -torch.inf)
+    indices = choice.topk(k, dim=-1).indices
+    weights = scores.gather(-1, indices)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
 def softmax_topk(
     logits: torch.Tensor, k: int, renormalize: bool = True, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,15 +121,7 @@ def softmax_topk(
     chosen (top-k of ``probs + bias``); the weights stay the plain probabilities.
     """
     _check_k(k, logits.shape[-1])
-    probs = logits.softmax(dim=-1)
-    if bias is None:
-        weights, indices = probs.topk(k, dim=-1)
-    else:
-        indices = (probs + bias).topk(k, dim=-1).indices
-        weights = probs.gather(-1, indices)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, indices
+    return select_topk(logits.softmax(dim=-1), k, bias, renormalize)
 
 
 def group_limited_mask(choice: torch.Tensor, n_groups: int, topk_groups: int, biased: bool) -> torch.Tensor:
@@ -156,14 +160,7 @@ def sigmoid_topk(
     With ``n_groups > 1`` each token first keeps its ``topk_groups`` best expert groups (node-limited routing).
     """
     _check_k(k, logits.shape[-1])
-    scores = logits.sigmoid()
-    choice = scores if bias is None else scores + bias
-    if n_groups > 1:
-        choice = choice.masked_fill(group_limited_mask(choice, n_groups, topk_groups, bias is not None), -torch.inf)
-    indices = choice.topk(k, dim=-1).indices
-    weights = scores.gather(-1, indices)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights, indices = select_topk(logits.sigmoid(), k, bias, renormalize, n_groups, topk_groups)
     return weights * scale, indices
 
 
@@ -235,13 +232,8 @@ class TopKRouter(nn.Module):
                 raise ValueError(f"mask_top must be between 0 and n_experts - k = {self.n_experts - self.k}")
             masked = torch.zeros_like(logits).scatter(1, logits.topk(self.mask_top, dim=-1).indices, -torch.inf)
             bias = bias + masked  # (T, N): the masked experts can never be chosen; the weights are unchanged
-        if self.score == "sigmoid":
-            weights, indices = sigmoid_topk(logits, self.k, bias, self.renormalize,
-                                            n_groups=self.n_groups, topk_groups=self.topk_groups)
-            scores = logits.sigmoid()
-        else:
-            weights, indices = softmax_topk(logits, self.k, self.renormalize, bias)
-            scores = logits.softmax(dim=-1)
+        scores = logits.sigmoid() if self.score == "sigmoid" else logits.softmax(dim=-1)  # (T, N), computed once
+        weights, indices = select_topk(scores, self.k, bias, self.renormalize, self.n_groups, self.topk_groups)
         return Routing(weights=weights, indices=indices, logits=logits, scores=scores)
 
     def extra_repr(self) -> str:
