@@ -87,15 +87,13 @@ def routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tens
     gen = torch.Generator().manual_seed(seed)
     layers = model.moe_layers()
     tables = [torch.zeros(n_types, layer.n_experts, dtype=torch.long) for layer in layers]
-    was_training = model.training
-    model.eval()
-    for _ in range(n_batches):
-        x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
-        model(x.to(device))
-        for table, layer in zip(tables, layers, strict=True):
-            first = layer.last_routing.indices[:, 0].cpu()  # (B*T,)
-            table.index_put_((t.reshape(-1), first), torch.ones_like(first), accumulate=True)
-    model.train(was_training)
+    with _eval_mode(model):
+        for _ in range(n_batches):
+            x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
+            model(x.to(device))
+            for table, layer in zip(tables, layers, strict=True):
+                first = layer.last_routing.indices[:, 0].cpu()  # (B*T,)
+                table.index_put_((t.reshape(-1), first), torch.ones_like(first), accumulate=True)
     return tables
 
 
@@ -131,6 +129,26 @@ def specialisation(tables: list[torch.Tensor], seed: int = 0) -> dict[str, list[
     return {"mi": mi, "mi_random": base, "mi_over_h_type": [i / h for i, h in zip(mi, h_type, strict=True)]}
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode, then restore its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _layer_inputs(model: torch.nn.Module, data: torch.Tensor, n_tokens: int, seed: int) -> list[torch.Tensor]:
+    """The (T, d) input of every MoE layer on fixed random windows of ``data`` (about ``n_tokens`` tokens)."""
+    block = model.cfg.block_size
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
+    x = data[starts[:, None] + torch.arange(block)].long().to(next(model.parameters()).device)
+    return _capture_inputs(model, x)
+
+
 def _capture_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The (T, d) input of every MoE layer for one forward pass of ``x``."""
     seen: list[torch.Tensor] = []
@@ -148,15 +166,8 @@ def _capture_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tenso
 def expert_output_similarity(model: torch.nn.Module, data: torch.Tensor, n_tokens: int = 512,
                              seed: int = 1234) -> list[float]:
     """Per MoE layer: mean cosine similarity of two different routed experts' outputs on the same inputs."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    block = model.cfg.block_size
-    starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
-    x = data[starts[:, None] + torch.arange(block)].long().to(device)
-    was_training = model.training
-    model.eval()
-    inputs = _capture_inputs(model, x)
-    model.train(was_training)
+    with _eval_mode(model):
+        inputs = _layer_inputs(model, data, n_tokens, seed)
     sims = []
     for layer, h in zip(model.moe_layers(), inputs, strict=True):
         outs = torch.stack([expert(h) for expert in layer.experts])  # (N, T, d)
@@ -171,22 +182,15 @@ def expert_output_similarity(model: torch.nn.Module, data: torch.Tensor, n_token
 def shared_output_share(model: torch.nn.Module, data: torch.Tensor, n_tokens: int = 512,
                         seed: int = 1234) -> list[float]:
     """Per MoE layer with shared experts: ‖shared(x)‖ / (‖shared(x)‖ + ‖routed part‖), averaged over tokens."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    block = model.cfg.block_size
-    starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
-    x = data[starts[:, None] + torch.arange(block)].long().to(device)
-    was_training = model.training
-    model.eval()
-    inputs = _capture_inputs(model, x)
     shares = []
-    for layer, h in zip(model.moe_layers(), inputs, strict=True):
-        if getattr(layer, "shared", None) is None:
-            continue
-        shared = layer.shared(h).norm(dim=-1)
-        routed = (layer(h) - layer.shared(h)).norm(dim=-1)
-        shares.append(float((shared / (shared + routed)).mean()))
-    model.train(was_training)
+    with _eval_mode(model):
+        for layer, h in zip(model.moe_layers(), _layer_inputs(model, data, n_tokens, seed), strict=True):
+            if getattr(layer, "shared", None) is None:
+                continue
+            shared_out = layer.shared(h)
+            shared = shared_out.norm(dim=-1)
+            routed = (layer(h) - shared_out).norm(dim=-1)
+            shares.append(float((shared / (shared + routed)).mean()))
     return shares
 
 
