@@ -117,11 +117,11 @@ def test_reference_passes(capsys):
 
 
 def test_column_order_of_equal_weights_is_free():
-    from moe_course.check.routing import _same
+    from moe_course.check._core import same_choices
 
     w = torch.tensor([[0.5, 0.5]])
-    assert _same(w, torch.tensor([[3, 1]]), w, torch.tensor([[1, 3]]))
-    assert not _same(w, torch.tensor([[3, 2]]), w, torch.tensor([[1, 3]]))
+    assert same_choices(w, torch.tensor([[3, 1]]), w, torch.tensor([[1, 3]]))
+    assert not same_choices(w, torch.tensor([[3, 2]]), w, torch.tensor([[1, 3]]))
 
 
 @pytest.mark.parametrize(

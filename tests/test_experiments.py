@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_course import experiments as ex
+from moe_course.device import cpu_threads
 from moe_course.experiments import (
     EXPERIMENTS,
     SIZES,
@@ -30,10 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Smoke-sized models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))

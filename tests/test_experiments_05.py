@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from moe_course.device import cpu_threads
 from moe_course.experiments import get_experiment, load_result, run_experiment
 from moe_course.fine_grained import param_table
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("size", ["smoke", "cpu", "gpu"])

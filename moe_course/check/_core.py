@@ -170,3 +170,15 @@ def weights_and_ids(result: Any, what: str, ids: str = "indices", meaning: str =
     if index.is_floating_point() or index.dtype == torch.bool:
         fail(f"{what}: {ids} should be {meaning} (torch.long, as topk returns), got {index.dtype}")
     return weights, index
+
+
+def same_choices(w: torch.Tensor, i: torch.Tensor, w_ref: torch.Tensor, i_ref: torch.Tensor) -> bool:
+    """Same (id, weight) pairs in every row, whatever the column order: a router's k experts per token, or an
+    expert's c tokens in expert choice, may come in any order."""
+    if w.shape != w_ref.shape or i.shape != i_ref.shape:
+        return False
+    i_sorted, perm = i.long().sort(dim=-1)
+    r_sorted, r_perm = i_ref.long().sort(dim=-1)
+    if not torch.equal(i_sorted.cpu(), r_sorted.cpu()):
+        return False
+    return close(w.gather(-1, perm), w_ref.gather(-1, r_perm))

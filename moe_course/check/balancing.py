@@ -24,7 +24,7 @@ import torch
 
 from moe_course.balancing import router_z_loss as ref_z_loss
 from moe_course.balancing import switch_aux_loss as ref_switch_aux_loss
-from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok, weights_and_ids
+from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok, same_choices, weights_and_ids
 from moe_course.routing import expert_choice as ref_expert_choice
 from moe_course.routing import expert_choice_capacity
 
@@ -218,15 +218,6 @@ def _ec_reference(logits: torch.Tensor, cf: float) -> tuple[torch.Tensor, torch.
     return ref_expert_choice(logits.softmax(dim=-1), expert_choice_capacity(t, n, cf))
 
 
-def _same_rows(w: torch.Tensor, i: torch.Tensor, w_ref: torch.Tensor, i_ref: torch.Tensor) -> bool:
-    """Same (token, weight) pairs in every expert's row, whatever the order within the row."""
-    if w.shape != w_ref.shape or i.shape != i_ref.shape:
-        return False
-    i_sorted, perm = i.long().sort(dim=-1)
-    r_sorted, r_perm = i_ref.long().sort(dim=-1)
-    return torch.equal(i_sorted.cpu(), r_sorted.cpu()) and close(w.gather(-1, perm), w_ref.gather(-1, r_perm))
-
-
 def _ec_mistakes(logits: torch.Tensor, c: int) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
     return [
         ("took the softmax over the tokens (dim=0); the gate is a softmax over each token's experts (dim=-1), "
@@ -272,9 +263,9 @@ def expert_choice(fn: Callable[[torch.Tensor, float], Any]) -> None:
         expect_shape(weights, (n, c), what + "'s weights")
         expect_shape(ids, (n, c), what + "'s token_ids")
         w_ref, i_ref = _ec_reference(logits, cf)
-        if not _same_rows(weights.detach(), ids, w_ref, i_ref):
+        if not same_choices(weights.detach(), ids, w_ref, i_ref):
             for hint, (w_bad, i_bad) in _ec_mistakes(logits, c):
-                if _same_rows(weights.detach(), ids, w_bad, i_bad):
+                if same_choices(weights.detach(), ids, w_bad, i_bad):
                     fail(f"{what}: it looks like you {hint}.")
             fail(f"{what}: wrong (token, weight) pairs. Expected expert 0 to take tokens "
                  f"{sorted(i_ref[0].tolist())} with weights {[round(v, 3) for v in w_ref[0].tolist()]}, got "

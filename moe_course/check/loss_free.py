@@ -22,7 +22,17 @@ import torch
 from torch import nn
 
 from moe_course.balancing import bias_update as ref_bias_update
-from moe_course.check._core import as_tensor, call, close, compare_grads, expect_shape, fail, ok, weights_and_ids
+from moe_course.check._core import (
+    as_tensor,
+    call,
+    close,
+    compare_grads,
+    expect_shape,
+    fail,
+    ok,
+    same_choices,
+    weights_and_ids,
+)
 from moe_course.routing import Routing, sigmoid_topk
 
 __all__ = ["bias_update", "biased_topk", "group_limited_topk"]
@@ -119,17 +129,6 @@ def bias_update(fn: Callable[[torch.Tensor, Routing, float], Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _same(w: torch.Tensor, i: torch.Tensor, w_ref: torch.Tensor, i_ref: torch.Tensor) -> bool:
-    """Same (expert, weight) pairs in every row, whatever the column order."""
-    if w.shape != w_ref.shape or i.shape != i_ref.shape:
-        return False
-    i_sorted, perm = i.long().sort(dim=-1)
-    r_sorted, r_perm = i_ref.long().sort(dim=-1)
-    if not torch.equal(i_sorted.cpu(), r_sorted.cpu()):
-        return False
-    return close(w.detach().gather(-1, perm), w_ref.detach().gather(-1, r_perm))
-
-
 def _renorm(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=-1, keepdim=True)
 
@@ -193,9 +192,9 @@ def _check_gate(what: str, result: Any, logits: torch.Tensor, given: torch.Tenso
     weights, indices = weights_and_ids(result, what)
     expect_shape(weights, (t, k), what + "'s weights")
     expect_shape(indices, (t, k), what + "'s indices")
-    if not _same(weights, indices, *expected):
+    if not same_choices(weights, indices, *expected):
         for hint, (w_bad, i_bad) in mistakes:
-            if _same(weights, indices, w_bad, i_bad):
+            if same_choices(weights, indices, w_bad, i_bad):
                 fail(f"{what}: it looks like you {hint}.")
         if not torch.equal(indices.long().sort(-1).values, expected[1].sort(-1).values):
             fail(f"{what}: wrong experts chosen. Token 0 should get experts {sorted(expected[1][0].tolist())}, "

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moe_course.check._core import call, close, compare_grads, expect_shape, fail, ok, weights_and_ids
+from moe_course.check._core import call, close, compare_grads, expect_shape, fail, ok, same_choices, weights_and_ids
 from moe_course.routing import softmax_topk
 
 __all__ = ["topk_router"]
@@ -42,17 +42,6 @@ def _variant(logits: torch.Tensor, k: int, *, axis: int = -1, score: str = "soft
     if renorm:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, indices
-
-
-def _same(w: torch.Tensor, i: torch.Tensor, w_ref: torch.Tensor, i_ref: torch.Tensor) -> bool:
-    """Same (expert, weight) pairs in every row, whatever the column order."""
-    if w.shape != w_ref.shape or i.shape != i_ref.shape:
-        return False
-    i_sorted, perm = i.long().sort(dim=-1)
-    r_sorted, r_perm = i_ref.long().sort(dim=-1)
-    if not torch.equal(i_sorted.cpu(), r_sorted.cpu()):
-        return False
-    return close(w.gather(-1, perm), w_ref.gather(-1, r_perm))
 
 
 def _same_weights(w: torch.Tensor, w_ref: torch.Tensor) -> bool:
@@ -104,9 +93,9 @@ def topk_router(fn: Callable[[torch.Tensor, int], Any]) -> None:
         expect_shape(weights, (t, k), what + "'s weights")
         expect_shape(indices, (t, k), what + "'s indices")
         w_ref, i_ref = softmax_topk(logits, k)
-        if not _same(weights, indices, w_ref, i_ref):
+        if not same_choices(weights, indices, w_ref, i_ref):
             for hint, (w_bad, i_bad) in _mistakes(logits, k):
-                if _same(weights, indices, w_bad, i_bad):
+                if same_choices(weights, indices, w_bad, i_bad):
                     fail(f"{what}: it looks like you {hint}.")
             if _same_weights(weights, w_ref):
                 if int(indices.max()) < k <= int(i_ref.max()):
