@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_course.balancing import BiasUpdate, RouterZLoss, SequenceAuxLoss, SwitchAuxLoss, sequence_aux_loss
-from moe_course.dispatch import capacity_mask, combine, expert_capacity
+from moe_course.dispatch import capacity_mask, combine, expert_capacity, sort_by_expert
 from moe_course.experts import GroupedExperts
 from moe_course.moe import MoE
 from moe_course.routing import ExpertChoiceRouter, Routing
@@ -106,10 +106,8 @@ def rank_order(indices: torch.Tensor, n_experts: int, world: int) -> tuple[torch
     (rank 0's pairs first, token order kept inside a rank), so ``pairs[order]`` is the send buffer, cut into
     W contiguous chunks by :func:`send_counts`. ``inverse`` undoes it: ``pairs[order][inverse] == pairs``.
     """
-    dest = expert_owner(indices.reshape(-1), n_experts, world)
-    order = dest.argsort(stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return order, inverse
+    order = expert_owner(indices.reshape(-1), n_experts, world).argsort(stable=True)
+    return order, _inverse(order)
 
 
 def ranks_per_token(indices: torch.Tensor, n_experts: int, world: int) -> torch.Tensor:
@@ -126,6 +124,7 @@ def dispatch_bytes(indices: torch.Tensor, n_experts: int, world: int, rank: int,
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``order``: ``v[order][_inverse(order)] == v``."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
@@ -235,7 +234,7 @@ class ExpertParallelMoE(nn.Module):
         # 2. sort pairs by destination rank; exchange counts; 3. send the rows
         kept = keep.reshape(-1).nonzero().squeeze(1)  # (A,) pair numbers p = t*k + j that are sent
         experts = routing.indices.reshape(-1)[kept]  # (A,) global expert ids
-        dest = experts // self.n_local
+        dest = expert_owner(experts, self.n_experts, w)  # (A,) the rank holding each pair's expert
         order = dest.argsort(stable=True)
         pair = kept[order]  # (A,) pairs in send order
         token_of = pair // k
@@ -250,8 +249,7 @@ class ExpertParallelMoE(nn.Module):
         clock.append(time.perf_counter())
 
         # 4. run the local experts, grouped by local expert, then restore the received order
-        by_expert = local_ids.argsort(stable=True)
-        counts = torch.bincount(local_ids, minlength=self.n_local)  # (E/W,)
+        by_expert, _, counts = sort_by_expert(local_ids[:, None], self.n_local)  # order, _, (E/W,) rows each
         yr = self.experts(xr.index_select(0, by_expert), counts).index_select(0, _inverse(by_expert))
         clock.append(time.perf_counter())
 
