@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -232,8 +233,11 @@ class TopKRouter(nn.Module):
                 raise ValueError(f"mask_top must be between 0 and n_experts - k = {self.n_experts - self.k}")
             masked = torch.zeros_like(logits).scatter(1, logits.topk(self.mask_top, dim=-1).indices, -torch.inf)
             bias = bias + masked  # (T, N): the masked experts can never be chosen; the weights are unchanged
-        scores = logits.sigmoid() if self.score == "sigmoid" else logits.softmax(dim=-1)  # (T, N), computed once
-        weights, indices = select_topk(scores, self.k, bias, self.renormalize, self.n_groups, self.topk_groups)
+        score = torch.sigmoid if self.score == "sigmoid" else partial(torch.softmax, dim=-1)
+        weights, indices = select_topk(score(logits), self.k, bias, self.renormalize, self.n_groups, self.topk_groups)
+        # The scores are a second node on purpose: sharing one would change the backward pass's summation order,
+        # and the stored results in data/results would no longer reproduce bit for bit (re-run them to merge).
+        scores = score(logits)  # (T, N)
         return Routing(weights=weights, indices=indices, logits=logits, scores=scores)
 
     def extra_repr(self) -> str:
