@@ -30,9 +30,15 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_presets_dense_and_moe_twins_have_equal_active_ffn_width():
     for size in ("cpu", "gpu"):
-        moe, dense = PRESETS[f"{size}-moe"].model, PRESETS[f"{size}-dense"].model
-        assert moe.top_k * moe.expert_hidden == dense.d_hidden
-        assert (moe.d_model, moe.n_layer) == (dense.d_model, dense.n_layer)
+        dense = PRESETS[f"{size}-dense"].model
+        moe, best = PRESETS[f"{size}-moe"].model, PRESETS[f"{size}-best"].model
+        for m in (moe, best):
+            assert (m.top_k + m.n_shared) * m.expert_hidden == dense.d_hidden
+            assert (m.d_model, m.n_layer, m.block_size) == (dense.d_model, dense.n_layer, dense.block_size)
+        # the recipe and the plain MoE hold the same total routed width, so they compare at equal size too
+        assert moe.n_experts * moe.expert_hidden == best.n_experts * best.expert_hidden
+        assert best.bias_update_rate > 0 and best.aux_loss_coef == 0 and best.router_score == "sigmoid"
+        assert PRESETS[f"{size}-moe"].train == PRESETS[f"{size}-dense"].train == PRESETS[f"{size}-best"].train
 
 
 def test_lr_schedule_warmup_then_cosine():
