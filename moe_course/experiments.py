@@ -273,6 +273,72 @@ def _loss_free_06(size: str) -> list[Run]:
             for label, cfg in configs]
 
 
+def _capstone_shapes(size: str) -> tuple[ModelConfig, ModelConfig, ModelConfig, TrainConfig]:
+    """Notebook 08's dense twin, plain top-2 MoE and recipe MoE (the train presets; tiny ones at smoke size)."""
+    from moe_course.train import get_preset
+
+    if size == "smoke":
+        shape = dict(block_size=16, n_layer=1, n_head=2, d_model=16)
+        return (ModelConfig(ffn="dense", d_hidden=32, **shape),
+                ModelConfig(ffn="moe", n_experts=4, top_k=2, expert_hidden=16, **shape),
+                ModelConfig(ffn="moe", n_experts=8, top_k=2, expert_hidden=8, n_shared=2, router_score="sigmoid",
+                            aux_loss_coef=0.0, bias_update_rate=1e-3, **shape),
+                base_train("smoke"))
+    dense, moe, best = (get_preset(f"{size}-{name}") for name in ("dense", "moe", "best"))
+    return dense.model, moe.model, best.model, replace(best.train, eval_batches=16)
+
+
+CAPSTONE_SAMPLE_PROMPT = "def "
+EQUAL_TIME_STEPS = 1.2
+"""The recipe MoE takes about 1.2x the dense twin's time per step on one CPU thread (README benchmarks and
+the stored runs' tokens/s), so the equal wall-clock dense run trains 1.2x the steps (and tokens)."""
+EXPERT_COUNTS = (4, 8, 32)  # with the recipe's 16 (capstone result) and the dense twin as "1 expert"
+
+
+def _probe_08(model: TinyLM, corpus: Any) -> dict[str, Any]:
+    """Token type x first-choice expert tables per layer, I(type; expert), and a sample from a fixed prompt."""
+    from moe_course.analysis import routing_tables, specialisation
+    from moe_course.corpus import TOKEN_TYPE_NAMES, encode
+
+    out: dict[str, Any] = {}
+    if model.moe_layers():
+        tables = routing_tables(model, corpus.val, corpus.val_types, len(TOKEN_TYPE_NAMES), n_batches=8)
+        out["type_tables"] = [t.tolist() for t in tables]
+        out.update(specialisation(tables))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompt = encode(CAPSTONE_SAMPLE_PROMPT).long()[None].to(device)  # (1, T)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sample = model.generate(prompt, 240, temperature=0.8, generator=gen)[0].tolist()
+    model.train(was_training)
+    out["sample"] = bytes(sample).decode("utf-8", errors="replace")
+    return out
+
+
+@register("capstone", "notebook 08: dense twin vs plain top-2 MoE vs the course's recipe (fine-grained + shared + "
+          "loss-free) at equal active parameters and tokens; and a dense run given the recipe's wall-clock time",
+          seeds=(0, 1, 2))
+def _capstone(size: str) -> list[Run]:
+    dense, moe, best, t = _capstone_shapes(size)
+    runs = [
+        Run("dense", dense, t, probe=_probe_08),
+        Run("MoE top-2", moe, t, probe=_probe_08),
+        Run("MoE recipe", best, t, probe=_probe_08),
+    ]
+    if size != "gpu":  # equal time is a CPU question: on a GPU the MoE's step time depends on the kernels
+        runs.append(Run("dense, equal time", dense, replace(t, steps=round(EQUAL_TIME_STEPS * t.steps)),
+                        probe=_probe_08))
+    return runs
+
+
+@register("experts_sweep", "notebook 08: the recipe with 4, 8 or 32 routed experts at fixed active width (more "
+          "experts, more total parameters, same compute per token: Shazeer et al. 2017 in miniature)")
+def _experts_sweep(size: str) -> list[Run]:
+    _, _, best, t = _capstone_shapes(size)
+    return [Run(f"E={n}", replace(best, n_experts=n), t) for n in EXPERT_COUNTS]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------------------------------------

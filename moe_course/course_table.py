@@ -1,0 +1,182 @@
+"""The whole course in one table: each notebook's headline experiment, its measured number, and the paper result
+it miniaturises.
+
+Numbers are never typed in here. They come from the stored experiment results (``data/results/*.json``, checked
+against the code by their fingerprint), from the package's calculators, or, for notebooks whose experiment runs
+live in a few seconds, from the executed solution notebook's printed output (``solutions/NN_*.ipynb``), so the
+table cannot drift from what the notebooks show. A missing source gives a row that says how to produce it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_course.experiments import StaleResultError, load_result
+
+__all__ = ["SOLUTIONS_DIR", "Row", "course_rows", "format_rows", "notebook_output"]
+
+SOLUTIONS_DIR = Path(__file__).resolve().parents[1] / "solutions"
+"""The executed solution notebooks (present in a clone of the repository, not in a pip install)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One notebook's headline: what was run, what we measured, and what the paper reports."""
+
+    notebook: str
+    experiment: str
+    measured: str
+    paper: str
+    source: str
+
+
+def notebook_output(notebook: str, solutions_dir: str | Path | None = None) -> str:
+    """All printed text (stream and plain-text results) of an executed solution notebook, in cell order."""
+    paths = sorted(Path(solutions_dir or SOLUTIONS_DIR).glob(f"{notebook}_*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"no executed solution notebook {notebook}_*.ipynb in {solutions_dir or SOLUTIONS_DIR}")
+    cells = json.loads(paths[0].read_text(encoding="utf-8"))["cells"]
+    parts = []
+    for cell in cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                parts.append("".join(out.get("text", "")))
+            elif out.get("output_type") == "execute_result":
+                parts.append("".join(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def _search(pattern: str, text: str, what: str) -> re.Match[str]:
+    match = re.search(pattern, text)
+    if match is None:
+        raise LookupError(f"{what}: the pattern {pattern!r} is not in the notebook's output; re-execute it")
+    return match
+
+
+def _row_00(_: Path | None, solutions: Path | None) -> Row:
+    from moe_course.params import active_params, get_published, total_params
+
+    cfg = get_published("DeepSeek-V3")
+    total, active = total_params(cfg), active_params(cfg)
+    return Row("00", "total vs active parameters of DeepSeek-V3 (the package's calculator)",
+               f"{total / 1e9:.0f}B total, {active / 1e9:.1f}B active ({active / total:.1%})",
+               "671B total, 37B active (DeepSeek-AI 2024, arXiv:2412.19437, §1)", "moe_course.params")
+
+
+def _row_01(_: Path | None, solutions: Path | None) -> Row:
+    text = notebook_output("01", solutions)
+    comp = _search(r"competitive: specialised in (\d+) of (\d+) runs", text, "notebook 01")
+    coop = _search(r"cooperative: specialised in (\d+) of (\d+) runs", text, "notebook 01")
+    return Row("01", "competitive vs cooperative error, 4 local experts on a 4-regime task, 5 seeds",
+               f"one expert per regime in {comp[1]}/{comp[2]} runs (competitive) vs {coop[1]}/{coop[2]} "
+               "(cooperative)",
+               "the competitive error makes experts specialise, the cooperative one couples them "
+               "(Jacobs, Jordan, Nowlan & Hinton 1991, §2)", "solutions/01 output")
+
+
+def _row_02(_: Path | None, solutions: Path | None) -> Row:
+    text = notebook_output("02", solutions)
+    ratio = _search(r"the MoE stores ([\d.]+)x the parameters of the dense twin", text, "notebook 02")
+    return Row("02", "a TinyLM with an MoE FFN (8 experts, top-2) vs its dense twin",
+               f"{ratio[1]}x the parameters at equal active parameters per token (+0.6% for the router)",
+               "Mixtral 8x7B: 46.7B total, 12.9B active per token (Jiang et al. 2024, arXiv:2401.04088)",
+               "solutions/02 output")
+
+
+def _row_03(_: Path | None, solutions: Path | None) -> Row:
+    text = notebook_output("03", solutions)
+    times = _search(r"sparse / dense = ([\d.]+),\s+soft / sparse = ([\d.]+)", text, "notebook 03")
+    return Row("03", "time of a sparse top-2 layer (8 experts) vs its dense twin and the soft mixture",
+               f"sparse / dense {times[1]}x, soft / sparse {times[2]}x (CPU)",
+               "conditional computation: capacity grows without compute growing (Shazeer et al. 2017, "
+               "arXiv:1701.06538, §1)", "solutions/03 output")
+
+
+def _mean_val(result, label: str) -> float:
+    return result.mean(label, "val_loss")
+
+
+def _row_04(results: Path | None, _: Path | None) -> Row:
+    r = load_result("aux_sweep", "cpu", results)
+    return Row("04", "Switch auxiliary loss weight alpha, 3 seeds",
+               f"MaxVio {r.mean('alpha=0', 'max_vio'):.2f} (alpha 0) -> {r.mean('alpha=0.01', 'max_vio'):.2f} "
+               f"(alpha 0.01); val loss {_mean_val(r, 'alpha=0'):.3f} -> {_mean_val(r, 'alpha=0.01'):.3f}",
+               "alpha = 0.01 balances experts without hurting quality (Fedus, Zoph & Shazeer 2021, "
+               "arXiv:2101.03961, §2.2)", "data/results/aux_sweep-cpu.json")
+
+
+def _row_05(results: Path | None, _: Path | None) -> Row:
+    r = load_result("fine_grained", "cpu", results)
+    return Row("05", "GShard 8 top-2 vs DeepSeekMoE 1 shared + 31 top-7, equal total and active, 4 seeds",
+               f"val loss {_mean_val(r, 'GShard 8 top-2'):.3f} -> {_mean_val(r, 'DeepSeekMoE 1+31 top-7'):.3f}",
+               "DeepSeekMoE beats GShard at equal parameters (Dai et al. 2024, arXiv:2401.06066, Table 1)",
+               "data/results/fine_grained-cpu.json")
+
+
+def _row_06(results: Path | None, _: Path | None) -> Row:
+    r = load_result("loss_free_06", "cpu", results)
+    aux, free = "aux alpha=1e-2", "loss-free u=1e-3"
+    return Row("06", "sigmoid gate: aux loss (alpha 1e-2) vs loss-free bias (u 1e-3), 3 seeds",
+               f"MaxVio {r.mean(aux, 'max_vio'):.2f} -> {r.mean(free, 'max_vio'):.2f}; val loss "
+               f"{_mean_val(r, aux):.3f} -> {_mean_val(r, free):.3f}",
+               "loss-free: better balance and lower perplexity (Wang et al. 2024, arXiv:2408.15664, Table 2)",
+               "data/results/loss_free_06-cpu.json")
+
+
+def _row_07(_: Path | None, solutions: Path | None) -> Row:
+    text = notebook_output("07", solutions)
+    skew = _search(r"after\s+0 bias updates: rows received \[\d+, \d+\], busiest / mean ([\d.]+)", text, "notebook 07")
+    even = _search(r"after\s+10 bias updates: rows received \[\d+, \d+\], busiest / mean ([\d.]+)", text,
+                   "notebook 07")
+    return Row("07", "expert parallelism on 2-4 gloo processes: all-to-all dispatch, the busiest rank",
+               f"equal to one process (output and gradients); busiest rank / mean {skew[1]} -> {even[1]} after 10 "
+               "bias updates", "balanced expert load keeps every GPU busy (DeepSeek-AI 2024, arXiv:2412.19437, "
+               "§2.1.2, §3.2)", "solutions/07 output")
+
+
+def _row_08(results: Path | None, _: Path | None) -> Row:
+    r = load_result("capstone", "cpu", results)
+    dense, best = r.records_of("dense"), r.records_of("MoE recipe")
+    d = [x.val_loss[-1] for x in dense]
+    b = [x.val_loss[-1] for x in best]
+    return Row("08", f"dense twin vs the course's recipe MoE, equal active parameters and tokens, {len(d)} seeds",
+               f"val loss {sum(d) / len(d):.3f} -> {sum(b) / len(b):.3f} nats/byte (margin {min(d) - max(b):.3f} "
+               "between the worst MoE and the best dense run)",
+               "more experts at equal compute lower the loss (Shazeer et al. 2017, arXiv:1701.06538, Fig. 2; "
+               "Dai et al. 2024)", "data/results/capstone-cpu.json")
+
+
+ROWS: list[Callable[[Path | None, Path | None], Row]] = [
+    _row_00, _row_01, _row_02, _row_03, _row_04, _row_05, _row_06, _row_07, _row_08,
+]
+
+
+def course_rows(results_dir: str | Path | None = None, solutions_dir: str | Path | None = None) -> list[Row]:
+    """One :class:`Row` per notebook; a row whose source is missing or stale says what to run instead."""
+    rows = []
+    results = Path(results_dir) if results_dir else None
+    solutions = Path(solutions_dir) if solutions_dir else None
+    for i, make in enumerate(ROWS):
+        try:
+            rows.append(make(results, solutions))
+        except (FileNotFoundError, StaleResultError, LookupError) as err:
+            rows.append(Row(f"{i:02d}", "(not available)", f"missing: {err}", "", ""))
+    return rows
+
+
+def format_rows(rows: list[Row], width: int = 60) -> str:
+    """A plain-text table (notebook, experiment, measured, paper), long cells wrapped at ``width``."""
+    import textwrap
+
+    lines = []
+    for row in rows:
+        lines.append(f"{row.notebook}  {row.experiment}")
+        for key, value in (("measured", row.measured), ("paper", row.paper)):
+            wrapped = textwrap.wrap(value, width) or [""]
+            lines.append(f"    {key:<9}{wrapped[0]}")
+            lines.extend(f"    {'':<9}{w}" for w in wrapped[1:])
+    return "\n".join(lines)

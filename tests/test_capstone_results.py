@@ -1,0 +1,127 @@
+"""Notebook 08's experiments, figures, MFU and the course-wide results table."""
+
+import json
+import math
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from moe_course import course_table  # noqa: E402
+from moe_course.experiments import EQUAL_TIME_STEPS, EXPERIMENTS, load_result  # noqa: E402
+from moe_course.metrics import mfu, train_flops_per_token  # noqa: E402
+from moe_course.model import TinyLM  # noqa: E402
+from moe_course.params import count_model  # noqa: E402
+from moe_course.plots_capstone import plot_expert_sweep, plot_seed_curves  # noqa: E402
+
+
+@pytest.mark.parametrize("size", ["smoke", "cpu", "gpu"])
+def test_capstone_models_have_equal_active_parameters_and_tokens(size):
+    runs = {r.label: r for r in EXPERIMENTS["capstone"].runs(size)}
+    dense_active = count_model(TinyLM(runs["dense"].model))[1]
+    for label in ("MoE top-2", "MoE recipe"):
+        total, active = count_model(TinyLM(runs[label].model))
+        cfg = runs[label].model
+        router = cfg.n_layer * cfg.d_model * cfg.n_experts  # the only extra active weights
+        assert active == dense_active + router, label
+        assert size == "smoke" or total > 2.5 * dense_active, label  # smoke: the embeddings dominate
+        assert runs[label].train == runs["dense"].train  # equal tokens, equal schedule
+    # the recipe and the plain MoE hold the same expert parameters: they differ in recipe only
+    moe, best = runs["MoE top-2"].model, runs["MoE recipe"].model
+    assert moe.n_experts * moe.expert_hidden == best.n_experts * best.expert_hidden
+    if size != "gpu":
+        assert runs["dense, equal time"].train.steps == round(EQUAL_TIME_STEPS * runs["dense"].train.steps)
+    else:
+        assert "dense, equal time" not in runs
+
+
+def test_expert_sweep_keeps_active_width_and_grows_total():
+    runs = EXPERIMENTS["experts_sweep"].runs("cpu")
+    best = {r.label: r for r in EXPERIMENTS["capstone"].runs("cpu")}["MoE recipe"].model
+    actives, totals = set(), []
+    for run in runs:
+        total, active = count_model(TinyLM(run.model))
+        actives.add(active - run.model.n_layer * run.model.d_model * run.model.n_experts)  # minus the router
+        totals.append(total)
+        assert (run.model.top_k, run.model.expert_hidden, run.model.n_shared) == (best.top_k, best.expert_hidden,
+                                                                                   best.n_shared)
+    assert len(actives) == 1 and totals == sorted(totals) and len(set(totals)) == len(totals)
+
+
+def test_train_flops_and_mfu_by_hand():
+    # 6 * 1e6 + 12 * 2 * 64 * 128 = 6,196,608
+    assert train_flops_per_token(1_000_000, 2, 64, 128) == 6_196_608
+    assert mfu(1e6, 6_196_608, "NVIDIA H100 80GB HBM3") == pytest.approx(1e6 * 6_196_608 / 989e12)
+    assert mfu(1e6, 1.0, "NVIDIA H100 PCIe") == pytest.approx(1e6 / 756e12)
+    assert mfu(1e6, 1.0, "some accelerator") is None
+
+
+def test_seed_curves_draw_a_line_per_seed_and_a_mean():
+    curves = {"dense": [([1, 2, 3], [3.0, 2.5, 2.0]), ([1, 2, 3], [3.2, 2.4, 2.2])],
+              "MoE": [([1, 2, 3], [2.9, 2.2, 1.8])]}
+    fig = plot_seed_curves(curves)
+    ax = fig.axes[0]
+    means = [line for line in ax.get_lines() if line.get_linewidth() > 2]
+    assert len(ax.get_lines()) == 5 and len(means) == 2
+    assert means[0].get_ydata().tolist() == pytest.approx([3.1, 2.45, 2.1])
+    with pytest.raises(ValueError, match="curves\\['x'\\] is empty"):
+        plot_seed_curves({"x": []})
+
+
+def test_expert_sweep_plot_means_and_labels():
+    fig = plot_expert_sweep({1: [2.0, 2.2], 4: [1.9, 1.9], 16: [1.7]}, totals={1: 700_000, 16: 2_100_000})
+    ax = fig.axes[0]
+    mean_line = [line for line in ax.get_lines() if line.get_marker() == "o"][0]
+    assert mean_line.get_ydata().tolist() == pytest.approx([2.1, 1.9, 1.7])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1 (dense)", "4", "16"]
+    assert {t.get_text() for t in ax.texts} == {"0.7M", "2.1M"}
+    with pytest.raises(ValueError, match="points is empty"):
+        plot_expert_sweep({})
+
+
+def test_course_table_reads_every_source():
+    rows = course_table.course_rows()
+    assert [r.notebook for r in rows] == [f"{i:02d}" for i in range(9)]
+    assert all(r.measured and not r.measured.startswith("missing") for r in rows), [r.measured for r in rows]
+    # the numbers are the stored ones, not typed in
+    aux = load_result("aux_sweep", "cpu")
+    assert f"{aux.mean('alpha=0', 'max_vio'):.2f}" in rows[4].measured
+    assert "671B total" in rows[0].measured
+    text = course_table.format_rows(rows)
+    assert text.count("measured") == 9 and "arXiv:2401.06066" in text
+
+
+def test_course_table_names_the_missing_source(tmp_path):
+    rows = course_table.course_rows(results_dir=tmp_path, solutions_dir=tmp_path)
+    by_nb = {r.notebook: r for r in rows}
+    assert "671B" in by_nb["00"].measured  # computed, needs no file
+    assert "python -m moe_course.experiments run aux_sweep --size cpu" in by_nb["04"].measured
+    assert "no executed solution notebook 01_" in by_nb["01"].measured
+
+
+def test_course_table_reads_the_notebook_output(tmp_path):
+    cell = {"cell_type": "code", "source": "", "metadata": {}, "outputs": [
+        {"output_type": "stream", "name": "stdout",
+         "text": "competitive: specialised in 3 of 5 runs\ncooperative: specialised in 0 of 5 runs\n"}]}
+    (tmp_path / "01_x.ipynb").write_text(json.dumps({"cells": [cell]}))
+    row = {r.notebook: r for r in course_table.course_rows(solutions_dir=tmp_path)}["01"]
+    assert row.measured.startswith("one expert per regime in 3/5 runs (competitive) vs 0/5")
+    (tmp_path / "01_x.ipynb").write_text(json.dumps({"cells": []}))
+    row = {r.notebook: r for r in course_table.course_rows(solutions_dir=tmp_path)}["01"]
+    assert "re-execute it" in row.measured
+
+
+def test_capstone_probe_records_tables_and_a_sample():
+    from moe_course.corpus import load_corpus
+    from moe_course.experiments import train_run
+
+    torch.set_num_threads(1)
+    run = {r.label: r for r in EXPERIMENTS["capstone"].runs("smoke")}["MoE recipe"]
+    rec = train_run(run, 0, load_corpus(max_bytes=40_000), "smoke")
+    tables = rec.extra["type_tables"]
+    assert len(tables) == run.model.n_layer and len(tables[0][0]) == run.model.n_experts
+    assert sum(map(sum, tables[0])) == 8 * 16 * run.model.block_size  # n_batches x batch x block
+    assert rec.extra["sample"].startswith("def ") and len(rec.extra["sample"].encode("utf-8", "replace")) >= 4
+    assert all(math.isfinite(v) for v in rec.extra["mi"])
