@@ -101,12 +101,12 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu-dense": Preset(
         _dense(**_CPU, d_hidden=256),
-        TrainConfig(steps=1000, batch_size=16, eval_every=100),
+        TrainConfig(steps=1000, batch_size=16, eval_every=100, lr=1.5e-3),  # its best of 0.75, 1.5, 3 and 6e-3
         "the dense twin of cpu-moe and cpu-best: same active parameters per token",
     ),
     "cpu-best": Preset(
         _moe(**_CPU, n_experts=16, expert_hidden=64, **_BEST),
-        TrainConfig(steps=1000, batch_size=16, eval_every=100),
+        TrainConfig(steps=1000, batch_size=16, eval_every=100),  # lr 3e-3: its best of 1.5 and 3e-3
         "the course's recipe: 2 shared + 16 fine-grained experts (width 64) top-2, sigmoid gate, loss-free bias",
     ),
     "gpu-moe": Preset(
