@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from moe_course.capstone import type_expert_table
 from moe_course.routing import TopKRouter
 from moe_course.train import evaluate
 
@@ -92,8 +93,7 @@ def routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tens
             x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
             model(x.to(device))
             for table, layer in zip(tables, layers, strict=True):
-                first = layer.last_routing.indices[:, 0].cpu()  # (B*T,)
-                table.index_put_((t.reshape(-1), first), torch.ones_like(first), accumulate=True)
+                table += type_expert_table(t.reshape(-1), layer.last_routing.indices.cpu(), n_types, layer.n_experts)
     return tables
 
 
