@@ -1,0 +1,209 @@
+"""Notebook 08's checks accept the reference and name each plausible wrong answer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moe_course import check
+from moe_course.capstone import equal_active_moe, type_expert_table
+from moe_course.check import CheckError
+from moe_course.model import ModelConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# equal_active_moe: wrong answers a learner could write
+# ----------------------------------------------------------------------------------------------------------
+
+
+def forgot_shared(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                               expert_hidden=dense.d_hidden // top_k)
+
+
+def equal_total(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                               expert_hidden=dense.d_hidden // n_experts)
+
+
+def dense_wide_experts(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                               expert_hidden=dense.d_hidden)
+
+
+def left_dense(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                               expert_hidden=dense.d_hidden // (top_k + n_shared))
+
+
+def rebuilt_from_defaults(dense, n_experts, top_k, n_shared):
+    return ModelConfig(n_layer=dense.n_layer, n_head=dense.n_head, d_model=dense.d_model, d_hidden=dense.d_hidden,
+                       ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                       expert_hidden=dense.d_hidden // (top_k + n_shared))
+
+
+def forgot_n_shared_field(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k,
+                               expert_hidden=dense.d_hidden // (top_k + n_shared))
+
+
+def width_in_d_hidden(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                               expert_hidden=dense.d_hidden // (top_k + n_shared),
+                               d_hidden=dense.d_hidden // (top_k + n_shared))
+
+
+def mutates_dense(dense, n_experts, top_k, n_shared):
+    dense.ffn, dense.n_experts, dense.top_k, dense.n_shared = "moe", n_experts, top_k, n_shared
+    dense.expert_hidden = dense.d_hidden // (top_k + n_shared)
+    return dense
+
+
+def true_division(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                               expert_hidden=dense.d_hidden / (top_k + n_shared))
+
+
+def returns_dict(dense, n_experts, top_k, n_shared):
+    return dataclasses.asdict(equal_active_moe(dense, n_experts, top_k, n_shared))
+
+
+def test_equal_active_moe_accepts_reference(capsys):
+    check.equal_active_moe(equal_active_moe)
+    out = capsys.readouterr().out
+    assert out.startswith("OK  equal_active_moe") and "36,000 + the routers' 512" in out
+
+
+def test_equal_active_moe_accepts_keyword_style_answer():
+    def answer(dense, n_experts, top_k, n_shared=0):
+        width = dense.d_hidden // (top_k + n_shared)
+        return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                                   expert_hidden=width)
+
+    check.equal_active_moe(answer)
+
+
+@pytest.mark.parametrize("fn, message", [
+    (forgot_shared, "forgot the shared experts"),
+    (equal_total, "kept the *total* width equal"),
+    (dense_wide_experts, "each expert as wide as the dense FFN"),
+    (left_dense, "returned ffn='dense'"),
+    (rebuilt_from_defaults, "changed block_size (block_size: 32 -> 128)"),
+    (forgot_n_shared_field, "returned n_shared=0, expected 1"),
+    (width_in_d_hidden, "changed d_hidden (d_hidden: 96 -> 48)"),
+    (mutates_dense, "changed the dense config it was given (ffn, expert_hidden)"),
+    (true_division, "use integer division"),
+    (returns_dict, "should return a ModelConfig"),
+])
+def test_equal_active_moe_names_mistakes(fn, message):
+    with pytest.raises(CheckError) as info:
+        check.equal_active_moe(fn)
+    assert message in str(info.value), str(info.value)
+
+
+def test_equal_active_moe_width_messages_give_parameter_counts():
+    with pytest.raises(CheckError) as info:
+        check.equal_active_moe(equal_total)
+    # d_hidden 96, 8 experts top-2: experts 12 wide instead of 48; the router adds 2 layers x 32 x 8 = 512
+    assert "expert_hidden=12, expected 48" in str(info.value)
+    assert "should be 36,512" in str(info.value)
+
+
+def test_equal_active_moe_unfinished_stub_is_not_hidden():
+    def stub(dense, n_experts, top_k, n_shared):
+        raise NotImplementedError()
+
+    with pytest.raises(NotImplementedError):
+        check.equal_active_moe(stub)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# type_expert_table: wrong answers a learner could write
+# ----------------------------------------------------------------------------------------------------------
+
+
+def transposed(types, indices, n_types, n_experts):
+    return torch.bincount(indices[:, 0] * n_types + types, minlength=n_types * n_experts).reshape(n_experts, n_types)
+
+
+def all_choices(types, indices, n_types, n_experts):
+    table = torch.zeros(n_types, n_experts, dtype=torch.long)
+    for j in range(indices.shape[1]):
+        table.index_put_((types, indices[:, j]), torch.ones_like(types), accumulate=True)
+    return table
+
+
+def probabilities(types, indices, n_types, n_experts):
+    table = torch.bincount(types * n_experts + indices[:, 0], minlength=n_types * n_experts)
+    return (table / table.sum()).reshape(n_types, n_experts)
+
+
+def row_probabilities(types, indices, n_types, n_experts):
+    table = type_expert_table(types, indices, n_types, n_experts).float()
+    return table / table.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+def bincount_without_minlength(types, indices, n_types, n_experts):
+    return torch.bincount(types * n_experts + indices[:, 0]).reshape(n_types, n_experts)
+
+
+def sized_by_largest_seen(types, indices, n_types, n_experts):
+    table = torch.zeros(int(types.max()) + 1, int(indices[:, 0].max()) + 1, dtype=torch.long)
+    table.index_put_((types, indices[:, 0]), torch.ones_like(types), accumulate=True)
+    return table
+
+
+def flat_bincount(types, indices, n_types, n_experts):
+    return torch.bincount(types * n_experts + indices[:, 0], minlength=n_types * n_experts)
+
+
+def last_choice(types, indices, n_types, n_experts):
+    return torch.bincount(types * n_experts + indices[:, -1], minlength=n_types * n_experts).reshape(n_types, n_experts)
+
+
+def plus_equals(types, indices, n_types, n_experts):
+    table = torch.zeros(n_types, n_experts, dtype=torch.long)
+    table[types, indices[:, 0]] += 1  # repeated (type, expert) pairs are written once
+    return table
+
+
+def float_counts(types, indices, n_types, n_experts):
+    table = torch.zeros(n_types, n_experts)
+    table.index_put_((types, indices[:, 0]), torch.ones(len(types)), accumulate=True)
+    return table
+
+
+def test_type_expert_table_accepts_reference(capsys):
+    check.type_expert_table(type_expert_table)
+    assert capsys.readouterr().out.startswith("OK  type_expert_table")
+
+
+def test_type_expert_table_accepts_a_loop():
+    def loop(types, indices, n_types, n_experts):
+        table = torch.zeros(n_types, n_experts, dtype=torch.long)
+        for t, e in zip(types.tolist(), indices[:, 0].tolist(), strict=True):
+            table[t, e] += 1
+        return table
+
+    check.type_expert_table(loop)
+
+
+@pytest.mark.parametrize("fn, message", [
+    (transposed, "transposed the table"),
+    (all_choices, "counted all k choices"),
+    (probabilities, "normalised the table to probabilities"),
+    (row_probabilities, "normalised each row (P(expert | type))"),
+    (bincount_without_minlength, "raised RuntimeError: shape '[4, 5]' is invalid for input of size 12. It looks "
+                                 "like torch.bincount without minlength"),
+    (sized_by_largest_seen, "has shape (3, 4), expected (n_types, n_experts) = (4, 5): a type or an expert that "
+                            "never occurs must still get"),
+    (flat_bincount, "return a 2-D table"),
+    (last_choice, "counted the last choice"),
+    (plus_equals, "wrote table[types, experts] += 1"),
+    (float_counts, "the right counts as torch.float32"),
+])
+def test_type_expert_table_names_mistakes(fn, message):
+    with pytest.raises(CheckError) as info:
+        check.type_expert_table(fn)
+    assert message in str(info.value), str(info.value)
