@@ -2,17 +2,24 @@
 
 It trains a :class:`~moe_course.model.TinyLM` on the byte-level standard-library corpus, shows a tqdm
 progress bar, validates every ``eval_every`` steps, records loss and per-layer expert load in a
-:class:`History`, uses mixed precision on CUDA, and saves/loads checkpoints.
+:class:`History`, uses mixed precision on CUDA, and saves checkpoints that load (weights, configs, history)
+and resume (optimizer, step, batch sampler and RNG states: the resumed run is bit-identical on the CPU).
+The command line changes any config field with ``--set KEY=VALUE`` and ends with one ``summary`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import math
+import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,7 @@ from tqdm.auto import tqdm
 from moe_course.corpus import get_batch, load_corpus
 from moe_course.device import pick_device, seed_everything
 from moe_course.model import ModelConfig, TinyLM
+from moe_course.params import count_model
 
 
 @dataclass
@@ -40,8 +48,16 @@ class TrainConfig:
     amp: bool = True  # bf16/fp16 autocast, used on CUDA only
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
-            raise ValueError("steps, batch_size and eval_every must all be positive")
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "warmup", "seed"):
+            value, low = getattr(self, name), 0 if name in ("warmup", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 
 
 @dataclass
@@ -186,12 +202,25 @@ def train(
     log_every: int = 10,
     desc: str = "training",
     callback: Callable[[int, TinyLM], None] | None = None,
+    *,
+    resume: Mapping[str, Any] | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[History, dict[str, Any]], None] | None = None,
 ) -> History:
     """Train ``model`` in place with AdamW; return the :class:`History`.
 
     After every optimizer step the MoE layers' post-step balancing runs (``model.after_step()``: the
     routing-bias update, which the optimizer never sees), then ``callback(step, model)`` if given.
+
+    ``on_checkpoint(history, state)`` runs every ``checkpoint_every`` steps and after the last one; ``state``
+    is what :func:`save_checkpoint` needs to resume (it references live tensors: save it before returning).
+    ``resume`` (a checkpoint from :func:`read_checkpoint`, left unchanged) restores the weights, optimizer,
+    step, batch sampler, torch's RNG and history, and trains on to ``cfg.steps``: N steps, a checkpoint and
+    the remaining M steps give the same weights and losses as N + M steps in one go. The learning-rate
+    schedule always spans ``cfg.steps``.
     """
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
     device = device or pick_device()
     model.to(device).train()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -208,8 +237,32 @@ def train(
     counts = [torch.zeros(n, dtype=torch.long, device=device) for n in n_experts]  # on device: no sync per step
     hist = History()
     ce_sum, aux_sum, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    first, tokens_before = 0, 0  # steps and tokens done before this call
+    if resume is not None:
+        first, tokens_before, hist, (ce_sum, aux_sum, seen) = _restore(resume, model, opt, scaler, gen, counts,
+                                                                       cfg, device)
+    tokens_per_step = cfg.batch_size * model.cfg.block_size
+    seconds_before = hist.seconds
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, mininterval=0.5)
+
+    def clock(done: int) -> None:  # seconds and tokens/s of the whole run, resumed parts included
+        hist.seconds = seconds_before + (time.perf_counter() - start)
+        hist.tokens_per_s = (tokens_before + (done - first) * tokens_per_step) / hist.seconds
+
+    def state(done: int) -> dict[str, Any]:  # everything besides weights and history that a resume needs
+        return {
+            "step": done,
+            "tokens": tokens_before + (done - first) * tokens_per_step,
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "generator": gen.get_state(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "pending": {"ce_sum": ce_sum, "aux_sum": aux_sum, "seen": seen, "counts": [c.clone() for c in counts]},
+        }
+
+    bar = tqdm(range(first, cfg.steps), desc=desc, disable=not progress, mininterval=0.5, initial=first,
+               total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -247,96 +300,410 @@ def train(
             val = evaluate(model, val_data, cfg.batch_size, cfg.eval_batches, device=device, amp=cfg.amp)
             hist.val_loss.append(val)
             bar.set_postfix(train=f"{hist.train_loss[-1]:.3f}", val=f"{hist.val_loss[-1]:.3f}")
-    hist.seconds = time.perf_counter() - start
-    hist.tokens_per_s = cfg.steps * cfg.batch_size * model.cfg.block_size / hist.seconds
+        if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and not last:
+            clock(step + 1)
+            on_checkpoint(hist, state(step + 1))
+    clock(cfg.steps)
+    if on_checkpoint is not None:
+        on_checkpoint(hist, state(cfg.steps))
     return hist
 
 
-def save_checkpoint(path: str | Path, model: TinyLM, history: History | None = None,
-                    train_cfg: TrainConfig | None = None) -> Path:
-    """Save weights, model config, training config and history to one file."""
+def _restore(
+    blob: Mapping[str, Any], model: TinyLM, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    gen: torch.Generator, counts: list[torch.Tensor], cfg: TrainConfig, device: torch.device,
+) -> tuple[int, int, History, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Load a checkpoint's training state into a fresh run; return (steps done, tokens done, history, sums)."""
+    state = blob.get("train_state")
+    if not state:
+        raise ValueError("resume: the checkpoint holds no training state (it was saved before checkpoints could "
+                         "resume); load_checkpoint still loads its weights")
+    if state["step"] >= cfg.steps:
+        raise ValueError(f"resume: the checkpoint has done {state['step']} of cfg.steps={cfg.steps} steps; "
+                         f"raise cfg.steps to train on")
+    model.load_state_dict(blob["state_dict"])
+    options = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(copy.deepcopy(state["optimizer"]))  # deep: the optimizer would update the blob in place
+    for group, kept in zip(opt.param_groups, options, strict=True):  # this run's settings and kernel
+        group.update(kept)
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    gen.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["rng"].cpu())
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+    pending = state["pending"]
+    for c, saved in zip(counts, pending["counts"], strict=True):
+        c.copy_(saved)
+    sums = (pending["ce_sum"].to(device).clone(), pending["aux_sum"].to(device).clone(), pending["seen"])
+    history = History(**copy.deepcopy(blob["history"])) if blob.get("history") else History()
+    return state["step"], state["tokens"], history, sums
+
+
+def save_checkpoint(
+    path: str | Path, model: TinyLM, history: History | None = None, train_cfg: TrainConfig | None = None,
+    *, state: Mapping[str, Any] | None = None, preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None, max_bytes: int | None = None,
+) -> Path:
+    """Save weights, configs and history to one file, atomically (a temporary file, then a rename).
+
+    With ``state`` (from :func:`train`'s ``on_checkpoint``) the run can resume; ``preset``, ``overrides`` and
+    ``max_bytes`` record how the command line made it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "model_config": model.cfg.to_dict(),
-            "state_dict": model.state_dict(),
-            "train_config": asdict(train_cfg) if train_cfg else None,
-            "history": history.to_dict() if history else None,
-        },
-        path,
-    )
+    blob = {
+        "model_config": model.cfg.to_dict(),
+        "state_dict": model.state_dict(),
+        "train_config": asdict(train_cfg) if train_cfg else None,
+        "history": history.to_dict() if history else None,
+        "train_state": dict(state) if state else None,
+        "preset": preset,
+        "overrides": dict(overrides) if overrides else {},
+        "max_bytes": max_bytes,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)  # a reader never sees half a checkpoint, even if this process is killed
     return path
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The raw contents of a checkpoint (a dict; older checkpoints lack the resume keys)."""
+    return torch.load(Path(path), map_location=device, weights_only=True)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[TinyLM, History | None]:
     """Rebuild the model saved by :func:`save_checkpoint` (default layers only) and its history."""
-    blob = torch.load(Path(path), map_location=device, weights_only=True)
+    blob = read_checkpoint(path, device)
     model = TinyLM(ModelConfig(**blob["model_config"]))
     model.load_state_dict(blob["state_dict"])
     history = History(**blob["history"]) if blob.get("history") else None
     return model.to(device), history
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: train a preset on the standard-library corpus and save a checkpoint."""
+# ----------------------------------------------------------------------------------------------- overrides
 
-    def positive_int(text: str) -> int:
+_CONFIGS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+
+
+def override_keys() -> dict[str, tuple[str, str, Any]]:
+    """Every key ``--set`` accepts -> (config, field, type): ``model.X`` and ``train.X`` always, a bare ``X``
+    where only one config has that field."""
+    keys: dict[str, tuple[str, str, Any]] = {}
+    owners: dict[str, list[tuple[str, str, Any]]] = {}
+    for prefix, cls in _CONFIGS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            keys[f"{prefix}.{f.name}"] = (prefix, f.name, hints[f.name])
+            owners.setdefault(f.name, []).append(keys[f"{prefix}.{f.name}"])
+    keys.update({name: found[0] for name, found in owners.items() if len(found) == 1})
+    return keys
+
+
+def _resolve_key(key: str) -> tuple[str, str, Any]:
+    keys = override_keys()
+    if key in keys:
+        return keys[key]
+    if f"model.{key}" in keys and f"train.{key}" in keys:
+        raise ValueError(f"{key!r} is a field of both ModelConfig and TrainConfig: write model.{key} or train.{key}")
+    valid = {p: ", ".join(f.name for f in fields(cls)) for p, cls in _CONFIGS.items()}
+    raise ValueError(f"unknown key {key!r}; ModelConfig keys: {valid['model']}; TrainConfig keys: {valid['train']}")
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_value(key: str, text: str, kind: Any) -> Any:
+    """``text`` read as the field type ``kind``: int, float, bool, str, or one of them ``| None`` ("none")."""
+    options = typing.get_args(kind)
+    optional = type(None) in options
+    if optional:
+        if text.strip().lower() == "none":
+            return None
+        (kind,) = [t for t in options if t is not type(None)]
+    expects = f"{key} expects {'an' if kind is int else 'a'} {kind.__name__}{' or none' if optional else ''}"
+    if kind is bool:
+        if text.strip().lower() in _TRUE + _FALSE:
+            return text.strip().lower() in _TRUE
+        raise ValueError(f"{expects} (true/false, yes/no, on/off, 1/0), got {text!r}")
+    if kind is int:
         try:
-            value = int(text)
+            return int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
-        return value
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu-moe", help=f"one of: {', '.join(sorted(PRESETS))}")
-    parser.add_argument("--steps", type=positive_int, help="override the preset's number of steps (>= 1)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    parser.add_argument("--out", default="checkpoints", help="folder for the checkpoint")
-    parser.add_argument("--max-bytes", type=positive_int, help="use only this many corpus bytes (quick runs)")
-    parser.add_argument("--list", action="store_true", help="list the presets and exit")
-    args = parser.parse_args(argv)
-    if args.list:
-        for name, preset in sorted(PRESETS.items()):
-            print(f"{name:<10} {preset.description}")
-        return 0
-    try:
-        preset = get_preset(args.preset)
-    except ValueError as exc:
-        parser.error(str(exc))
-    # the validation split gets a tenth of the bytes and must hold more than one block
-    min_bytes = 10 * (preset.model.block_size + 1)
-    if args.max_bytes is not None and args.max_bytes < min_bytes:
-        parser.error(f"argument --max-bytes: preset {args.preset} needs at least {min_bytes} bytes (the validation "
-                     f"tenth must exceed block_size={preset.model.block_size}), got {args.max_bytes}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"argument --out: {args.out} is a file; give a folder for the checkpoint")
-    if args.device is not None:
+            raise ValueError(f"{expects}, got {text!r}") from None
+    if kind is float:
         try:
-            kind = torch.device(args.device).type
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{expects}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{expects} (finite), got {text!r}")
+        return value
+    if kind is str:
+        return text
+    raise ValueError(f"{key} has type {kind!r}, which the command line cannot set")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` -> (canonical key, typed value); the canonical key is bare unless both configs have it."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {item!r}")
+    prefix, name, kind = _resolve_key(key)
+    canonical = name if override_keys().get(name) == (prefix, name, kind) else f"{prefix}.{name}"
+    return canonical, parse_value(canonical, text, kind)
+
+
+def apply_overrides(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, overrides: Mapping[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
+    """Both configs with ``overrides`` (canonical key -> typed value) applied; ValueError when invalid."""
+    keys = override_keys()
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for key, value in overrides.items():
+        prefix, name, _ = keys[key] if key in keys else _resolve_key(key)
+        changes[prefix][name] = value
+    return replace(model_cfg, **changes["model"]), replace(train_cfg, **changes["train"])
+
+
+def _differs(cfg: Any, shown: Mapping[str, Any]) -> str:
+    """``key=value`` for each field that differs from the dataclass's default or is in ``shown``."""
+    default = type(cfg)()
+    return " ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)
+                    if getattr(cfg, f.name) != getattr(default, f.name) or f.name in shown) or "(defaults)"
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in TinyLM(cfg).state_dict().items()}  # on the CPU: meta's init is slower
+
+
+def shape_changes(saved: Mapping[str, torch.Tensor], old: ModelConfig, new: ModelConfig) -> list[str]:
+    """The fields of ``new`` (vs ``old``) that change a tensor of the state dict ``saved``; [] when it loads."""
+    target = {k: tuple(v.shape) for k, v in saved.items()}
+    if _shapes(new) == target:
+        return []
+    changed = [f.name for f in fields(ModelConfig) if getattr(old, f.name) != getattr(new, f.name)]
+    alone = []
+    for name in changed:  # name the fields that change a shape on their own
+        try:
+            if _shapes(replace(old, **{name: getattr(new, name)})) != target:
+                alone.append(name)
+        except ValueError:
+            alone.append(name)
+    return alone or changed
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+DEFAULT_PRESET = "cpu-moe"
+# convenience flag -> the --set key it stands for (choices where the field has a fixed set of values)
+FLAGS: dict[str, str] = {
+    "--router": "router", "--router-score": "router_score", "--experts": "experts", "--n-experts": "n_experts",
+    "--top-k": "top_k", "--expert-hidden": "expert_hidden", "--n-shared": "n_shared",
+    "--capacity-factor": "capacity_factor", "--aux-loss": "aux_loss_coef", "--z-loss": "z_loss_coef",
+    "--seq-aux-loss": "seq_aux_loss_coef", "--bias-update-rate": "bias_update_rate", "--lr": "lr",
+    "--batch-size": "batch_size", "--seed": "seed",
+}
+_CHOICES = {"router": ("topk", "expert_choice", "hash"), "router_score": ("softmax", "sigmoid"),
+            "experts": ("grouped", "list")}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m moe_course.train`` argument parser."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Example: python -m moe_course.train --preset cpu-best --set lr=2e-3 --top-k 1 --dry-run",
+    )
+    parser.add_argument("--preset", help=f"one of: {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET})")
+    parser.add_argument("--steps", type=_positive_int, help="override the preset's number of steps (>= 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="set a ModelConfig or TrainConfig field (repeatable), e.g. --set n_experts=16")
+    for flag, key in FLAGS.items():
+        parser.add_argument(flag, dest=f"flag_{key}", metavar=None if key in _CHOICES else key.upper(),
+                            choices=_CHOICES.get(key), help=f"same as --set {key}=VALUE")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    parser.add_argument("--out", help="folder for the checkpoint PRESET.pt (default checkpoints; with --resume: "
+                                      "the resumed file)")
+    parser.add_argument("--max-bytes", type=_positive_int, help="use only this many corpus bytes (quick runs)")
+    parser.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    parser.add_argument("--save-every", type=_positive_int, metavar="N",
+                        help="also save the checkpoint every N steps (default: only at the end)")
+    parser.add_argument("--json", metavar="PATH", help="also write the summary and the history as JSON")
+    parser.add_argument("--list", action="store_true", help="list the presets with their parameters and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
+    return parser
+
+
+def _collect_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """--set items, then convenience flags, then --steps -> {canonical key: value}; a key given twice is an error."""
+    found: dict[str, tuple[Any, str]] = {}
+
+    def put(key: str, value: Any, source: str) -> None:
+        if key in found:
+            parser.error(f"{source}: {key} is already set by {found[key][1]}; give it once")
+        found[key] = (value, source)
+
+    for item in args.overrides:
+        try:
+            key, value = parse_override(item)
+        except ValueError as exc:
+            parser.error(f"argument --set: {exc}")
+        put(key, value, f"--set {item}")
+    kinds = override_keys()
+    for flag, key in FLAGS.items():
+        text = getattr(args, f"flag_{key}")
+        if text is not None:
+            try:
+                value = parse_value(key, text, kinds[key][2])
+            except ValueError as exc:
+                parser.error(f"argument {flag}: {exc}")
+            put(key, value, f"{flag} {text}")
+    if args.steps is not None:
+        put("steps", args.steps, f"--steps {args.steps}")
+    return {key: value for key, (value, _) in found.items()}
+
+
+def _check_device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    if name is not None:
+        try:
+            kind = torch.device(name).type
         except RuntimeError:
             kind = None
         if kind not in ("cpu", "cuda", "mps"):
-            parser.error(f"argument --device: unknown device {args.device!r}; use cpu, cuda, cuda:N or mps")
-        index = torch.device(args.device).index
+            parser.error(f"argument --device: unknown device {name!r}; use cpu, cuda, cuda:N or mps")
+        index = torch.device(name).index
         if kind == "cuda" and index is not None and torch.cuda.is_available() and index >= torch.cuda.device_count():
-            parser.error(f"argument --device: {args.device} does not exist: this machine has "
+            parser.error(f"argument --device: {name} does not exist: this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
     try:
-        device = pick_device(args.device)
+        return pick_device(name)
     except (RuntimeError, ValueError) as exc:  # an unavailable device, or a bad MOE_DEVICE
         parser.error(f"argument --device: {exc}")
-    train_cfg = replace(preset.train, steps=args.steps) if args.steps is not None else preset.train
+
+
+def _list_presets() -> None:
+    for name, preset in sorted(PRESETS.items()):
+        total, active = count_model(TinyLM(preset.model))
+        print(f"{name:<10} total={total:<10,} active={active:<10,} {preset.description}")
+
+
+def summary_line(summary: Mapping[str, Any]) -> str:
+    """The one grep-friendly line the command line ends with: ``summary key=value ...``."""
+    fmt = {"val_loss": "{:.3f}", "val_bpb": "{:.3f}", "tokens_per_s": "{:.0f}", "seconds": "{:.1f}"}
+    return "summary " + " ".join(f"{k}={fmt.get(k, '{}').format(v)}" for k, v in summary.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: train a preset (with overrides) on the standard-library corpus, or resume a checkpoint."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        _list_presets()
+        return 0
+    blob, max_bytes = None, args.max_bytes
+    if args.resume is not None:
+        if args.preset is not None:
+            parser.error("argument --preset: not allowed with --resume (the checkpoint names its preset)")
+        if not Path(args.resume).is_file():
+            parser.error(f"argument --resume: no checkpoint file at {args.resume}")
+        try:
+            blob = read_checkpoint(args.resume)
+        except Exception as exc:  # noqa: BLE001 - whatever torch.load raises, the file is not a checkpoint
+            parser.error(f"argument --resume: cannot read {args.resume}: {exc}")
+        if not blob.get("train_state") or not blob.get("train_config"):
+            parser.error(f"argument --resume: {args.resume} holds no training state (saved before checkpoints "
+                         f"could resume); load_checkpoint still loads its weights")
+        name = blob.get("preset") or Path(args.resume).stem
+        base_model, base_train = ModelConfig(**blob["model_config"]), TrainConfig(**blob["train_config"])
+        earlier = dict(blob.get("overrides") or {})
+        if args.max_bytes is not None and args.max_bytes != blob.get("max_bytes"):
+            parser.error(f"argument --max-bytes: {args.resume} was trained with --max-bytes "
+                         f"{blob.get('max_bytes')}; resume on the same data")
+        max_bytes = blob.get("max_bytes")
+    else:
+        name = args.preset or DEFAULT_PRESET
+        try:
+            preset = get_preset(name)
+        except ValueError as exc:
+            parser.error(str(exc))
+        base_model, base_train, earlier = preset.model, preset.train, {}
+    overrides = _collect_overrides(args, parser)
+    try:
+        model_cfg, train_cfg = apply_overrides(base_model, base_train, overrides)
+        if model_cfg.vocab_size < 256:
+            raise ValueError(f"the byte-level corpus needs vocab_size >= 256, got {model_cfg.vocab_size}")
+        total, active = count_model(TinyLM(model_cfg))  # the layers check what ModelConfig does not (n_groups, ...)
+    except (ValueError, TypeError) as exc:
+        given = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        parser.error(f"invalid settings for {name}{f' ({given})' if given else ''}: {exc}")
+    if blob is not None:
+        changed = shape_changes(blob["state_dict"], base_model, model_cfg)
+        if changed:
+            parser.error("argument --resume: " + ", ".join(f"{k}={getattr(model_cfg, k)}" for k in changed)
+                         + " would change the model's shape (the checkpoint has "
+                         + ", ".join(f"{k}={getattr(base_model, k)}" for k in changed) + "); drop it to resume")
+        done = blob["train_state"]["step"]
+        if done >= train_cfg.steps:
+            parser.error(f"argument --resume: {args.resume} is complete ({done} of {train_cfg.steps} steps); "
+                         f"pass --steps larger than {done} to train on")
+    # the validation split gets a tenth of the bytes and must hold more than one block
+    min_bytes = 10 * (model_cfg.block_size + 1)
+    if max_bytes is not None and max_bytes < min_bytes:
+        parser.error(f"argument --max-bytes: preset {name} needs at least {min_bytes} bytes (the validation "
+                     f"tenth must exceed block_size={model_cfg.block_size}), got {max_bytes}")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"argument --out: {args.out} is a file; give a folder for the checkpoint")
+    if args.json is not None and Path(args.json).is_dir():
+        parser.error(f"argument --json: {args.json} is a folder; give a file name")
+    device = _check_device(parser, args.device)
+    out = Path(args.resume) if blob is not None and args.out is None else Path(args.out or "checkpoints") / f"{name}.pt"
+    if args.dry_run:
+        start = f" from step {blob['train_state']['step']} of {args.resume}" if blob is not None else ""
+        print(f"preset {name}{start} on {device}; checkpoint {out}")
+        shown = {key.rpartition(".")[2] for key in overrides}  # an override is shown even if it sets a default
+        print(f"model  {_differs(model_cfg, shown)}")
+        print(f"train  {_differs(train_cfg, shown)}")
+        print(f"params total_params={total} active_params={active}")
+        return 0
+
     seed_everything(train_cfg.seed)
-    corpus = load_corpus(max_bytes=args.max_bytes)
-    model = TinyLM(preset.model)
-    print(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device.type}")
-    hist = train(model, corpus.train, corpus.val, train_cfg, device=device, desc=args.preset)
-    path = save_checkpoint(Path(args.out) / f"{args.preset}.pt", model, hist, train_cfg)
-    print(f"final val loss {hist.val_loss[-1]:.3f} nats/byte ({hist.val_loss[-1] / math.log(2):.3f} bits/byte); "
-          f"{hist.tokens_per_s:,.0f} tokens/s; saved {path}")
+    corpus = load_corpus(max_bytes=max_bytes)
+    model = TinyLM(model_cfg)
+    print(f"preset {name}: {total:,} parameters ({active:,} active) on {device.type}")
+    recorded = {**earlier, **overrides}
+    done: dict[str, Any] = {}
+
+    def save(hist: History, state: dict[str, Any]) -> None:
+        save_checkpoint(out, model, hist, train_cfg, state=state, preset=name, overrides=recorded,
+                        max_bytes=max_bytes)
+        done.update(step=state["step"], tokens=state["tokens"])
+
+    hist = train(model, corpus.train, corpus.val, train_cfg, device=device, desc=name, resume=blob,
+                 checkpoint_every=args.save_every, on_checkpoint=save)
+    summary = {
+        "preset": name, "steps": done["step"], "tokens": done["tokens"], "val_loss": hist.val_loss[-1],
+        "val_bpb": hist.val_loss[-1] / math.log(2), "total_params": total, "active_params": active,
+        "tokens_per_s": hist.tokens_per_s, "seconds": hist.seconds, "device": str(device), "checkpoint": str(out),
+    }
+    if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            **summary, "overrides": recorded, "model_config": model_cfg.to_dict(), "train_config": asdict(train_cfg),
+            "history": hist.to_dict(),
+        }, indent=1) + "\n", encoding="utf-8")
+    print(summary_line(summary))
     return 0
 
 
