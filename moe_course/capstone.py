@@ -24,6 +24,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.colors import BoundaryNorm, ListedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
+from matplotlib.patches import Rectangle
 from matplotlib.path import Path
 from matplotlib.textpath import TextPath
 from matplotlib.transforms import Affine2D
@@ -289,10 +290,9 @@ def _draw_panel(fig: Figure, rect: list[float], glyphs: list[Path], rows: np.nda
                                      linewidths=0), autolim=False)
     ax.set_xlim(-0.5, n_cols - 0.5)
     ax.set_ylim(n_rows - 0.5, -0.5)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_color("#cccccc")
+    ax.set_axis_off()  # no ticks to lay out: drawing the axis took half the render time
+    ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor="#bbbbbb", lw=0.8,
+                           clip_on=False))
     ax.set_title(title, fontsize=9, loc="left")
     return ax
 
