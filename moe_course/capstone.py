@@ -352,12 +352,10 @@ def plot_routed_text(routed: RoutedText, layer: int | None = None, colour_by: st
     cbar.ax.xaxis.set_label_position("top")
     cbar.set_label(key_title, fontsize=8)
     y = top - key_h
-    axes = []
     for values, panel_title in panels:
         y -= title_h + panel_h
         rect = [left / fig_w, y / fig_h, n_cols * CELL_W / fig_w, panel_h / fig_h]
-        axes.append(_draw_panel(fig, rect, glyphs, rows, cols, (n_rows, n_cols), palette[values % len(colors)],
-                                panel_title))
+        _draw_panel(fig, rect, glyphs, rows, cols, (n_rows, n_cols), palette[values % len(colors)], panel_title)
         y -= gap
     fig.text_grid = [_glyph(b) for b in data]  # what the cells show, for tests and for reading back
     return fig
@@ -405,13 +403,12 @@ def routing_explorer(model: torch.nn.Module, text: str = DEFAULT_CODE, static: b
         if not data:
             print("Type or paste some Python above.")
             return
-        note = ""
-        if len(data) > MAX_EXPLORER_BYTES:
-            data, note = data[:MAX_EXPLORER_BYTES], f" (first {MAX_EXPLORER_BYTES} of {len(text.encode())} bytes)"
+        note = f"the first {MAX_EXPLORER_BYTES} of {len(data)} bytes" if len(data) > MAX_EXPLORER_BYTES else None
+        data = data[:MAX_EXPLORER_BYTES]
         if data not in cache:  # route once per text; the menu and the toggle only redraw
             cache.clear()
             cache[data] = route_text(model, data)
-        fig = plot_routed_text(cache[data], None if layer < 0 else layer, colour_by, title=note.strip() or None)
+        fig = plot_routed_text(cache[data], None if layer < 0 else layer, colour_by, title=note)
         state["figure"], state["draws"] = fig, state["draws"] + 1
         display(fig)
 

@@ -314,3 +314,6 @@ def test_routing_explorer_widget_redraws(monkeypatch):
 
     box.controls["text"].value = ""
     assert box.state["draws"] == 4  # nothing to route: a message instead of a figure
+    box.controls["text"].value = "x = 1\n" * 400
+    assert len(box.state["figure"].text_grid) == 2048
+    assert box.state["figure"]._suptitle.get_text() == "the first 2048 of 2400 bytes"
