@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu-moe": Preset(
         _moe(**_CPU, n_experts=8, top_k=2, expert_hidden=128),
-        TrainConfig(steps=1000, batch_size=16, eval_every=100),
+        TrainConfig(steps=1000, batch_size=16, eval_every=100, lr=1.5e-3),  # its best of 1.5 and 3e-3
         "4 layers, d=128, 8 experts top-2 (GShard-style, aux loss 0.01); ~4 minutes on one CPU core",
     ),
     "cpu-dense": Preset(
