@@ -15,7 +15,7 @@ Module map (one concept per module):
 ``model``              a small decoder-only transformer LM with a pluggable feed-forward block
 ``train``              one training loop for notebooks and ``python -m moe_course.train``
 ``experiments``        named training sweeps stored as fingerprinted JSON (``python -m moe_course.experiments``)
-``metrics``            expert load, MaxVio, coefficient of variation, routing entropy
+``metrics``            expert load, MaxVio, coefficient of variation, routing entropy, MFU
 ``params``             total/active parameters and FLOPs of our models and of published ones
 ``plots``              the figures the notebooks draw
 ``widgets``            ipywidgets explorers that fall back to static plots
@@ -27,6 +27,9 @@ Module map (one concept per module):
 ``plots_loss_free``    notebook 06's figures and the bias explorer
 ``parallel``           expert parallelism over torch.distributed: the layer and the process launcher (07)
 ``plots_parallel``     notebook 07's figures
+``capstone``           notebook 08: equal-active twins, token-type x expert tables, routing of any text, explorer
+``plots_capstone``     notebook 08's figures: curves over seeds, loss against the number of experts
+``course_table``       the whole course in one table: each notebook's headline number and its paper
 ``check``              exercise checks: ``check.topk_router(my_router)`` and friends
 ``notebooks``          the pipeline that makes exercise notebooks from the solutions
 ``links``              the repository URL (``REPO_URL``) and the Colab / Binder links and badges

@@ -3,7 +3,6 @@
 ========================  ===============================================================================
 ``equal_active_moe``      the MoE config with the same active FFN width as a dense config (DeepSeekMoE)
 ``type_expert_table``     token type × expert count table of one batch (what ``analysis.routing_tables`` sums)
-``token_type_share``      P(expert | type): each row of a count table normalised to sum to 1
 ``route_text``            run a TinyLM on any text and keep every byte's experts and weights, per MoE layer
 ``plot_routed_text``      the text drawn as a grid of characters, each cell coloured by its expert (or type)
 ``routing_explorer``      type Python, see its routing: a textarea, a layer menu and a colour toggle
@@ -43,7 +42,6 @@ __all__ = [
     "plot_routed_text",
     "route_text",
     "routing_explorer",
-    "token_type_share",
     "type_expert_table",
 ]
 
@@ -128,15 +126,6 @@ def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, 
     rows = types.to(chosen.device).long()[:, None].expand_as(chosen)  # (T, 1) or (T, k)
     cells = (rows * n_experts + chosen).reshape(-1)
     return torch.bincount(cells, minlength=n_types * n_experts).reshape(n_types, n_experts)
-
-
-def token_type_share(table: torch.Tensor | np.ndarray) -> np.ndarray:
-    """P(expert | type) of a (types, experts) count table: each row divided by its sum (rows of 0 stay 0).
-
-    :func:`moe_course.plots_experts.type_lift` divides this by P(expert) to show preference over chance.
-    """
-    t = np.asarray(table.tolist() if hasattr(table, "tolist") else table, dtype=float)
-    return t / np.maximum(t.sum(axis=1, keepdims=True), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

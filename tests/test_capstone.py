@@ -27,7 +27,6 @@ from moe_course.capstone import (  # noqa: E402
     plot_routed_text,
     route_text,
     routing_explorer,
-    token_type_share,
     type_expert_table,
 )
 from moe_course.corpus import TokenType, label_token_types  # noqa: E402
@@ -96,7 +95,7 @@ def test_equal_active_moe_errors_name_the_argument():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# type_expert_table, token_type_share
+# type_expert_table
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -120,11 +119,6 @@ def test_type_expert_table_rejects_bad_input():
         type_expert_table(torch.tensor([0, 2]), torch.zeros(2, 1, dtype=torch.long), 2, 2)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, n_experts=3\)"):
         type_expert_table(torch.tensor([0, 1]), torch.tensor([[0], [3]]), 2, 3)
-
-
-def test_token_type_share_rows():
-    share = token_type_share(torch.tensor([[2, 0, 6], [0, 0, 0], [1, 1, 0]]))
-    np.testing.assert_allclose(share, [[0.25, 0, 0.75], [0, 0, 0], [0.5, 0.5, 0]])
 
 
 def test_routing_tables_unchanged():
