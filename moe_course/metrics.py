@@ -109,15 +109,6 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def train_flops_per_token(active_matmul_params: int, n_layer: int, d_model: int, block_size: int) -> float:
-    """Training FLOPs per token: 6 N (forward + backward through the active weights) + 12 L d T (attention).
-
-    The estimate of Chowdhery et al. 2022 (PaLM, arXiv:2204.02311, appendix B) with N = the weights a token
-    passes through (embeddings excluded, the LM head included); causal masking is not subtracted.
-    """
-    return 6.0 * active_matmul_params + 12.0 * n_layer * d_model * block_size
-
-
 def mfu(tokens_per_s: float, flops_per_token: float, device_name: str) -> float | None:
     """Model FLOPs utilisation: achieved training FLOP/s over the device's bf16 peak; None for an unknown device."""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)

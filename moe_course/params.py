@@ -43,6 +43,7 @@ __all__ = [
     "published_table",
     "total_params",
     "total_params_from_config",
+    "train_flops_per_token",
 ]
 
 BREAKDOWN_KEYS = (
@@ -366,6 +367,22 @@ def count_model(model: nn.Module) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------
 # The notebook-00 exercise: Mixtral-style counts from a handful of config numbers
 # ----------------------------------------------------------------------------------------------------
+
+
+def train_flops_per_token(model: nn.Module) -> float:
+    """Training FLOPs per token of a TinyLM: 6·N + 6·L·T·d, for model FLOPs utilisation (MFU).
+
+    N = the active weights a token is multiplied by (:func:`count_model`'s active count without the position
+    embedding table; the tied token embedding counts once, as the output head); 6·N is forward plus backward
+    (Kaplan et al. 2020, arXiv:2001.08361, §2.1). Attention's score and value products add 12·L·T·d per token
+    for a full T × T block (Chowdhery et al. 2022, PaLM, arXiv:2204.02311, appendix B), half that with a
+    causal mask.
+    """
+    _, active = count_model(model)
+    pos = getattr(model, "pos_emb", None)
+    matmul = active - (pos.weight.numel() if pos is not None else 0)
+    cfg = model.cfg
+    return 6.0 * matmul + 6.0 * cfg.n_layer * cfg.block_size * cfg.d_model
 
 
 def _mixtral_style(

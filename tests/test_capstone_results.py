@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 
 from moe_course import course_table  # noqa: E402
 from moe_course.experiments import EQUAL_TIME_STEPS, EXPERIMENTS, load_result  # noqa: E402
-from moe_course.metrics import mfu, train_flops_per_token  # noqa: E402
-from moe_course.model import TinyLM  # noqa: E402
-from moe_course.params import count_model  # noqa: E402
+from moe_course.metrics import mfu  # noqa: E402
+from moe_course.model import ModelConfig, TinyLM  # noqa: E402
+from moe_course.params import count_model, train_flops_per_token  # noqa: E402
 from moe_course.plots_capstone import plot_expert_sweep, plot_seed_curves  # noqa: E402
 
 
@@ -51,9 +51,13 @@ def test_expert_sweep_keeps_active_width_and_grows_total():
 
 
 def test_train_flops_and_mfu_by_hand():
-    # 6 * 1e6 + 12 * 2 * 64 * 128 = 6,196,608
-    assert train_flops_per_token(1_000_000, 2, 64, 128) == 6_196_608
-    assert mfu(1e6, 6_196_608, "NVIDIA H100 80GB HBM3") == pytest.approx(1e6 * 6_196_608 / 989e12)
+    cfg = ModelConfig(ffn="dense", vocab_size=256, block_size=8, n_layer=1, n_head=1, d_model=4, d_hidden=8)
+    model = TinyLM(cfg)
+    # matmul weights: tied embedding/head 256*4, qkv 4*12, proj 4*4, SwiGLU 3*4*8, norms 3*4 -> 1,196
+    assert count_model(model)[1] - 8 * 4 == 1196
+    assert train_flops_per_token(model) == 6 * 1196 + 6 * 1 * 8 * 4
+    flops = 6_196_608
+    assert mfu(1e6, flops, "NVIDIA H100 80GB HBM3") == pytest.approx(1e6 * flops / 989e12)
     assert mfu(1e6, 1.0, "NVIDIA H100 PCIe") == pytest.approx(1e6 / 756e12)
     assert mfu(1e6, 1.0, "some accelerator") is None
 
