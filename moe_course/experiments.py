@@ -273,19 +273,23 @@ def _loss_free_06(size: str) -> list[Run]:
             for label, cfg in configs]
 
 
-def _capstone_shapes(size: str) -> tuple[ModelConfig, ModelConfig, ModelConfig, TrainConfig]:
-    """Notebook 08's dense twin, plain top-2 MoE and recipe MoE (the train presets; tiny ones at smoke size)."""
+def _capstone_shapes(size: str) -> tuple[Run, Run, Run]:
+    """Notebook 08's dense twin, plain top-2 MoE and recipe MoE: the train presets, each with its own tuned
+    learning rate and otherwise the same training (tokens, schedule); tiny models at smoke size."""
     from moe_course.train import get_preset
 
     if size == "smoke":
         shape = dict(block_size=16, n_layer=1, n_head=2, d_model=16)
-        return (ModelConfig(ffn="dense", d_hidden=32, **shape),
-                ModelConfig(ffn="moe", n_experts=4, top_k=2, expert_hidden=16, **shape),
-                ModelConfig(ffn="moe", n_experts=8, top_k=2, expert_hidden=8, n_shared=2, router_score="sigmoid",
-                            aux_loss_coef=0.0, bias_update_rate=1e-3, **shape),
-                base_train("smoke"))
-    dense, moe, best = (get_preset(f"{size}-{name}") for name in ("dense", "moe", "best"))
-    return dense.model, moe.model, best.model, replace(best.train, eval_batches=16)
+        t = base_train("smoke")
+        return (Run("dense", ModelConfig(ffn="dense", d_hidden=32, **shape), t, probe=_probe_08),
+                Run("MoE top-2", ModelConfig(ffn="moe", n_experts=4, top_k=2, expert_hidden=16, **shape), t,
+                    probe=_probe_08),
+                Run("MoE recipe", ModelConfig(ffn="moe", n_experts=8, top_k=2, expert_hidden=8, n_shared=2,
+                                              router_score="sigmoid", aux_loss_coef=0.0, bias_update_rate=1e-3,
+                                              **shape), t, probe=_probe_08))
+    presets = [get_preset(f"{size}-{name}") for name in ("dense", "moe", "best")]
+    return tuple(Run(label, p.model, replace(p.train, eval_batches=16), probe=_probe_08)
+                 for label, p in zip(("dense", "MoE top-2", "MoE recipe"), presets, strict=True))
 
 
 CAPSTONE_SAMPLE_PROMPT = "def "
@@ -320,23 +324,19 @@ def _probe_08(model: TinyLM, corpus: Any) -> dict[str, Any]:
           "loss-free) at equal active parameters and tokens; and a dense run given the recipe's wall-clock time",
           seeds=(0, 1, 2))
 def _capstone(size: str) -> list[Run]:
-    dense, moe, best, t = _capstone_shapes(size)
-    runs = [
-        Run("dense", dense, t, probe=_probe_08),
-        Run("MoE top-2", moe, t, probe=_probe_08),
-        Run("MoE recipe", best, t, probe=_probe_08),
-    ]
+    dense, moe, best = _capstone_shapes(size)
+    runs = [dense, moe, best]
     if size != "gpu":  # equal time is a CPU question: on a GPU the MoE's step time depends on the kernels
-        runs.append(Run("dense, equal time", dense, replace(t, steps=round(EQUAL_TIME_STEPS * t.steps)),
-                        probe=_probe_08))
+        steps = round(EQUAL_TIME_STEPS * dense.train.steps)
+        runs.append(replace(dense, label="dense, equal time", train=replace(dense.train, steps=steps)))
     return runs
 
 
 @register("experts_sweep", "notebook 08: the recipe with 4, 8 or 32 routed experts at fixed active width (more "
           "experts, more total parameters, same compute per token: Shazeer et al. 2017 in miniature)")
 def _experts_sweep(size: str) -> list[Run]:
-    _, _, best, t = _capstone_shapes(size)
-    return [Run(f"E={n}", replace(best, n_experts=n), t) for n in EXPERT_COUNTS]
+    best = _capstone_shapes(size)[2]
+    return [Run(f"E={n}", replace(best.model, n_experts=n), best.train) for n in EXPERT_COUNTS]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -577,8 +577,13 @@ def run_experiment(
     progress: bool = True,
     save: bool = True,
     results_dir: str | Path | None = None,
+    jobs: int = 1,
 ) -> ExperimentResult:
-    """Train every run of experiment ``name`` at ``size`` for each seed; save and return the result."""
+    """Train every run of experiment ``name`` at ``size`` for each seed; save and return the result.
+
+    ``jobs > 1`` trains that many (run, seed) pairs at once in separate processes with one torch thread each
+    (for a machine with that many cores); the records are the same as with ``jobs=1`` on one thread.
+    """
     from moe_course import __version__
 
     exp = get_experiment(name)
@@ -587,28 +592,53 @@ def run_experiment(
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed (e.g. --seeds 0 1)")
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    corpus = load_corpus(max_bytes=CORPUS_BYTES[size])
-    records = []
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     start = time.perf_counter()
-    bar = tqdm(total=len(runs) * len(seeds), desc=f"{name} ({size})", disable=not progress)
-    for run in runs:
-        for seed in seeds:
+    tasks = [(run, seed) for run in runs for seed in seeds]
+    bar = tqdm(total=len(tasks), desc=f"{name} ({size})", disable=not progress)
+    if jobs == 1:
+        corpus = load_corpus(max_bytes=CORPUS_BYTES[size])
+        records = []
+        for run, seed in tasks:
             bar.set_postfix_str(f"{run.label}, seed {seed}")
-            record = train_run(run, seed, corpus, size, device)
-            records.append(record)
+            records.append(train_run(run, seed, corpus, size, device))
             bar.update()
+    else:  # one process per job, one torch thread each: a record does not depend on which process made it
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_in_worker, name, size, i, seed, str(device))
+                       for i in range(len(runs)) for seed in seeds]  # the order of ``tasks``
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update())
+            records = [f.result() for f in futures]
     bar.close()
     result = ExperimentResult(
         experiment=name, size=size, seeds=seeds, fingerprint=fingerprint(name, size), runs=_configs(runs),
         records=records, command=_command(name, size) + (f" --seeds {' '.join(map(str, seeds))}"
                                                          if seeds != list(exp.seeds) else ""),
         package_version=__version__, torch_version=torch.__version__,
-        device=f"{device.type} ({_device_name(device)})", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        device=f"{device.type} ({_device_name(device)}{_jobs_note(jobs)})",
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         seconds=round(time.perf_counter() - start, 1),
     )
     if save:
         result.save(result_path(name, size, results_dir))
     return result
+
+
+def _jobs_note(jobs: int) -> str:
+    return f", {jobs} jobs of 1 thread" if jobs > 1 else ""
+
+
+def _train_in_worker(name: str, size: str, run_index: int, seed: int, device: str) -> RunRecord:
+    """One (run, seed) of an experiment in a worker process of ``run_experiment(jobs=...)``."""
+    torch.set_num_threads(1)
+    run = get_experiment(name).runs(size)[run_index]
+    corpus = load_corpus(max_bytes=CORPUS_BYTES[size])
+    return train_run(run, seed, corpus, size, torch.device(device))
 
 
 def _device_name(device: torch.device) -> str:
@@ -650,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the experiment's own)")
     run_p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     run_p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    run_p.add_argument("--jobs", type=int, default=1,
+                       help="train this many runs at once, one process and one thread each (default 1)")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, exp in sorted(EXPERIMENTS.items()):
@@ -673,7 +705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    result = run_experiment(args.name, args.size, args.seeds, device, results_dir=args.results_dir)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    result = run_experiment(args.name, args.size, args.seeds, device, results_dir=args.results_dir, jobs=args.jobs)
     print(format_summary(result))
     print(f"wrote {result_path(args.name, args.size, args.results_dir)}")
     return 0

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import matplotlib
 import pytest
@@ -27,7 +28,8 @@ def test_capstone_models_have_equal_active_parameters_and_tokens(size):
         router = cfg.n_layer * cfg.d_model * cfg.n_experts  # the only extra active weights
         assert active == dense_active + router, label
         assert size == "smoke" or total > 2.5 * dense_active, label  # smoke: the embeddings dominate
-        assert runs[label].train == runs["dense"].train  # equal tokens, equal schedule
+        # equal tokens and schedule; each model trains at its own tuned learning rate (the presets')
+        assert replace(runs[label].train, lr=0) == replace(runs["dense"].train, lr=0)
     # the recipe and the plain MoE hold the same expert parameters: they differ in recipe only
     moe, best = runs["MoE top-2"].model, runs["MoE recipe"].model
     assert moe.n_experts * moe.expert_hidden == best.n_experts * best.expert_hidden
