@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import io
 import time
@@ -272,15 +271,8 @@ def test_routing_explorer_static():
     assert "".join(fig.text_grid).startswith("def·mean_square(")
 
 
-def test_routing_explorer_without_ipywidgets(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_widgets(name, *args, **kwargs):
-        if name.startswith("ipywidgets"):
-            raise ImportError("no ipywidgets here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_widgets)
+def test_routing_explorer_without_ipywidgets(block_ipywidgets):
+    block_ipywidgets()
     assert isinstance(routing_explorer(tiny(), "y = 2\n"), Figure)
 
 

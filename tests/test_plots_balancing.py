@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -102,17 +100,10 @@ def test_plot_curves_and_experts_per_token():
     assert "2 of 6 tokens get none" in ax.get_title()
 
 
-def test_explorer_static_figure_and_fallback(monkeypatch):
+def test_explorer_static_figure_and_fallback(block_ipywidgets):
     fig = balancing_explorer(static=True, steps=20)
     assert isinstance(fig, Figure) and len(fig.get_axes()) == 4
-    real_import = builtins.__import__
-
-    def no_widgets(name, *args, **kwargs):
-        if name.startswith("ipywidgets"):
-            raise ImportError("no ipywidgets here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_widgets)
+    block_ipywidgets()
     assert isinstance(balancing_explorer(steps=20), Figure)
 
 

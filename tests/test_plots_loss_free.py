@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -66,15 +64,8 @@ def test_static_fallback_has_a_row_per_rate():
     assert any("u = 0.0001" in t for t in titles) and any("u = 0.01" in t for t in titles)
 
 
-def test_widget_without_ipywidgets_falls_back(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_widgets(name, *args, **kwargs):
-        if name == "ipywidgets":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_widgets)
+def test_widget_without_ipywidgets_falls_back(block_ipywidgets):
+    block_ipywidgets()
     assert isinstance(bias_explorer(steps=20), Figure)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -71,15 +69,8 @@ def test_static_figure():
     assert capacities == [8, 8, 10, 12, 16]  # ceil(cf * 32 * 2 / 8) for the default and cf 1, 1.25, 1.5, 2
 
 
-def test_falls_back_without_ipywidgets(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_widgets(name, *args, **kwargs):
-        if name.startswith("ipywidgets"):
-            raise ImportError("no ipywidgets here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_widgets)
+def test_falls_back_without_ipywidgets(block_ipywidgets):
+    block_ipywidgets()
     assert isinstance(capacity_explorer(), Figure)
 
 
