@@ -3,10 +3,19 @@
 Every Python installation ships its standard library as source, so this corpus needs no download
 (Colab and Binder included). The pieces:
 
+* **A frozen snapshot**: by default the corpus is read from ``data/corpus/`` (:mod:`moe_course.snapshot`):
+  the bytes of the files below and their token types, as built once from CPython 3.11.7's standard library,
+  so every Python (3.10 to 3.13, Colab, Binder) trains on the same text with the same labels. The file and
+  its content are checked against the SHA-256 hashes in ``moe_course/data/corpus_snapshots.json``;
+  :func:`corpus_sha256` is the hash that stored results carry. ``source="installed"`` builds the same
+  corpus from the running Python's own standard library instead (text and labels then differ by version).
 * **Files**: the fixed list :data:`STDLIB_FILES` (paths relative to ``sysconfig.get_paths()["stdlib"]``),
   long-lived pure-Python modules present in every CPython 3.10 to 3.13, read with their train/validation
-  split from the manifest ``moe_course/data/corpus_manifest.json`` (:data:`MANIFEST_PATH`). A missing file
-  is skipped with a warning; fewer than half found is an error.
+  split from the manifest ``moe_course/data/corpus_manifest.json`` (:data:`MANIFEST_PATH`): the ``course``
+  corpus (3.25 MB). The ``large`` corpus (:data:`LARGE_MANIFEST_PATH`, 10.3 MB) adds every other module
+  of the standard library but tests, IDLE, lib2to3, turtledemo, ensurepip and pydoc's generated topics; the
+  GPU size trains on it. Building from the installed library skips a missing file with a warning; fewer
+  than half found is an error.
 * **Tokens**: the raw UTF-8 bytes, so the vocabulary is 256 (:data:`VOCAB_SIZE`). Each file is preceded
   by the header ``"\\n# ==== NAME ====\\n\\n"`` (:data:`FILE_HEADER`), a Python comment, so decoded text
   stays readable and a model sees where one file ends and the next begins.
@@ -17,9 +26,10 @@ Every Python installation ships its standard library as source, so this corpus n
   standard :mod:`tokenize` module (and :mod:`ast` to tell docstrings from other strings). The labels let
   the notebooks ask which experts the router sends comments, strings, keywords or numbers to.
 
-:func:`load_corpus` builds the arrays once (some seconds) and caches them as ``.npz`` in
-``$MOE_COURSE_CACHE`` or ``~/.cache/moe_course``, never in the repository; :func:`get_batch` samples
-nanoGPT-style training batches.
+:func:`load_corpus` decompresses the snapshot (a fraction of a second) and keeps it for the session; built
+from the installed library, the arrays are cached as ``.npz`` in ``$MOE_COURSE_CACHE`` or
+``~/.cache/moe_course``, never in the repository. :func:`freeze` writes a snapshot; :func:`get_batch`
+samples nanoGPT-style training batches.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import keyword
 import os
 import sys
 import sysconfig
+import time
 import tokenize
 import warnings
 import zlib
@@ -44,9 +55,14 @@ from typing import overload
 import numpy as np
 import torch
 
+from moe_course import snapshot
+
 __all__ = [
+    "CORPORA",
     "FILE_HEADER",
+    "LARGE_MANIFEST_PATH",
     "MANIFEST_PATH",
+    "SOURCES",
     "SPLIT",
     "STDLIB_FILES",
     "TOKEN_TYPE_NAMES",
@@ -54,9 +70,12 @@ __all__ = [
     "Corpus",
     "TokenType",
     "cache_path",
+    "corpus_files",
+    "corpus_sha256",
     "decode",
     "default_cache_dir",
     "encode",
+    "freeze",
     "get_batch",
     "is_val_file",
     "label_token_types",
@@ -132,6 +151,33 @@ SPLIT: dict[str, str] = read_manifest()
 
 STDLIB_FILES: tuple[str, ...] = tuple(SPLIT)
 """The corpus files (sorted), paths relative to ``sysconfig.get_paths()["stdlib"]``."""
+
+LARGE_MANIFEST_PATH = Path(__file__).parent / "data" / "corpus_manifest_large.json"
+"""The ``large`` corpus's files: every module of CPython 3.11's standard library but tests, IDLE, lib2to3,
+turtledemo, ensurepip and the generated pydoc topics (the ``course`` files included, with the same split)."""
+
+CORPORA = ("course", "large")
+"""The corpora: ``course`` (:data:`STDLIB_FILES`, the CPU sizes) and ``large`` (the GPU size)."""
+
+SOURCES = ("snapshot", "installed")
+"""Where :func:`load_corpus` reads: the frozen snapshot in ``data/corpus/``, or the installed standard library."""
+
+
+def corpus_files(name: str = "course") -> tuple[str, ...]:
+    """The files of corpus ``name`` (sorted), from its manifest."""
+    _check_name(name)
+    return STDLIB_FILES if name == "course" else tuple(read_manifest(LARGE_MANIFEST_PATH))
+
+
+def _check_name(name: str) -> None:
+    if name not in CORPORA:
+        raise ValueError(f"corpus name must be one of {', '.join(CORPORA)}; got {name!r}")
+
+
+def corpus_sha256(name: str = "course") -> str:
+    """SHA-256 of the frozen corpus ``name`` (its text and labels): what stored results are fingerprinted with."""
+    _check_name(name)
+    return snapshot.read_index()[name]["corpus_sha256"]
 
 
 class TokenType(IntEnum):
@@ -409,12 +455,13 @@ def _list_hash(names: Sequence[str]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def cache_path(cache_dir: str | Path | None = None, max_bytes: int | None = None) -> Path:
-    """Where :func:`load_corpus` caches its arrays (depends on the Python version and the file list)."""
+def cache_path(cache_dir: str | Path | None = None, max_bytes: int | None = None, name: str = "course") -> Path:
+    """Where ``load_corpus(source="installed")`` caches its arrays (by Python version and file list)."""
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     version = "{}.{}.{}".format(*sys.version_info[:3])
     suffix = "" if max_bytes is None else f"_max{max_bytes}"
-    return directory / f"stdlib_corpus_py{version}_{_list_hash(STDLIB_FILES)}{suffix}.npz"
+    prefix = "stdlib_corpus" if name == "course" else f"stdlib_{name}_corpus"
+    return directory / f"{prefix}_py{version}_{_list_hash(corpus_files(name))}{suffix}.npz"
 
 
 def _build_part(
@@ -495,9 +542,10 @@ def _truncate(arrays: dict[str, np.ndarray], max_bytes: int | None) -> dict[str,
     return out
 
 
-def _build(max_bytes: int | None) -> dict[str, np.ndarray]:
-    files = _read_files(STDLIB_FILES)
-    train_names, val_names = split_files(STDLIB_FILES)
+def _build(max_bytes: int | None, name: str = "course") -> dict[str, np.ndarray]:
+    names = corpus_files(name)
+    files = _read_files(names)
+    train_names, val_names = split_files(names)
     train_cap, val_cap = _caps(max_bytes)
     train, train_types, used_train, offsets_train = _build_part(train_names, files, train_cap)
     val, val_types, used_val, offsets_val = _build_part(val_names, files, val_cap)
@@ -517,25 +565,73 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))  # a writable, contiguous copy
 
 
-def load_corpus(cache_dir: str | Path | None = None, max_bytes: int | None = None) -> Corpus:
-    """Load the standard-library corpus, building and caching it on first use (some seconds).
-
-    ``max_bytes`` keeps only the first ``max_bytes`` bytes in all: 90% from the training files and 10%
-    from the validation files, in file order (for quick tests and demos).
-    """
-    full = cache_path(cache_dir)
+def _load_installed(cache_dir: str | Path | None, max_bytes: int | None, name: str) -> dict[str, np.ndarray]:
+    """The corpus built from the running Python's standard library (cached as .npz)."""
+    full = cache_path(cache_dir, name=name)
     arrays = _load_npz(full)
     if arrays is not None:
-        arrays = _truncate(arrays, max_bytes)
-    elif max_bytes is None:
-        arrays = _build(None)
+        return _truncate(arrays, max_bytes)
+    if max_bytes is None:
+        arrays = _build(None, name)
         _save_npz(full, arrays)
+        return arrays
+    small = cache_path(cache_dir, max_bytes, name)
+    arrays = _load_npz(small)
+    if arrays is None:
+        arrays = _build(max_bytes, name)
+        _save_npz(small, arrays)
+    return arrays
+
+
+_SNAPSHOTS: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+
+
+def _load_snapshot(name: str) -> dict[str, np.ndarray]:
+    """The arrays of the frozen snapshot ``name``, checked against the index's hashes (read once per process)."""
+    entry = snapshot.read_index()[name]
+    path = snapshot.snapshot_path(name)
+    key = (str(path), entry["corpus_sha256"])
+    if key not in _SNAPSHOTS:
+        snap = snapshot.read_snapshot(path, entry["file_sha256"], entry["corpus_sha256"])
+        h = snap.header
+        arrays = {
+            "train": np.frombuffer(snap.train, dtype=np.uint8),
+            "val": np.frombuffer(snap.val, dtype=np.uint8),
+            "train_types": np.frombuffer(snap.train_types, dtype=np.uint8),
+            "val_types": np.frombuffer(snap.val_types, dtype=np.uint8),
+            "files_train": np.array(h["files_train"], dtype=str),
+            "files_val": np.array(h["files_val"], dtype=str),
+            "offsets_train": np.array(h["offsets_train"], dtype=np.int64),
+            "offsets_val": np.array(h["offsets_val"], dtype=np.int64),
+        }
+        _SNAPSHOTS.clear()  # keep one (the course corpus is 6.5 MB of arrays, the large one 21 MB)
+        _SNAPSHOTS[key] = arrays
+    return _SNAPSHOTS[key]
+
+
+def load_corpus(
+    cache_dir: str | Path | None = None,
+    max_bytes: int | None = None,
+    *,
+    name: str = "course",
+    source: str = "snapshot",
+) -> Corpus:
+    """Load corpus ``name`` ("course" or "large") from the frozen snapshot in ``data/corpus/`` (the default).
+
+    ``source="installed"`` builds it from the running Python's standard library instead, caching the
+    arrays in ``cache_dir`` (text and labels then depend on the Python version; stored results were not
+    made from it). ``max_bytes`` keeps only the first ``max_bytes`` bytes in all: 90% from the training
+    files and 10% from the validation files, in file order (for quick tests and demos).
+    """
+    _check_name(name)
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(map(repr, SOURCES))}; got {source!r} (\"snapshot\" is "
+                         "the frozen corpus every Python reads alike, \"installed\" this Python's standard library)")
+    _caps(max_bytes)  # validates max_bytes
+    if source == "snapshot":
+        arrays = _truncate(_load_snapshot(name), max_bytes)
     else:
-        small = cache_path(cache_dir, max_bytes)
-        arrays = _load_npz(small)
-        if arrays is None:
-            arrays = _build(max_bytes)
-            _save_npz(small, arrays)
+        arrays = _load_installed(cache_dir, max_bytes, name)
     return Corpus(
         train=_tensor(arrays["train"]),
         val=_tensor(arrays["val"]),
@@ -544,6 +640,39 @@ def load_corpus(cache_dir: str | Path | None = None, max_bytes: int | None = Non
         files_train=tuple(str(n) for n in arrays["files_train"]),
         files_val=tuple(str(n) for n in arrays["files_val"]),
     )
+
+
+def freeze(name: str = "course", folder: str | Path | None = None, index_path: str | Path | None = None) -> Path:
+    """Build corpus ``name`` from this Python's standard library and write it as a snapshot (and its index entry).
+
+    The stored results were made from CPython 3.11.7's library: freeze with that Python to keep them valid.
+    """
+    _check_name(name)
+    python = "{}.{}.{}".format(*sys.version_info[:3])
+    arrays = _build(None, name)
+    folder = Path(folder) if folder is not None else snapshot.DATA_DIR
+    path = folder / f"stdlib-{name}-cpython{python}.xz"
+    header = {
+        "name": name, "python": python, "implementation": sys.implementation.name, "file_header": FILE_HEADER,
+        "token_types": TOKEN_TYPE_NAMES, "split_rule": _SPLIT_RULE,
+        **{k: [str(v) for v in arrays[k]] for k in ("files_train", "files_val")},
+        **{k: [int(v) for v in arrays[k]] for k in ("offsets_train", "offsets_val")},
+    }
+    hashes = snapshot.write_snapshot(path, header, arrays["train"].tobytes(), arrays["val"].tobytes(),
+                                     arrays["train_types"].tobytes(), arrays["val_types"].tobytes())
+    index_path = Path(index_path) if index_path is not None else snapshot.INDEX_PATH
+    old = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
+    index = {"about": "", "snapshots": old.get("snapshots", {})}
+    index["about"] = ("The frozen corpora in data/corpus/ (moe_course.snapshot): the expected SHA-256 of each "
+                      "file and of its content. Written by moe_course.corpus.freeze.")
+    index["snapshots"][name] = {
+        "file": path.name, **hashes, "python": python, "train_bytes": int(len(arrays["train"])),
+        "val_bytes": int(len(arrays["val"])), "files": len(arrays["files_train"]) + len(arrays["files_val"]),
+        "created": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    index["snapshots"] = dict(sorted(index["snapshots"].items()))
+    index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,13 +7,15 @@ statistics and tokens/s. ``python -m moe_course.experiments run NAME --size cpu`
 bar and writes ``data/results/NAME-SIZE.json``. A notebook loads that file with :func:`load_result` and
 re-runs a reduced version live.
 
-Every result carries a *fingerprint*: a hash of its configurations, its size and the code version
-(:data:`CODE_VERSION` and the experiment's own ``version``). :func:`load_result` refuses a file whose
+Every result carries a *fingerprint*: a hash of its configurations, its size, the code version
+(:data:`CODE_VERSION` and the experiment's own ``version``) and the SHA-256 of the frozen corpus it trained
+on (:data:`CORPUS_NAME`, :func:`moe_course.corpus.corpus_sha256`). :func:`load_result` refuses a file whose
 fingerprint differs from what the code would produce now, so a stored figure cannot silently go stale:
-change a configuration or the recording code and the notebook says which command re-creates the file.
+change a configuration, the recording code or the text and the notebook says which command re-creates it.
 
 Sizes: ``smoke`` (seconds; the tests run every experiment at this size), ``cpu`` (minutes on a laptop CPU;
-the stored results) and ``gpu`` (a larger model for one GPU).
+the stored results; both train on the ``course`` corpus) and ``gpu`` (a larger model for one GPU, on the
+``large`` corpus).
 
 Command line::
 
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moe_course.corpus import load_corpus
+from moe_course.corpus import corpus_sha256, load_corpus
 from moe_course.device import pick_device, seed_everything
 from moe_course.metrics import load_entropy, max_violation
 from moe_course.model import ModelConfig, TinyLM
@@ -48,6 +50,7 @@ from moe_course.train import TrainConfig, train
 
 __all__ = [
     "CODE_VERSION",
+    "CORPUS_NAME",
     "EXPERIMENTS",
     "RESULTS_DIR",
     "SIZES",
@@ -75,6 +78,7 @@ RESULTS_DIR = Path(os.environ.get("MOE_RESULTS_DIR", Path(__file__).resolve().pa
 
 LOG_EVERY = {"smoke": 2, "cpu": 20, "gpu": 50}  # training steps per recorded point
 CORPUS_BYTES = {"smoke": 40_000, "cpu": None, "gpu": None}  # None: the whole corpus
+CORPUS_NAME = {"smoke": "course", "cpu": "course", "gpu": "large"}  # which frozen corpus (moe_course.corpus)
 
 
 class StaleResultError(ValueError):
@@ -475,7 +479,7 @@ def _configs(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 
 def fingerprint(name: str, size: str) -> str:
-    """Hash of the experiment's configurations at ``size`` and of the code versions that record them."""
+    """Hash of the experiment's configurations at ``size``, the code versions that record them and the corpus."""
     exp = get_experiment(name)
     blob = {
         "experiment": name,
@@ -483,6 +487,7 @@ def fingerprint(name: str, size: str) -> str:
         "code_version": CODE_VERSION,
         "experiment_version": exp.version,
         "corpus_bytes": CORPUS_BYTES[size],
+        "corpus_sha256": corpus_sha256(CORPUS_NAME[size]),
         "log_every": LOG_EVERY[size],
         "runs": _configs(exp.runs(size)),
     }
@@ -505,6 +510,8 @@ class ExperimentResult:
     device: str = ""
     created: str = ""
     seconds: float = 0.0
+    corpus: str = ""
+    corpus_sha256: str = ""
 
     @property
     def labels(self) -> list[str]:
@@ -561,6 +568,14 @@ def load_result(name: str, size: str = "cpu", results_dir: str | Path | None = N
         raise FileNotFoundError(f"no stored result {path}; create it with `{_command(name, size)}`")
     result = ExperimentResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
     expected = fingerprint(name, size)
+    wanted = corpus_sha256(CORPUS_NAME[size])
+    if result.corpus_sha256 != wanted:
+        made = f"corpus {result.corpus_sha256[:12]}" if result.corpus_sha256 else "a corpus it does not record"
+        raise StaleResultError(
+            f"{path} was trained on other text ({made}) than the frozen {CORPUS_NAME[size]!r} corpus in "
+            f"data/corpus/ ({wanted[:12]}); its numbers cannot be re-created from it. Re-run "
+            f"`{_command(name, size)}` and commit the new file."
+        )
     if result.fingerprint != expected:
         raise StaleResultError(
             f"{path} is stale: it was made with fingerprint {result.fingerprint}, but the experiment's "
@@ -598,7 +613,7 @@ def run_experiment(
     tasks = [(run, seed) for run in runs for seed in seeds]
     bar = tqdm(total=len(tasks), desc=f"{name} ({size})", disable=not progress)
     if jobs == 1:
-        corpus = load_corpus(max_bytes=CORPUS_BYTES[size])
+        corpus = load_corpus(max_bytes=CORPUS_BYTES[size], name=CORPUS_NAME[size])
         records = []
         for run, seed in tasks:
             bar.set_postfix_str(f"{run.label}, seed {seed}")
@@ -622,7 +637,8 @@ def run_experiment(
         package_version=__version__, torch_version=torch.__version__,
         device=f"{device.type} ({_device_name(device)}{_jobs_note(jobs)})",
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        seconds=round(time.perf_counter() - start, 1),
+        seconds=round(time.perf_counter() - start, 1), corpus=CORPUS_NAME[size],
+        corpus_sha256=corpus_sha256(CORPUS_NAME[size]),
     )
     if save:
         result.save(result_path(name, size, results_dir))
@@ -637,7 +653,7 @@ def _train_in_worker(name: str, size: str, run_index: int, seed: int, device: st
     """One (run, seed) of an experiment in a worker process of ``run_experiment(jobs=...)``."""
     torch.set_num_threads(1)
     run = get_experiment(name).runs(size)[run_index]
-    corpus = load_corpus(max_bytes=CORPUS_BYTES[size])
+    corpus = load_corpus(max_bytes=CORPUS_BYTES[size], name=CORPUS_NAME[size])
     return train_run(run, seed, corpus, size, torch.device(device))
 
 

@@ -273,7 +273,7 @@ def test_small_corpus_labels_look_like_python(small_corpus):
 
 
 def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
-    first = load_corpus(tmp_path, max_bytes=30_000)
+    first = load_corpus(tmp_path, max_bytes=30_000, source="installed")
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
     assert f"py{sys.version_info[0]}.{sys.version_info[1]}." in files[0].name
@@ -282,7 +282,7 @@ def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
         raise AssertionError("the cache was not used")
 
     monkeypatch.setattr(corpus, "_build", no_rebuild)
-    second = load_corpus(tmp_path, max_bytes=30_000)
+    second = load_corpus(tmp_path, max_bytes=30_000, source="installed")
     for key in ("train", "val", "train_types", "val_types"):
         assert torch.equal(getattr(first, key), getattr(second, key)), key
     assert (first.files_train, first.files_val) == (second.files_train, second.files_val)
@@ -290,12 +290,12 @@ def test_cache_hit_returns_identical_arrays(tmp_path, monkeypatch):
 
 def test_truncating_a_full_cache_equals_a_small_build(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "STDLIB_FILES", SMALL_FILES)
-    full = load_corpus(tmp_path / "a")
+    full = load_corpus(tmp_path / "a", source="installed")
     assert full.files_val == ("copy.py", "glob.py")
     assert len(full.train) + len(full.val) > 20_000
-    cut = load_corpus(tmp_path / "a", max_bytes=12_000)  # from the full cache
+    cut = load_corpus(tmp_path / "a", max_bytes=12_000, source="installed")  # from the full cache
     assert len(list((tmp_path / "a").iterdir())) == 1
-    built = load_corpus(tmp_path / "b", max_bytes=12_000)  # built directly
+    built = load_corpus(tmp_path / "b", max_bytes=12_000, source="installed")  # built directly
     for key in ("train", "val", "train_types", "val_types"):
         assert torch.equal(getattr(cut, key), getattr(built, key)), key
         assert torch.equal(getattr(cut, key), getattr(full, key)[: len(getattr(cut, key))]), key
@@ -320,7 +320,7 @@ def test_cache_name_depends_on_file_list(tmp_path, monkeypatch):
 def test_missing_files_are_skipped_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "STDLIB_FILES", (*SMALL_FILES, "no_such_module_xyz.py"))
     with pytest.warns(UserWarning, match="no_such_module_xyz.py"):
-        c = load_corpus(tmp_path)
+        c = load_corpus(tmp_path, source="installed")
     assert "no_such_module_xyz.py" not in c.files_train + c.files_val
     assert len(c.files_train) + len(c.files_val) == len(SMALL_FILES)
 
@@ -328,7 +328,7 @@ def test_missing_files_are_skipped_with_a_warning(tmp_path, monkeypatch):
 def test_too_few_files_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "STDLIB_FILES", ("abc.py", "nope1.py", "nope2.py"))
     with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="only 1 of the 3"):
-        load_corpus(tmp_path)
+        load_corpus(tmp_path, source="installed")
     assert list(tmp_path.iterdir()) == []
 
 

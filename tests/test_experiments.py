@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_course import experiments as ex
+from moe_course.corpus import corpus_sha256
 from moe_course.device import cpu_threads
 from moe_course.experiments import (
     EXPERIMENTS,
@@ -81,8 +82,36 @@ def _stored(tmp_path, name="z_loss") -> Path:
     """A stored result as run_experiment writes it (without training: only the fingerprint matters here)."""
     runs = EXPERIMENTS[name].runs("smoke")
     result = ExperimentResult(name, "smoke", [0], fingerprint(name, "smoke"), ex._configs(runs),
-                              [RunRecord(r.label, 0, val_loss=[1.0]) for r in runs])
+                              [RunRecord(r.label, 0, val_loss=[1.0]) for r in runs], corpus="course",
+                              corpus_sha256=corpus_sha256("course"))
     return result.save(result_path(name, "smoke", tmp_path))
+
+
+def test_results_record_the_corpus_they_trained_on(tmp_path):
+    result = run_experiment("z_loss", "smoke", seeds=[0], progress=False, results_dir=tmp_path)
+    assert (result.corpus, result.corpus_sha256) == ("course", corpus_sha256("course"))
+    assert load_result("z_loss", "smoke", tmp_path).corpus_sha256 == corpus_sha256("course")
+    assert ex.CORPUS_NAME == {"smoke": "course", "cpu": "course", "gpu": "large"}
+
+
+def test_another_corpus_changes_the_fingerprint_and_refuses_the_result(tmp_path, monkeypatch):
+    _stored(tmp_path)
+    before = fingerprint("z_loss", "smoke")
+    other = "f" * 64
+    monkeypatch.setattr(ex, "corpus_sha256", lambda name: other)  # as if data/corpus held other text
+    assert fingerprint("z_loss", "smoke") != before
+    with pytest.raises(StaleResultError, match=r"trained on other text .*frozen 'course' corpus.*"
+                                               r"python -m moe_course\.experiments run z_loss --size smoke"):
+        load_result("z_loss", "smoke", tmp_path)
+
+
+def test_a_result_without_a_corpus_hash_is_refused(tmp_path):
+    path = _stored(tmp_path)
+    blob = json.loads(path.read_text())
+    del blob["corpus_sha256"], blob["corpus"]  # made before results recorded their corpus
+    path.write_text(json.dumps(blob))
+    with pytest.raises(StaleResultError, match="a corpus it does not record"):
+        load_result("z_loss", "smoke", tmp_path)
 
 
 def test_a_stored_result_loads_while_it_matches(tmp_path):
