@@ -84,6 +84,7 @@ __all__ = [
     "read_manifest",
     "split_files",
     "stdlib_dir",
+    "train_bytes",
     "write_manifest",
 ]
 
@@ -172,6 +173,12 @@ def corpus_files(name: str = "course") -> tuple[str, ...]:
 def _check_name(name: str) -> None:
     if name not in CORPORA:
         raise ValueError(f"corpus name must be one of {', '.join(CORPORA)}; got {name!r}")
+
+
+def train_bytes(name: str = "course") -> int:
+    """Training bytes of the frozen corpus ``name`` (from the snapshot index, without reading the corpus)."""
+    _check_name(name)
+    return int(snapshot.read_index()[name]["train_bytes"])
 
 
 def corpus_sha256(name: str = "course") -> str:

@@ -27,6 +27,7 @@ import hashlib
 import html
 import json
 import os
+import platform
 import re
 import sys
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from moe_course.links import REPO_URL, binder_badge, colab_badge
+from moe_course.links import BRANCH, REPO_URL, binder_badge, colab_badge
 
 __all__ = [
     "BEGIN_SOLUTION",
@@ -46,6 +47,7 @@ __all__ = [
     "MARKDOWN_STUB",
     "NBVAL_TAGS",
     "RAISES_TAG",
+    "RECORDING_ENV",
     "SETUP_CELL",
     "SETUP_MARKER",
     "check",
@@ -60,6 +62,7 @@ __all__ = [
     "normalize_notebook",
     "prepare_solution",
     "read_notebook",
+    "setup_cell",
     "stamp_badges",
     "stamp_setup_cell",
     "stubbed_names",
@@ -70,8 +73,8 @@ __all__ = [
 SETUP_MARKER = "# MoE from Scratch setup cell"
 """The first line of the setup cell starts with this comment; it is how the generator recognises it."""
 
-SETUP_CELL = f"""\
-{SETUP_MARKER} (the same in every notebook). On Google Colab it clones the course (the package
+_SETUP_TEMPLATE = """\
+@MARKER@ (the same in every notebook). On Google Colab it clones the course (the package
 # and the stored results in data/results), installs it and turns on interactive widgets; everywhere it checks
 # that the package can be imported.
 import sys
@@ -80,11 +83,30 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    course = "/content/moe-from-scratch"
-    if not os.path.isdir(course):
-        subprocess.run(["git", "clone", "--depth", "1", "{REPO_URL}", course], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
-    sys.path.insert(0, course)  # this kernel started before the install
+    REPO_URL = "@REPO_URL@"  # your fork? python -m moe_course.links set-repo OWNER/NAME
+    BRANCH = "@BRANCH@"  # the branch or tag whose package and stored results match these notebooks
+    COURSE_DIR = "/content/moe-from-scratch"
+    if not os.path.isdir(COURSE_DIR):
+        clone = subprocess.run(
+            ["git", "clone", "--depth", "1", "--branch", BRANCH, REPO_URL, COURSE_DIR],
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},  # a wrong address fails instead of asking for a password
+            capture_output=True, text=True,
+        )
+        if clone.returncode != 0:
+            raise RuntimeError(
+                f"Could not clone the course from {REPO_URL} (branch or tag '{BRANCH}'). git said: "
+                f"{clone.stderr.strip()}\\nCheck that the repository is public and that the branch or tag exists. "
+                "To use another copy (a fork, a release tag), set REPO_URL and BRANCH at the top of this cell "
+                "and run it again."
+            ) from None
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", COURSE_DIR],
+                             capture_output=True, text=True)
+    if install.returncode != 0:
+        raise RuntimeError(
+            f"Could not install the course from {COURSE_DIR}. pip said: {install.stderr.strip()[-2000:]}\\n"
+            "Start a fresh runtime (Runtime > Disconnect and delete runtime) and run this cell again."
+        ) from None
+    sys.path.insert(0, COURSE_DIR)  # this kernel started before the install
     from google.colab import output as colab_output
 
     colab_output.enable_custom_widget_manager()
@@ -93,12 +115,29 @@ try:
     import moe_course
 except ModuleNotFoundError as missing:
     raise ModuleNotFoundError(
-        f"The course package moe_course cannot be imported (no module named '{{missing.name}}') by this "
-        f"kernel's Python, {{sys.executable}}. Install it from the repository root with `make lab` (it sets "
+        f"The course package moe_course cannot be imported (no module named '{missing.name}') by this "
+        f"kernel's Python, {sys.executable}. Install it from the repository root with `make lab` (it sets "
         "up .venv and opens JupyterLab there) or with `pip install -e .` in this environment, then restart "
         "the kernel. On Google Colab, re-run this cell."
     ) from None"""
-"""Source of the first code cell of every notebook (the repository URL comes from ``moe_course.REPO_URL``)."""
+
+
+def setup_cell(repo_url: str | None = None, branch: str | None = None) -> str:
+    """Source of the setup cell for ``repo_url`` at ``branch`` (default: ``moe_course.links``' values)."""
+    return (_SETUP_TEMPLATE.replace("@MARKER@", SETUP_MARKER).replace("@REPO_URL@", repo_url or REPO_URL)
+            .replace("@BRANCH@", branch or BRANCH))
+
+
+SETUP_CELL = setup_cell()
+"""Source of the first code cell of every notebook (the repository URL and branch come from ``moe_course.links``)."""
+
+RECORDING_ENV: dict[str, str] = {"MOE_DEVICE": "cpu"}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # PyTorch's own CPU kernels pick AVX-512 where the CPU has it, and AVX-512 sums in another order than AVX2,
+    # so trained numbers differ in the last digits between machines. Every x86-64 CPU that runs the course has
+    # AVX2: recording and comparing outputs with it (the Makefile sets the same) gives one set of numbers.
+    RECORDING_ENV["ATEN_CPU_CAPABILITY"] = "avx2"
+"""Environment the solutions are executed in (``make execute``) and compared in (``make test``)."""
 
 SETUP_CELL_ID = "setup"
 BEGIN_SOLUTION = "### BEGIN SOLUTION"
@@ -659,7 +698,7 @@ def _environ(**values: str) -> Iterator[None]:
 def execute(
     paths: Iterable[str | Path] | None = None, solutions_dir: str | Path = "solutions"
 ) -> dict[Path, float]:
-    """Execute notebooks in place with ``MOE_DEVICE=cpu``; return (and print) the wall time of each.
+    """Execute notebooks in place with :data:`RECORDING_ENV` (the CPU); return (and print) the wall time of each.
 
     Each notebook runs in a fresh ``python3`` kernel whose working directory is the notebook's folder,
     with a limit of 600 s per cell. The notebook is prepared first (:func:`prepare_solution`); after the
@@ -679,7 +718,7 @@ def execute(
             resources={"metadata": {"path": str(path.resolve().parent)}},
         )
         start = time.perf_counter()
-        with _environ(MOE_DEVICE="cpu"):
+        with _environ(**RECORDING_ENV):
             client.execute()
         times[path] = time.perf_counter() - start
         finish_progress_bars(nb)

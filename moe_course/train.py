@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moe_course.corpus import get_batch, load_corpus
+from moe_course.corpus import get_batch, load_corpus, train_bytes
 from moe_course.device import pick_device, seed_everything
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
@@ -145,6 +145,13 @@ PRESETS: dict[str, Preset] = {
         corpus="large",
     ),
 }
+
+
+def epochs_seen(name: str) -> float:
+    """Passes over its corpus's training bytes that preset ``name`` makes: steps · batch · block / train bytes."""
+    preset = get_preset(name)
+    seen = preset.train.steps * preset.train.batch_size * preset.model.block_size
+    return seen / train_bytes(preset.corpus)
 
 
 def get_preset(name: str) -> Preset:

@@ -190,3 +190,16 @@ def test_gpu_presets_train_on_the_large_corpus():
     assert {n: p.corpus for n, p in PRESETS.items() if n.startswith("gpu-")} == dict.fromkeys(
         ("gpu-moe", "gpu-dense", "gpu-best"), "large")
     assert all(p.corpus == "course" for n, p in PRESETS.items() if not n.startswith("gpu-"))
+
+
+def test_epochs_seen_counts_passes_over_each_presets_corpus():
+    from moe_course.corpus import train_bytes
+    from moe_course.train import PRESETS, epochs_seen
+
+    assert train_bytes("course") == len(load_corpus().train) == INDEX["course"]["train_bytes"]
+    for name, preset in PRESETS.items():
+        seen = preset.train.steps * preset.train.batch_size * preset.model.block_size
+        assert epochs_seen(name) == pytest.approx(seen / train_bytes(preset.corpus)), name
+    assert epochs_seen("cpu-best") == pytest.approx(1000 * 16 * 128 / 2_918_954)
+    assert epochs_seen("gpu-best") < 1.5  # the large corpus: the GPU runs see most bytes about once
+    assert 1500 * 32 * 256 / train_bytes("course") > 4  # what they would have seen of the course corpus

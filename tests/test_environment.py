@@ -12,8 +12,8 @@ import yaml
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+else:  # Python 3.10: the dev extra installs tomli (never skip these tests for want of it)
+    import tomli as tomllib
 
 from moe_course.device import environment_report, has_gpu, pick_device, seed_everything
 
@@ -51,6 +51,18 @@ def test_core_dependencies_leave_colabs_jupyter_alone():
     assert "jupyterlab" in lab and "playwright" in dev
     assert core["ipywidgets"] == ">=7.7", "Colab ships ipywidgets 7.7; the widgets are tested against it"
     assert lab["ipywidgets"] == ">=8.0", "JupyterLab 4 renders only ipywidgets 8"
+
+
+def test_dev_extra_brings_a_toml_reader_to_python_3_10():
+    dev = _project()["optional-dependencies"]["dev"]
+    assert "tomli>=2.0; python_version < '3.11'" in dev
+
+
+def test_conda_environment_says_it_is_cpu_only():
+    for path in (ROOT / "environment.yml", ROOT / "binder" / "environment.yml"):
+        text = path.read_text()
+        assert "CPU-only" in text.split("name:")[0], f"{path.name}: the header comment must say it is CPU-only"
+        assert "pytorch-cpu" in _conda(path)[0]
 
 
 def test_environment_yml_matches_pyproject_dependencies_and_lab_extra():

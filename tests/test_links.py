@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import nbformat
 import pytest
 
 import moe_course
+from moe_course import links
 from moe_course.links import (
     BINDER_BADGE_SVG,
+    BRANCH,
     COLAB_BADGE_SVG,
     REPO_URL,
     binder_badge,
@@ -28,23 +31,22 @@ LAUNCHABLE = ("notebooks", "solutions")  # folders whose notebooks a launch link
 URL = re.compile(r"https?://[^\s)<>\]\"'`]+")
 MD_LINK = re.compile(r"(?<!!)\[(?:[^\[\]]|!\[[^\]]*\]\([^)]*\))*\]\(([^)\s]+)\)")  # [text](target), not images
 BADGE = re.compile(r"\[!\[([^\]]*)\]\(([^)\s]+)\)\]\(([^)\s]+)\)")  # [![alt](image)](target)
-COLAB = re.compile(rf"https://colab\.research\.google\.com/github/{re.escape(SLUG)}/blob/main/(\S+\.ipynb)")
-BINDER = re.compile(rf"https://mybinder\.org/v2/gh/{re.escape(SLUG)}/main\?urlpath=lab/tree/(\S+\.ipynb)")
+B = re.escape(BRANCH)
+COLAB = re.compile(rf"https://colab\.research\.google\.com/github/{re.escape(SLUG)}/blob/{B}/(\S+\.ipynb)")
+BINDER = re.compile(rf"https://mybinder\.org/v2/gh/{re.escape(SLUG)}/{B}\?urlpath=lab/tree/(\S+\.ipynb)")
 
 
 # -- the URL builders ----------------------------------------------------------------------------------
 
 
 def test_urls_built_from_the_repo_url() -> None:
-    assert moe_course.REPO_URL == REPO_URL and SLUG == "moe-from-scratch/moe-from-scratch"
+    assert moe_course.REPO_URL == REPO_URL and REPO_URL == f"https://github.com/{SLUG}"
     assert colab_url("notebooks/03_topk_routing.ipynb") == (
-        "https://colab.research.google.com/github/moe-from-scratch/moe-from-scratch/blob/main/"
-        "notebooks/03_topk_routing.ipynb"
+        f"https://colab.research.google.com/github/{SLUG}/blob/{BRANCH}/notebooks/03_topk_routing.ipynb"
     )
-    assert binder_url() == (
-        "https://mybinder.org/v2/gh/moe-from-scratch/moe-from-scratch/main"
-        "?urlpath=lab/tree/notebooks/00_welcome.ipynb"
-    )
+    assert binder_url() == f"https://mybinder.org/v2/gh/{SLUG}/{BRANCH}?urlpath=lab/tree/notebooks/00_welcome.ipynb"
+    assert colab_url("notebooks/00_welcome.ipynb", "https://github.com/a/b", "v2") == (
+        "https://colab.research.google.com/github/a/b/blob/v2/notebooks/00_welcome.ipynb")
     assert colab_url(Path("notebooks") / "00_welcome.ipynb") == colab_url("notebooks/00_welcome.ipynb")
 
 
@@ -97,8 +99,8 @@ def _link_problems(text: str, where: str) -> list[str]:
                 problems.append(f"{where}: {url} differs from the builder's {rebuilt}")
             if path.split("/")[0] not in LAUNCHABLE or not (ROOT / path).is_file():
                 problems.append(f"{where}: {url} opens {path}, which is not a notebook in notebooks/ or solutions/")
-        elif url.startswith(REPO_URL + "/blob/main/") or url.startswith(REPO_URL + "/tree/main/"):
-            path = url.split("/main/", 1)[1]
+        elif url.startswith((f"{REPO_URL}/blob/{BRANCH}/", f"{REPO_URL}/tree/{BRANCH}/")):
+            path = url.split(f"/{BRANCH}/", 1)[1]
             if not (ROOT / path).exists():
                 problems.append(f"{where}: {url} points at {path}, which does not exist")
     for target in MD_LINK.findall(text):
@@ -161,3 +163,53 @@ def test_link_checker_catches_broken_links() -> None:
     ]
     for text in broken:
         assert _link_problems(text, "x"), f"not caught: {text}"
+
+
+# -- pointing the course at a fork ---------------------------------------------------------------------
+
+
+def test_readme_is_stamped_from_the_one_place() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert links.stamp_readme(text) == text  # README's links are what links.py makes
+    fork = links.stamp_readme(text, "https://github.com/alice/moe-fork", "v1")
+    assert SLUG not in fork and fork.count("github/alice/moe-fork/blob/v1/notebooks/") == len(NOTEBOOKS)
+    assert "mybinder.org/v2/gh/alice/moe-fork/v1?urlpath=lab/tree/notebooks/00_welcome.ipynb" in fork
+
+
+def test_set_repo_points_badges_readme_and_setup_cell_at_a_fork(tmp_path) -> None:
+    import shutil
+
+    from moe_course.notebooks import setup_cell
+
+    for folder in ("moe_course", "solutions", "notebooks"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    assert links.main(["set-repo", "alice/moe-fork", "--branch", "v1", "--root", str(tmp_path)]) == 0
+    fork_url = "https://github.com/alice/moe-fork"
+    source = (tmp_path / "moe_course" / "links.py").read_text()
+    assert f'REPO_URL = "{fork_url}"' in source and 'BRANCH = "v1"' in source
+    readme = (tmp_path / "README.md").read_text()
+    assert SLUG not in readme
+    for path in NOTEBOOKS:
+        assert links.colab_url(path, fork_url, "v1") in readme
+    for folder in ("solutions", "notebooks"):
+        for nb_path in sorted((tmp_path / folder).glob("*.ipynb")):
+            nb = nbformat.read(nb_path, as_version=4)
+            assert nb.cells[0].source == setup_cell(fork_url, "v1"), nb_path
+            title = _title_cell(nb_path)
+            assert links.colab_url(f"{folder}/{nb_path.name}", fork_url, "v1") in title, nb_path
+            assert SLUG not in json.dumps(nb.cells[0].source) + title
+    again = links.set_repo("alice/moe-fork", "v1", tmp_path)  # nothing left to change
+    assert again == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["set-repo", "alice"], "must be given as OWNER/NAME"),
+    (["set-repo", "alice/moe fork"], "must be given as OWNER/NAME"),
+    (["set-repo", "alice/fork", "--branch", "bad..name"], "branch must be a git branch or tag name"),
+    (["set-repo", "alice/fork", "--root", "/nonexistent-course"], "run this in the course repository's root"),
+])
+def test_set_repo_usage_errors(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        links.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from nbformat import NotebookNode
 
 import moe_course
 from moe_course import notebooks as nbmod
+from moe_course.links import BRANCH
 from moe_course.notebooks import (
     RAISES_TAG,
     SETUP_CELL,
@@ -140,10 +143,11 @@ def _demo_index(source: str) -> int:
 
 def test_setup_cell_holds_repo_url_and_compiles() -> None:
     assert moe_course.REPO_URL in SETUP_CELL
-    assert f'"git", "clone", "--depth", "1", "{moe_course.REPO_URL}"' in SETUP_CELL
+    assert f'REPO_URL = "{moe_course.REPO_URL}"' in SETUP_CELL and f'BRANCH = "{BRANCH}"' in SETUP_CELL
+    assert '"git", "clone", "--depth", "1", "--branch", BRANCH, REPO_URL, COURSE_DIR' in SETUP_CELL
     assert SETUP_CELL.startswith(nbmod.SETUP_MARKER)
     assert SETUP_CELL.splitlines()[0].startswith("# ")  # begins with an explaining comment
-    assert "!" not in "".join(line.split("#")[0] for line in SETUP_CELL.splitlines())  # pure Python
+    assert not [line for line in SETUP_CELL.splitlines() if line.lstrip().startswith(("!", "%"))]  # pure Python
     compile(SETUP_CELL, "<setup cell>", "exec")
 
 
@@ -163,9 +167,12 @@ def test_setup_cell_on_colab_installs_package_and_enables_widgets(monkeypatch: p
     calls = _fake_colab(monkeypatch)
     pip_calls: list[list[str]] = []
 
+    envs: list[dict | None] = []
+
     def fake_run(cmd, *args, **kwargs):
         pip_calls.append(list(cmd))
-        return subprocess.CompletedProcess(cmd, 0)
+        envs.append(kwargs.get("env"))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the setup cell must not call anything but subprocess.run")
@@ -176,10 +183,86 @@ def test_setup_cell_on_colab_installs_package_and_enables_widgets(monkeypatch: p
     monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the clone first on sys.path
     exec(compile(SETUP_CELL, "<setup cell>", "exec"), {})
     course = "/content/moe-from-scratch"  # the whole repository, so data/results/ is there too
-    assert pip_calls == [["git", "clone", "--depth", "1", moe_course.REPO_URL, course],
+    assert pip_calls == [["git", "clone", "--depth", "1", "--branch", BRANCH, moe_course.REPO_URL, course],
                          [sys.executable, "-m", "pip", "install", "-q", "-e", course]]
+    assert envs[0]["GIT_TERMINAL_PROMPT"] == "0"  # never a password prompt
     assert sys.path[0] == course
     assert calls == ["widgets"]
+
+
+def _run_setup_cell(monkeypatch, tmp_path, repo_url: str, branch: str) -> tuple[Path, Path]:
+    """Run the setup cell as on Colab with real git, cloning ``repo_url`` at ``branch`` into tmp_path/course.
+
+    pip is replaced by a script that records its arguments (nothing is installed into this environment).
+    """
+    _fake_colab(monkeypatch)
+    course, pip_log = tmp_path / "course", tmp_path / "pip.log"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\necho "$@" > {pip_log}\n')
+    fake_python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake_python))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    cell = nbmod.setup_cell(repo_url, branch)
+    cell = cell.replace('COURSE_DIR = "/content/moe-from-scratch"', f'COURSE_DIR = "{course}"', 1)
+    assert str(course) in cell
+    exec(compile(cell, "<setup cell>", "exec"), {})
+    return course, pip_log
+
+
+def _bare_repo(tmp_path: Path, branch: str) -> Path:
+    """A local bare repository whose ``branch`` holds README.md ("course v1")."""
+    work, bare = tmp_path / "work", tmp_path / "course.git"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README.md").write_text("course v1\n")
+    subprocess.run([*git, "-C", str(work), "add", "README.md"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-q", "-m", "v1"], check=True)
+    subprocess.run([*git, "-C", str(work), "branch", "-q", branch], check=True)
+    subprocess.run([*git, "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    return bare
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_setup_cell_clones_the_branch_of_a_local_bare_repository(monkeypatch, tmp_path) -> None:
+    bare = _bare_repo(tmp_path, "course-v1")
+    course, pip_log = _run_setup_cell(monkeypatch, tmp_path, f"file://{bare}", "course-v1")
+    assert (course / "README.md").read_text() == "course v1\n"
+    head = subprocess.run(["git", "-C", str(course), "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert head == "course-v1"
+    assert pip_log.read_text().split() == ["-m", "pip", "install", "-q", "-e", str(course)]
+    assert sys.path[0] == str(course)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("what", ["missing repository", "missing branch"])
+def test_setup_cell_explains_a_failed_clone(monkeypatch, tmp_path, what) -> None:
+    bare = _bare_repo(tmp_path, "course-v1")
+    url = f"file://{tmp_path / 'no-such-repo.git'}" if what == "missing repository" else f"file://{bare}"
+    branch = "course-v1" if what == "missing repository" else "no-such-branch"
+    with pytest.raises(RuntimeError) as info:
+        _run_setup_cell(monkeypatch, tmp_path, url, branch)
+    message = str(info.value)
+    assert message.startswith(f"Could not clone the course from {url} (branch or tag '{branch}'). git said: ")
+    assert "set REPO_URL and BRANCH at the top of this cell" in message
+    assert ("does not appear to be a git repository" in message if what == "missing repository"
+            else "no-such-branch" in message.split("git said: ")[1])
+    assert info.value.__suppress_context__ and not isinstance(info.value, subprocess.CalledProcessError)
+    assert not (tmp_path / "pip.log").exists()  # nothing installed after a failed clone
+
+
+def test_setup_cell_never_waits_for_a_password(monkeypatch, tmp_path) -> None:
+    """git gets GIT_TERMINAL_PROMPT=0, so a private or mistyped https URL fails at once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "prompt"
+    (bin_dir / "git").write_text(f'#!/bin/sh\necho "$GIT_TERMINAL_PROMPT" > {seen}\n'
+                                 'echo "fatal: could not read Username for \'https://github.com\'" >&2\nexit 128\n')
+    (bin_dir / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match="could not read Username"):
+        _run_setup_cell(monkeypatch, tmp_path, "https://github.com/someone/private-fork", "main")
+    assert seen.read_text().strip() == "0"
 
 
 def test_setup_cell_elsewhere_does_nothing(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -740,3 +823,17 @@ def test_execute_then_exercise_copy_raises_only_in_tagged_cells(tmp_path: Path, 
     assert {i: e for i, e in errors.items() if e} == {3: ["NotImplementedError"]}
     assert exercise.cells[4].outputs[0].text.startswith("4 ")
     assert time.perf_counter() - start < 30
+
+
+def test_make_test_compares_with_the_environment_make_execute_records_with() -> None:
+    """Outputs are recorded and compared with the same CPU kernels (AVX2 on x86-64; see RECORDING_ENV)."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "test test-notebooks test-exercises: export MOE_DEVICE = cpu" in makefile
+    assert nbmod.RECORDING_ENV["MOE_DEVICE"] == "cpu"
+    if "ATEN_CPU_CAPABILITY" in nbmod.RECORDING_ENV:
+        value = nbmod.RECORDING_ENV["ATEN_CPU_CAPABILITY"]
+        assert f"test test-notebooks test-exercises: export ATEN_CPU_CAPABILITY = {value}" in makefile
+        probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**os.environ, "ATEN_CPU_CAPABILITY": value})
+        assert done.stdout.strip() == value.upper()  # the variable takes effect in a fresh interpreter
