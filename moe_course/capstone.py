@@ -34,14 +34,15 @@ from moe_course.routing import Routing
 
 __all__ = [
     "DEFAULT_CODE",
-    "EXPERT_COLORS",
-    "TYPE_COLORS",
-    "RoutedText",
     "equal_active_moe",
+    "EXPERT_COLORS",
     "expert_colors",
     "plot_routed_text",
     "route_text",
+    "RoutedText",
     "routing_explorer",
+    "train_flops_per_token_of",
+    "TYPE_COLORS",
     "type_expert_table",
 ]
 
@@ -104,6 +105,30 @@ def equal_active_moe(dense: ModelConfig, n_experts: int, top_k: int, n_shared: i
 # ---------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------
+
+
+def train_flops_per_token_of(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of ``TinyLM(cfg)`` from its configuration: 6·N_active + 6·L·T·d.
+
+    N_active counts the weights one token is multiplied by: per layer the attention's q, k, v and output
+    projections (4·d²) and two RMSNorm weights (2·d); a dense SwiGLU FFN (3·d·d_hidden) or, in an MoE layer
+    (every ``moe_every``-th), the router (d·N) and the SwiGLU experts the token uses, top_k routed and
+    n_shared shared ones (3·d·expert_hidden each); then the final norm (d) and the output head tied to the token
+    embedding (V·d, counted once; the position embedding is a lookup, no multiply). 6 per weight is forward plus
+    backward (Kaplan et al. 2020, §2.1); 6·L·T·d is causal attention's scores and weighted sum (PaLM, app. B).
+    Equal to :func:`moe_course.params.train_flops_per_token` of the built model (tested).
+    """
+    if cfg.ffn == "moe" and cfg.router != "topk":
+        raise ValueError(f"cfg.router={cfg.router!r}: this count is for token-choice top-k routing ('topk')")
+    d, n_layer = cfg.d_model, cfg.n_layer
+    active = cfg.vocab_size * d + d  # tied embedding / output head, final norm
+    for layer in range(n_layer):
+        active += 4 * d * d + 2 * d
+        if cfg.ffn == "moe" and layer % cfg.moe_every == cfg.moe_every - 1:
+            active += d * cfg.n_experts + 3 * d * cfg.expert_hidden * (cfg.top_k + cfg.n_shared)
+        else:
+            active += 3 * d * cfg.d_hidden
+    return 6.0 * active + 6.0 * n_layer * cfg.block_size * d
 
 
 def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, n_experts: int,

@@ -66,6 +66,7 @@ __all__ = [
     "SPLIT",
     "STDLIB_FILES",
     "TOKEN_TYPE_NAMES",
+    "VAL_PARTS",
     "VOCAB_SIZE",
     "Corpus",
     "TokenType",
@@ -85,6 +86,7 @@ __all__ = [
     "split_files",
     "stdlib_dir",
     "train_bytes",
+    "val_part_of",
     "write_manifest",
 ]
 
@@ -367,6 +369,19 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+VAL_PARTS = ("tune", "test")
+"""The two halves of the validation files: settings are chosen on "tune", results reported on "test"."""
+
+
+def val_part_of(name: str) -> str:
+    """"tune" or "test" for a validation file, by the path-hash rule ``(crc32(path) // 10) % 2`` (0: tune).
+
+    The digit after the one that made it a validation file, so the halves are fixed by path alone (course
+    corpus: 7 files, 146 KB to tune on; 5 files, 189 KB to report on).
+    """
+    return "tune" if (zlib.crc32(name.encode("utf-8")) // 10) % 2 == 0 else "test"
+
+
 def is_val_file(name: str) -> bool:
     """True when ``name`` is a validation file: its split in the manifest, else ``crc32(name) % 10 == 0``.
 
@@ -438,6 +453,24 @@ class Corpus:
     files_train: tuple[str, ...]
     files_val: tuple[str, ...]
     vocab_size: int = VOCAB_SIZE
+    offsets_val: tuple[int, ...] = ()  # where each validation file (its header) starts in ``val``
+
+    def val_part(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, types) of the validation files in ``part``, "tune" or "test" (:func:`val_part_of`).
+
+        Choosing settings on one half and reporting on the other keeps the reported numbers honest.
+        """
+        if part not in VAL_PARTS:
+            raise ValueError(f"part must be one of {', '.join(map(repr, VAL_PARTS))}; got {part!r}")
+        if len(self.offsets_val) != len(self.files_val):
+            raise ValueError("this Corpus has no file offsets; load it with load_corpus()")
+        ends = (*self.offsets_val[1:], len(self.val))
+        spans = [(s, e) for name, s, e in zip(self.files_val, self.offsets_val, ends, strict=True)
+                 if val_part_of(name) == part]
+        if not spans:
+            raise ValueError(f"no validation file of part {part!r} in this corpus (max_bytes too small?)")
+        index = torch.cat([torch.arange(s, e) for s, e in spans])
+        return self.val[index], self.val_types[index]
 
     def decode(self, tokens: torch.Tensor | np.ndarray | Sequence[int]) -> str:
         """Decode byte tokens to text."""
@@ -646,6 +679,7 @@ def load_corpus(
         val_types=_tensor(arrays["val_types"]),
         files_train=tuple(str(n) for n in arrays["files_train"]),
         files_val=tuple(str(n) for n in arrays["files_val"]),
+        offsets_val=tuple(int(n) for n in arrays["offsets_val"]),
     )
 
 

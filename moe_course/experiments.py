@@ -102,6 +102,7 @@ class Run:
     tracker: Callable[..., Any] | None = field(default=None, compare=False)  # during training: tracker(corpus,
     # cfg, log_every, size, device) -> a train callback with .record() -> dict, stored in RunRecord.extra
     log_every: int | None = None  # training steps per recorded point (default: LOG_EVERY[size])
+    val: str = "all"  # validation text: "all", or the "tune" or "test" half of the files (corpus.VAL_PARTS)
 
 
 @dataclass(frozen=True)
@@ -277,9 +278,16 @@ def _loss_free_06(size: str) -> list[Run]:
             for label, cfg in configs]
 
 
+CAPSTONE_LABELS = ("dense", "MoE top-2", "MoE recipe")
+TUNING_LRS = (1.5e-3, 3e-3, 6e-3, 1.2e-2)
+TUNING_WARMUPS = (30, 100)
+"""Notebook 08's tuning grid: every model of the race gets the same 4 x 2 learning rates x warm-up steps."""
+
+
 def _capstone_shapes(size: str) -> tuple[Run, Run, Run]:
-    """Notebook 08's dense twin, plain top-2 MoE and recipe MoE: the train presets, each with its own tuned
-    learning rate and otherwise the same training (tokens, schedule); tiny models at smoke size."""
+    """Notebook 08's dense twin, plain top-2 MoE and recipe MoE: the train presets, each with the learning rate
+    and warm-up the ``capstone_tuning`` sweep chose for it and otherwise the same training (tokens, schedule);
+    tiny models at smoke size."""
     from moe_course.train import get_preset
 
     if size == "smoke":
@@ -292,8 +300,39 @@ def _capstone_shapes(size: str) -> tuple[Run, Run, Run]:
                                               router_score="sigmoid", aux_loss_coef=0.0, bias_update_rate=1e-3,
                                               **shape), t, probe=_probe_08))
     presets = [get_preset(f"{size}-{name}") for name in ("dense", "moe", "best")]
-    return tuple(Run(label, p.model, replace(p.train, eval_batches=16), probe=_probe_08)
-                 for label, p in zip(("dense", "MoE top-2", "MoE recipe"), presets, strict=True))
+    return tuple(Run(label, p.model, replace(p.train, eval_batches=16), probe=_probe_08, val="test")
+                 for label, p in zip(CAPSTONE_LABELS, presets, strict=True))
+
+
+def tuning_label(label: str, lr: float, warmup: int) -> str:
+    """The run label of one grid point of ``capstone_tuning``: ``"dense lr=0.003 warmup=30"``."""
+    return f"{label} lr={lr:g} warmup={warmup}"
+
+
+@register("capstone_tuning", "notebook 08: the same grid of learning rate x warm-up (4 x 2) for the dense twin, "
+          "the top-2 MoE and the recipe, scored on the tuning half of the validation files", seeds=(0,))
+def _capstone_tuning(size: str) -> list[Run]:
+    runs = []
+    for run in _capstone_shapes(size):
+        for lr in TUNING_LRS:
+            for warmup in TUNING_WARMUPS:
+                w = min(warmup, run.train.steps // 2) if size == "smoke" else warmup
+                runs.append(replace(run, label=tuning_label(run.label, lr, warmup), probe=None,
+                                    train=replace(run.train, lr=lr, warmup=w),
+                                    val="all" if size == "smoke" else "tune"))
+    return runs
+
+
+def tuning_choice(result: ExperimentResult) -> dict[str, dict[str, float]]:
+    """Per model of the race, the grid point of a ``capstone_tuning`` result with the lowest final tuning loss
+    (mean over seeds): ``{label: {"lr", "warmup", "val_loss"}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for label in CAPSTONE_LABELS:
+        points = [(result.mean(tuning_label(label, lr, w), "val_loss"), lr, w)
+                  for lr in TUNING_LRS for w in TUNING_WARMUPS]
+        loss, lr, warmup = min(points)
+        out[label] = {"lr": lr, "warmup": warmup, "val_loss": loss}
+    return out
 
 
 CAPSTONE_SAMPLE_PROMPT = "def "
@@ -336,11 +375,23 @@ def _capstone(size: str) -> list[Run]:
     return runs
 
 
+BIAS_RATES = (1e-3, 3e-3, 1e-2)
+"""u of the recipe's routing-bias update tried in ``recipe_bias_rate`` (the recipe uses 1e-3, DeepSeek-V3's)."""
+
+
+@register("recipe_bias_rate", "notebook 08: the recipe with bias update rate u = 1e-3 (its own), 3e-3 and 1e-2: "
+          "how long the early collapse lasts and what faster balancing costs", seeds=(0, 1))
+def _recipe_bias_rate(size: str) -> list[Run]:
+    best = _capstone_shapes(size)[2]
+    return [replace(best, label=f"u={u:g}", model=replace(best.model, bias_update_rate=u), probe=None)
+            for u in BIAS_RATES]
+
+
 @register("experts_sweep", "notebook 08: the recipe with 4, 8 or 32 routed experts at fixed active width (more "
           "experts, more total parameters, same compute per token: Shazeer et al. 2017 in miniature)")
 def _experts_sweep(size: str) -> list[Run]:
     best = _capstone_shapes(size)[2]
-    return [Run(f"E={n}", replace(best.model, n_experts=n), best.train) for n in EXPERT_COUNTS]
+    return [Run(f"E={n}", replace(best.model, n_experts=n), best.train, val=best.val) for n in EXPERT_COUNTS]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,7 +491,8 @@ def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch
         if tracker is not None:
             tracker(step, model)
 
-    hist = train(model, corpus.train, corpus.val, cfg, device=device, progress=progress, log_every=log_every,
+    val = corpus.val if run.val == "all" else corpus.val_part(run.val)[0]
+    hist = train(model, corpus.train, val, cfg, device=device, progress=progress, log_every=log_every,
                  desc=f"{run.label} seed {seed}", callback=callback)
     extra = dict(tracker.record()) if tracker is not None else {}
     if run.probe is not None:
@@ -475,7 +527,8 @@ def _round(values: Any, digits: int = 5) -> Any:
 
 def _configs(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return [{"label": r.label, "model": asdict(r.model), "train": asdict(r.train),
-             **({"log_every": r.log_every} if r.log_every else {})} for r in runs]
+             **({"log_every": r.log_every} if r.log_every else {}), **({"val": r.val} if r.val != "all" else {})}
+            for r in runs]
 
 
 def fingerprint(name: str, size: str) -> str:

@@ -300,7 +300,7 @@ def final(record: Any) -> dict[str, float]:
 
 
 def stats(result: Any, label: str, key: str) -> tuple[float, float]:
-    """Mean and spread (population std) over seeds of one :func:`final` number of run ``label``."""
-    values = [final(r)[key] for r in result.records_of(label)]
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    """Mean and sample std over seeds (:func:`moe_course.metrics.mean_std`) of one :func:`final` number of ``label``."""
+    from moe_course.metrics import mean_std
+
+    return mean_std([final(r)[key] for r in result.records_of(label)])

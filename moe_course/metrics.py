@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -113,3 +114,14 @@ def mfu(tokens_per_s: float, flops_per_token: float, device_name: str) -> float 
     """Model FLOPs utilisation: achieved training FLOP/s over the device's bf16 peak; None for an unknown device."""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
     return None if peak is None else tokens_per_s * flops_per_token / peak
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) of per-seed results: the course's one convention for ±."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("values is empty: give one result per seed")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))

@@ -3,6 +3,7 @@
 ==========================  ===========================================================================
 ``plot_seed_curves``        one colour per model: a thin line per seed, a thick line for the seed mean
 ``plot_expert_sweep``       final loss against the number of experts at fixed active width (log2 axis)
+``plot_tuning``             each model's tuning loss over the learning-rate x warm-up grid, its choice marked
 ==========================  ===========================================================================
 """
 
@@ -17,7 +18,7 @@ from matplotlib.figure import Figure
 
 from moe_course.plots import COLORS, figure_axes, style_axes
 
-__all__ = ["plot_expert_sweep", "plot_seed_curves"]
+__all__ = ["plot_expert_sweep", "plot_seed_curves", "plot_tuning"]
 
 Curve = tuple[Sequence[float], Sequence[float]]
 
@@ -75,3 +76,36 @@ def plot_expert_sweep(points: Mapping[int, Sequence[float]], totals: Mapping[int
     style_axes(ax, title, "experts E (same active parameters per token)", ylabel, title_size=10)
     ax.legend(frameon=False, fontsize=8)
     return fig
+
+
+def plot_tuning(losses: Mapping[str, Mapping[tuple[float, int], float]], chosen: Mapping[str, tuple[float, int]],
+                title: str | None = None, ylabel: str = "tuning loss (nats/byte)") -> Figure:
+    """One panel per model: ``losses[model][(lr, warmup)]`` against lr, a line per warm-up; ``chosen`` ringed."""
+    if not losses:
+        raise ValueError("losses is empty: give {model: {(lr, warmup): loss}}")
+    fig, axes = _panels(len(losses))
+    warmups = sorted({w for grid in losses.values() for _, w in grid})
+    for ax, (model, grid) in zip(axes, losses.items(), strict=True):
+        for i, w in enumerate(warmups):
+            lrs = sorted(lr for lr, ww in grid if ww == w)
+            ax.plot(lrs, [grid[(lr, w)] for lr in lrs], marker="o", color=COLORS[i % len(COLORS)],
+                    label=f"warm-up {w} steps")
+        lr, w = chosen[model]
+        ax.scatter([lr], [grid[(lr, w)]], s=160, facecolors="none", edgecolors="black", lw=1.5, zorder=5,
+                   label="chosen")
+        ax.set_xscale("log")
+        lrs = sorted({lr for lr, _ in grid})
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
+        style_axes(ax, model, "learning rate", ylabel if ax is axes[0] else None, title_size=10)
+    axes[0].legend(frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _panels(n: int) -> tuple[Figure, list[Axes]]:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), sharey=True, squeeze=False, layout="constrained")
+    return fig, list(axes[0])

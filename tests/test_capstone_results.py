@@ -15,7 +15,7 @@ from moe_course.experiments import EQUAL_TIME_STEPS, EXPERIMENTS, load_result  #
 from moe_course.metrics import mfu  # noqa: E402
 from moe_course.model import ModelConfig, TinyLM  # noqa: E402
 from moe_course.params import count_model, train_flops_per_token  # noqa: E402
-from moe_course.plots_capstone import plot_expert_sweep, plot_seed_curves  # noqa: E402
+from moe_course.plots_capstone import plot_expert_sweep, plot_seed_curves, plot_tuning  # noqa: E402
 
 
 @pytest.mark.parametrize("size", ["smoke", "cpu", "gpu"])
@@ -29,7 +29,8 @@ def test_capstone_models_have_equal_active_parameters_and_tokens(size):
         assert active == dense_active + router, label
         assert size == "smoke" or total > 2.5 * dense_active, label  # smoke: the embeddings dominate
         # equal tokens and schedule; each model trains at its own tuned learning rate (the presets')
-        assert replace(runs[label].train, lr=0) == replace(runs["dense"].train, lr=0)
+        assert replace(runs[label].train, lr=0, warmup=0) == replace(runs["dense"].train, lr=0, warmup=0)
+        assert runs[label].val == runs["dense"].val == ("all" if size == "smoke" else "test")
     # the recipe and the plain MoE hold the same expert parameters: they differ in recipe only
     moe, best = runs["MoE top-2"].model, runs["MoE recipe"].model
     assert moe.n_experts * moe.expert_hidden == best.n_experts * best.expert_hidden
@@ -131,3 +132,107 @@ def test_capstone_probe_records_tables_and_a_sample():
     assert sum(map(sum, tables[0])) == 8 * 16 * run.model.block_size  # n_batches x batch x block
     assert rec.extra["sample"].startswith("def ") and len(rec.extra["sample"].encode("utf-8", "replace")) >= 4
     assert all(math.isfinite(v) for v in rec.extra["mi"])
+
+
+def test_tuning_gives_every_model_the_same_grid_on_the_tuning_half():
+    from moe_course.experiments import CAPSTONE_LABELS, TUNING_LRS, TUNING_WARMUPS, tuning_label
+
+    runs = {r.label: r for r in EXPERIMENTS["capstone_tuning"].runs("cpu")}
+    race = {r.label: r for r in EXPERIMENTS["capstone"].runs("cpu")}
+    assert len(TUNING_LRS) * len(TUNING_WARMUPS) >= 6 and len(runs) == 3 * len(TUNING_LRS) * len(TUNING_WARMUPS)
+    for label in CAPSTONE_LABELS:
+        for lr in TUNING_LRS:
+            for w in TUNING_WARMUPS:
+                run = runs[tuning_label(label, lr, w)]
+                assert run.val == "tune" and (run.train.lr, run.train.warmup) == (lr, w)
+                assert run.model == race[label].model  # the same model the race reports
+                assert replace(run.train, lr=0, warmup=0) == replace(race[label].train, lr=0, warmup=0)
+
+
+def test_cpu_presets_hold_the_tuning_sweeps_choice():
+    from moe_course.experiments import tuning_choice
+    from moe_course.train import get_preset
+
+    choice = tuning_choice(load_result("capstone_tuning", "cpu"))
+    for label, name in (("dense", "cpu-dense"), ("MoE top-2", "cpu-moe"), ("MoE recipe", "cpu-best")):
+        train = get_preset(name).train
+        assert (train.lr, train.warmup) == (choice[label]["lr"], choice[label]["warmup"]), name
+
+
+def test_tuning_choice_takes_the_lowest_tuning_loss():
+    from moe_course.experiments import ExperimentResult, RunRecord, _configs, fingerprint, tuning_choice, tuning_label
+
+    runs = EXPERIMENTS["capstone_tuning"].runs("smoke")
+    losses = {r.label: 3.0 + i / 100 for i, r in enumerate(runs)}
+    losses[tuning_label("MoE recipe", 3e-3, 100)] = 1.0
+    result = ExperimentResult("capstone_tuning", "smoke", [0], fingerprint("capstone_tuning", "smoke"), _configs(runs),
+                              [RunRecord(label, 0, val_loss=[loss]) for label, loss in losses.items()])
+    choice = tuning_choice(result)
+    assert choice["MoE recipe"] == {"lr": 3e-3, "warmup": 100, "val_loss": 1.0}
+    assert choice["dense"] == {"lr": 1.5e-3, "warmup": 30, "val_loss": 3.0}
+
+
+def test_tuning_plot_rings_the_choice():
+    grid = {"a": {(1e-3, 30): 2.0, (1e-3, 100): 1.9, (3e-3, 30): 1.8, (3e-3, 100): 2.2},
+            "b": {(1e-3, 30): 2.5, (1e-3, 100): 2.4, (3e-3, 30): 2.6, (3e-3, 100): 2.3}}
+    fig = plot_tuning(grid, {"a": (3e-3, 30), "b": (3e-3, 100)})
+    assert len(fig.axes) == 2 and [ax.get_title() for ax in fig.axes] == ["a", "b"]
+    ringed = [c.get_offsets().tolist() for c in fig.axes[0].collections]
+    assert [[3e-3, 1.8]] in ringed
+    with pytest.raises(ValueError, match="losses is empty"):
+        plot_tuning({}, {})
+
+
+def test_validation_halves_split_the_files_by_path():
+    from moe_course.corpus import load_corpus, val_part_of
+
+    c = load_corpus()
+    tune, test = c.val_part("tune"), c.val_part("test")
+    assert len(tune[0]) + len(test[0]) == len(c.val) and len(tune[0]) == len(tune[1])
+    parts = {val_part_of(name) for name in c.files_val}
+    assert parts == {"tune", "test"}
+    text = c.decode(test[0])
+    assert all((f"# ==== {n} ====" in text) == (val_part_of(n) == "test") for n in c.files_val)
+    with pytest.raises(ValueError, match="part must be one of 'tune', 'test'"):
+        c.val_part("train")
+    small = load_corpus(max_bytes=40_000)  # its validation tenth holds one file, a test file
+    with pytest.raises(ValueError, match="no validation file of part 'tune'"):
+        small.val_part("tune")
+
+
+def test_a_run_can_validate_on_one_half():
+    from moe_course.corpus import load_corpus
+    from moe_course.experiments import Run, base_model, base_train, train_run
+
+    torch.set_num_threads(1)
+    c = load_corpus(max_bytes=700_000)  # enough validation text for both halves
+    run = Run("x", base_model("smoke"), base_train("smoke"), val="tune")
+    a, b = train_run(run, 0, c, "smoke"), train_run(replace(run, val="test"), 0, c, "smoke")
+    assert a.train_loss == b.train_loss and a.val_loss != b.val_loss  # same training, other validation text
+
+
+PROSE_CELLS = ("tuning-prose", "race-prose", "moe-diff-prose", "time-prose", "sweep-prose", "load-prose",
+               "rates-prose", "gpt4-prose", "recap", "4e564fd7")
+
+
+def test_notebook_08_prose_numbers_are_printed_by_its_cells():
+    """Every number with two or more decimals in 08's result paragraphs is one its cells print (or a stored
+    result gives), so prose and outputs cannot drift apart."""
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "solutions" / "08_capstone.ipynb", as_version=4)
+    printed = "\n".join(o.get("text", "") or o.get("data", {}).get("text/plain", "")
+                        for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    prose = {c.get("id"): c.source for c in nb.cells if c.cell_type == "markdown"}
+    missing = []
+    for cid in PROSE_CELLS:
+        assert cid in prose, f"08 has no markdown cell {cid!r}"
+        assert "@@" not in prose[cid], f"cell {cid} still holds a placeholder"
+        for number in re.findall(r"(?<![\d.])[-+−]?\d+\.\d{2,}(?![\d])", prose[cid]):
+            bare = number.replace("−", "-").lstrip("+")
+            if bare not in printed and bare.lstrip("-") not in printed:
+                missing.append(f"{cid}: {number}")
+    assert not missing, "numbers in 08's prose that no cell prints: " + ", ".join(missing)

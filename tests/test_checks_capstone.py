@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_course import check
-from moe_course.capstone import equal_active_moe, type_expert_table
+from moe_course.capstone import equal_active_moe, train_flops_per_token_of, type_expert_table
 from moe_course.check import CheckError
 from moe_course.model import ModelConfig
 
@@ -77,6 +77,8 @@ def test_equal_active_moe_accepts_reference(capsys):
 
 def test_equal_active_moe_accepts_keyword_style_answer():
     def answer(dense, n_experts, top_k, n_shared=0):
+        if dense.d_hidden % (top_k + n_shared):
+            raise ValueError("does not divide")
         width = dense.d_hidden // (top_k + n_shared)
         return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
                                    expert_hidden=width)
@@ -108,6 +110,27 @@ def test_equal_active_moe_width_messages_give_parameter_counts():
     # d_hidden 96, 8 experts top-2: experts 12 wide instead of 48; the router adds 2 layers x 32 x 8 = 512
     assert "expert_hidden=12, expected 48" in str(info.value)
     assert "should be 36,512" in str(info.value)
+
+
+def never_raises(dense, n_experts, top_k, n_shared):
+    return dataclasses.replace(dense, ffn="moe", n_experts=n_experts, top_k=top_k, n_shared=n_shared,
+                               expert_hidden=dense.d_hidden // (top_k + n_shared))
+
+
+def asserts_instead(dense, n_experts, top_k, n_shared):
+    if dense.d_hidden % (top_k + n_shared):
+        raise AssertionError("uneven")
+    return never_raises(dense, n_experts, top_k, n_shared)
+
+
+@pytest.mark.parametrize("fn, message", [
+    (never_raises, "Raise a ValueError when d_hidden % (top_k + n_shared) != 0"),
+    (asserts_instead, "raised AssertionError: uneven; raise a ValueError"),
+])
+def test_equal_active_moe_requires_the_value_error(fn, message):
+    with pytest.raises(CheckError) as info:
+        check.equal_active_moe(fn)
+    assert message in str(info.value), str(info.value)
 
 
 def test_equal_active_moe_unfinished_stub_is_not_hidden():
@@ -207,3 +230,116 @@ def test_type_expert_table_names_mistakes(fn, message):
     with pytest.raises(CheckError) as info:
         check.type_expert_table(fn)
     assert message in str(info.value), str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_flops_per_token: wrong answers a learner could write
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _parts(cfg, *, experts=None, router=True, shared=True, matrices=3, every=True, head=1, pos=False):
+    """6·N + attention, with one piece of the count switched (the variants below)."""
+    d = cfg.d_model
+    n = head * cfg.vocab_size * d + d + (cfg.block_size * d if pos else 0)
+    for layer in range(cfg.n_layer):
+        n += 4 * d * d + 2 * d
+        moe = cfg.ffn == "moe" and (every is False or layer % cfg.moe_every == cfg.moe_every - 1)
+        if moe:
+            used = (cfg.top_k if experts is None else experts) + (cfg.n_shared if shared else 0)
+            n += (d * cfg.n_experts if router else 0) + matrices * d * cfg.expert_hidden * used
+        else:
+            n += 3 * d * cfg.d_hidden
+    return 6.0 * n
+
+
+def _attn(cfg, per=6.0):
+    return per * cfg.n_layer * cfg.block_size * cfg.d_model
+
+
+def fwd_only(cfg):
+    return (_parts(cfg) + _attn(cfg)) / 3
+
+
+def no_attention(cfg):
+    return _parts(cfg)
+
+
+def full_attention(cfg):
+    return _parts(cfg) + _attn(cfg, 12.0)
+
+
+def with_position_table(cfg):
+    return _parts(cfg, pos=True) + _attn(cfg)
+
+
+def untied(cfg):
+    return _parts(cfg, head=2) + _attn(cfg)
+
+
+def all_experts(cfg):
+    return _parts(cfg, experts=cfg.n_experts) + _attn(cfg)
+
+
+def no_router(cfg):
+    return _parts(cfg, router=False) + _attn(cfg)
+
+
+def two_matrices(cfg):
+    return _parts(cfg, matrices=2) + _attn(cfg)
+
+
+def no_shared(cfg):
+    return _parts(cfg, shared=False) + _attn(cfg)
+
+
+def moe_everywhere(cfg):
+    return _parts(cfg, every=False) + _attn(cfg)
+
+
+def mutates(cfg):
+    value = train_flops_per_token_of(cfg)
+    cfg.top_k = 1
+    return value
+
+
+def returns_text(cfg):
+    return f"{train_flops_per_token_of(cfg):.0f}"
+
+
+def test_train_flops_per_token_accepts_reference_and_a_tensor(capsys):
+    check.train_flops_per_token(train_flops_per_token_of)
+    out = capsys.readouterr().out
+    assert out.startswith("OK  train_flops_per_token: the recipe cpu-best: 4.58 MFLOPs per token")
+    check.train_flops_per_token(lambda cfg: torch.tensor(train_flops_per_token_of(cfg), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fn, message", [
+    (fwd_only, "counted the forward pass only"),
+    (no_attention, "left out attention's scores"),
+    (full_attention, "counted attention over the full T × T block"),
+    (with_position_table, "counted the position embedding"),
+    (untied, "counted the output head and the token embedding separately"),
+    (all_experts, "counted all N experts"),
+    (no_router, "left out the router"),
+    (two_matrices, "counted each expert as two matrices"),
+    (no_shared, "left out the shared experts"),
+    (moe_everywhere, "made every layer an MoE layer"),
+    (mutates, "changed the config it was given (top_k)"),
+    (returns_text, "should return a number"),
+])
+def test_train_flops_per_token_names_mistakes(fn, message):
+    with pytest.raises(CheckError) as info:
+        check.train_flops_per_token(fn)
+    assert message in str(info.value), str(info.value)
+
+
+def test_train_flops_per_token_of_equals_the_model_count():
+    from moe_course.check.capstone import FLOPS_CASES
+    from moe_course.model import TinyLM
+    from moe_course.params import train_flops_per_token
+    from moe_course.train import PRESETS
+
+    for cfg in [c for _, c in FLOPS_CASES] + [p.model for p in PRESETS.values()]:
+        assert train_flops_per_token_of(cfg) == train_flops_per_token(TinyLM(cfg))
+    with pytest.raises(ValueError, match="token-choice top-k"):
+        train_flops_per_token_of(ModelConfig(router="expert_choice", aux_loss_coef=0.0))

@@ -116,7 +116,7 @@ def test_experiment_runs_at_smoke_size_and_round_trips(tmp_path):
     loaded = ex.load_result("loss_free_06", "smoke", tmp_path)
     assert loaded.records[0].extra == result.records[0].extra
     mean, spread = lf.stats(loaded, "no balancing", "val_loss")
-    assert mean == lf.final(loaded.records[0])["val_loss"] and spread == 0.0
+    assert mean == lf.final(loaded.records[0])["val_loss"] and math.isnan(spread)  # one seed: no sample std
 
 
 def test_experiment_configurations():

@@ -100,3 +100,15 @@ def test_metrics_never_return_nan():
         routing_entropy(torch.tensor([[math.nan, 1.0]]))
     with pytest.raises(ValueError, match="N >= 1 experts"):
         routing_entropy(torch.zeros(3, 0))
+
+
+def test_mean_std_is_the_sample_std_of_seeds():
+    import math
+
+    from moe_course.metrics import mean_std
+
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # n - 1 in the denominator: the population std is 0.816
+    mean, std = mean_std([2.5])
+    assert mean == 2.5 and math.isnan(std)
+    with pytest.raises(ValueError, match="values is empty"):
+        mean_std([])

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from moe_course.capstone import equal_active_moe as ref_equal_active_moe
+from moe_course.capstone import train_flops_per_token_of as ref_flops
 from moe_course.capstone import type_expert_table as ref_type_expert_table
 from moe_course.check._core import CheckError, as_tensor, call, fail, ok
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
 
-__all__ = ["equal_active_moe", "type_expert_table"]
+__all__ = ["equal_active_moe", "train_flops_per_token", "type_expert_table"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,8 +124,21 @@ def equal_active_moe(fn: Callable[[ModelConfig, int, int, int], ModelConfig]) ->
                 example = (f"e.g. d_hidden={dense.d_hidden}, {n} experts top-{k}: experts {ref.expert_hidden} wide, "
                            f"{active_m:,} active of {total_m:,} total parameters, the dense model's {active_d:,} + "
                            f"the routers' {router:,}")
+    dense = DENSE_CASES[0][0]  # d_hidden 96 does not split over top_k + n_shared = 2 + 3 = 5 experts
+    what = f"fn(dense with d_hidden={dense.d_hidden}; n_experts=8, top_k=2, n_shared=3)"
+    try:
+        got = fn(dataclasses.replace(dense), 8, 2, 3)
+    except ValueError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - any other error is the learner's mistake, named below
+        fail(f"{what} raised {type(exc).__name__}: {exc}; raise a ValueError that says d_hidden does not divide")
+    else:
+        width = getattr(got, "expert_hidden", got)
+        fail(f"{what} returned expert_hidden={width!r}, but 96 hidden units do not split into 5 equal experts: "
+             "5 experts of that width hold a different active width than the dense FFN, so the twin would not be "
+             "a twin. Raise a ValueError when d_hidden % (top_k + n_shared) != 0")
     ok("equal_active_moe", "same active parameters as the dense model up to the router's d_model·N per MoE layer; "
-       + example)
+       + example + "; an uneven split raises ValueError")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,3 +228,92 @@ def type_expert_table(fn: Callable[[torch.Tensor, torch.Tensor, int, int], torch
              "type t whose first choice indices[:, 0] is expert e)")
     ok("type_expert_table", "rows = token types, columns = experts, each token counted once at its first choice; "
        "unused types and experts keep their zero rows and columns")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_flops_per_token: ModelConfig -> 6·N_active + 6·L·T·d
+# ----------------------------------------------------------------------------------------------------------
+
+FLOPS_CASES = (
+    ("the dense twin cpu-dense", ModelConfig(ffn="dense", block_size=128, n_layer=4, n_head=4, d_model=128,
+                                              d_hidden=256)),
+    ("the top-2 MoE cpu-moe", ModelConfig(ffn="moe", block_size=128, n_layer=4, n_head=4, d_model=128, n_experts=8,
+                                          top_k=2, expert_hidden=128)),
+    ("the recipe cpu-best", ModelConfig(ffn="moe", block_size=128, n_layer=4, n_head=4, d_model=128, n_experts=16,
+                                        top_k=2, expert_hidden=64, n_shared=2, router_score="sigmoid",
+                                        aux_loss_coef=0.0, bias_update_rate=1e-3)),
+    ("an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts top-1",
+     ModelConfig(ffn="moe", block_size=32, n_layer=3, n_head=4, d_model=48, d_hidden=96, n_experts=6, top_k=1,
+                 expert_hidden=32, n_shared=1, moe_every=2)),
+)
+
+
+def _flops_mistakes(cfg: ModelConfig) -> list[tuple[str, float]]:
+    """(what the learner probably did, the number it gives) for the usual mistakes, computed from ``cfg``."""
+    d, n_layer, t, v = cfg.d_model, cfg.n_layer, cfg.block_size, cfg.vocab_size
+    ref = ref_flops(cfg)
+    attn = 6.0 * n_layer * t * d
+    n_active = (ref - attn) / 6.0
+    moe_layers = sum(1 for i in range(n_layer) if cfg.ffn == "moe" and i % cfg.moe_every == cfg.moe_every - 1)
+    expert = 3 * d * cfg.expert_hidden
+    out = [
+        ("counted the forward pass only (2 FLOPs per weight); training also runs the backward pass, which costs "
+         "twice the forward: 6 per weight, and 6·L·T·d for attention", 2.0 * n_active + 2.0 * n_layer * t * d),
+        ("left out attention's scores and weighted sum (6·L·T·d): they multiply activations, not weights, but "
+         "they are FLOPs every token pays", 6.0 * n_active),
+        ("counted attention over the full T × T block (12·L·T·d); with a causal mask a token attends to half "
+         "of it on average: 6·L·T·d", 6.0 * n_active + 12.0 * n_layer * t * d),
+        ("counted the position embedding: it is a table lookup, no token is multiplied by it",
+         ref + 6.0 * t * d),
+        ("counted the output head and the token embedding separately: they are one tied matrix, and only the "
+         "head multiplies (the embedding is a lookup)", ref + 6.0 * v * d),
+    ]
+    if moe_layers:
+        out += [
+            ("counted all N experts (the total parameters): a token only runs its top_k routed experts (and the "
+             "shared ones), which is what active means",
+             ref + 6.0 * moe_layers * (cfg.n_experts - cfg.top_k) * expert),
+            ("left out the router (d_model · n_experts per MoE layer): every token multiplies by it to get its "
+             "scores", ref - 6.0 * moe_layers * d * cfg.n_experts),
+            ("counted each expert as two matrices (d·h each): SwiGLU experts have three, gate, up and down",
+             ref - 6.0 * moe_layers * (cfg.top_k + cfg.n_shared) * d * cfg.expert_hidden),
+        ]
+        if cfg.n_shared:
+            out.append(("left out the shared experts: every token runs them besides its top_k routed ones",
+                        ref - 6.0 * moe_layers * cfg.n_shared * expert))
+        if cfg.moe_every > 1:
+            dense_layers = n_layer - moe_layers
+            moe_ffn = d * cfg.n_experts + (cfg.top_k + cfg.n_shared) * expert
+            out.append(("made every layer an MoE layer: only layers with layer % moe_every == moe_every - 1 "
+                        "are, the others keep a dense SwiGLU of width d_hidden",
+                        ref + 6.0 * dense_layers * (moe_ffn - 3 * d * cfg.d_hidden)))
+    return out
+
+
+def train_flops_per_token(fn: Callable[[ModelConfig], float]) -> None:
+    """Check ``fn(cfg) -> float``: training FLOPs per token, 6·N_active + 6·L·T·d, from the config alone."""
+    example = ""
+    for name, cfg in FLOPS_CASES:
+        what = f"fn({name})"
+        given = dataclasses.replace(cfg)
+        got = call(fn, given, what=what)
+        if given != cfg:
+            changed = [f.name for f in dataclasses.fields(cfg) if getattr(given, f.name) != getattr(cfg, f.name)]
+            fail(f"{what} changed the config it was given ({', '.join(changed)}): only read it")
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            fail(f"{what} should return a number (FLOPs per token), got {type(got).__name__}")
+        ref = ref_flops(cfg)
+        if abs(got - ref) <= 1e-9 * ref:
+            if cfg.n_shared and not example:
+                total, active = count_model(TinyLM(cfg))
+                example = (f"{name}: {ref / 1e6:.2f} MFLOPs per token; it holds {total:,} parameters, of which a "
+                           f"token uses {active:,} (the position table among them, a lookup)")
+            continue
+        for hint, wrong in _flops_mistakes(cfg):
+            if abs(got - wrong) <= 1e-9 * abs(wrong):
+                fail(f"{what} returned {got:,.0f}, expected {ref:,.0f}: it looks like you {hint}")
+        fail(f"{what} returned {got:,.0f}, expected {ref:,.0f} = 6·N_active + 6·L·T·d (N_active: attention 4·d² "
+             "and two norms 2·d per layer, the FFN a token runs, the router, the final norm and the tied head V·d)")
+    ok("train_flops_per_token", example)
