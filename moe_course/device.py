@@ -22,7 +22,13 @@ def pick_device(prefer: str | None = None) -> torch.device:
     """
     choice = prefer or os.environ.get("MOE_DEVICE")
     if choice:
-        device = torch.device(choice)
+        source = "prefer" if prefer else "MOE_DEVICE"
+        try:
+            device = torch.device(choice)
+        except RuntimeError:
+            raise ValueError(f"{source}={choice!r} is not a device: use 'cpu', 'cuda' (or 'cuda:N') or 'mps'") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"{source}={choice!r}: the course runs on 'cpu', 'cuda' (or 'cuda:N') or 'mps'")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {choice!r} was requested but CUDA is not available; use 'cpu'")
         if device.type == "mps" and not _mps_available():

@@ -8,8 +8,8 @@ A fork points every badge and the setup cell at itself with one command (run in 
 
     python -m moe_course.links set-repo OWNER/NAME [--branch BRANCH]
 
-It rewrites :data:`REPO_URL` and :data:`BRANCH` below, the links in README.md (:func:`stamp_readme`) and
-regenerates the notebooks (``python -m moe_course.notebooks generate``).
+It rewrites :data:`REPO_URL` and :data:`BRANCH` below, the links in README.md (:func:`stamp_readme`) and the
+repository in CITATION.cff, and regenerates the notebooks (``python -m moe_course.notebooks generate``).
 """
 
 from __future__ import annotations
@@ -145,6 +145,13 @@ def set_repo(slug: str, branch: str | None = None, root: str | Path = ".") -> li
         if after != before:
             readme.write_text(after, encoding="utf-8")
             changed.append(readme)
+    citation = root / "CITATION.cff"
+    if citation.is_file():
+        before = citation.read_text(encoding="utf-8")
+        after = before.replace(f'"{old_url}"', f'"{repo_url}"')
+        if after != before:
+            citation.write_text(after, encoding="utf-8")
+            changed.append(citation)
     # the notebooks are stamped by a fresh interpreter, which imports the links.py just written
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.resolve()), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "moe_course.notebooks", "generate"], cwd=root, env=env,

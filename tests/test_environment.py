@@ -158,3 +158,13 @@ def test_environment_report(capsys):
     assert report["all_ok"] is True
     assert "OK   torch" in out and "FAIL" not in out
     assert os.environ.get("MOE_DEVICE", report["device"]) == report["device"] or report["device"] == "cpu"
+
+
+@pytest.mark.parametrize("bad", ["tpu", "gpu", "xla"])
+def test_pick_device_names_the_bad_device(bad, monkeypatch):
+    monkeypatch.delenv("MOE_DEVICE", raising=False)
+    with pytest.raises(ValueError, match=rf"prefer='{bad}'.*'cpu', 'cuda' \(or 'cuda:N'\) or 'mps'"):
+        pick_device(bad)
+    monkeypatch.setenv("MOE_DEVICE", bad)
+    with pytest.raises(ValueError, match=rf"MOE_DEVICE='{bad}'"):
+        pick_device()

@@ -167,6 +167,10 @@ def test_bad_arguments_are_rejected_with_the_fix():
         ex.base_model("huge")
     with pytest.raises(ValueError, match="seeds is empty"):
         run_experiment("z_loss", "smoke", seeds=[], progress=False, save=False)
+    with pytest.raises(ValueError, match="seeds must be ints >= 0"):
+        run_experiment("z_loss", "smoke", seeds=[-1], progress=False, save=False)
+    with pytest.raises(ValueError, match="repeat a seed"):
+        run_experiment("z_loss", "smoke", seeds=[1, 1], progress=False, save=False)
 
 
 def test_every_size_builds_valid_configurations():
@@ -200,7 +204,8 @@ def test_recorder_logs_on_the_training_loop_schedule():
 @pytest.mark.parametrize(
     "argv",
     [[], ["run"], ["run", "nope"], ["run", "z_loss", "--size", "huge"], ["show", "nope"], ["frobnicate"],
-     ["run", "z_loss", "--seeds", "x"]],
+     ["run", "z_loss", "--seeds", "x"], ["run", "z_loss", "--size", "smoke", "--seeds", "-1"],
+     ["run", "z_loss", "--size", "smoke", "--seeds", "0", "0"], ["run", "z_loss", "--device", "tpu"]],
 )
 def test_cli_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -184,12 +184,14 @@ def test_set_repo_points_badges_readme_and_setup_cell_at_a_fork(tmp_path) -> Non
     for folder in ("moe_course", "solutions", "notebooks"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copy(ROOT / "CITATION.cff", tmp_path / "CITATION.cff")
     assert links.main(["set-repo", "alice/moe-fork", "--branch", "v1", "--root", str(tmp_path)]) == 0
     fork_url = "https://github.com/alice/moe-fork"
     source = (tmp_path / "moe_course" / "links.py").read_text()
     assert f'REPO_URL = "{fork_url}"' in source and 'BRANCH = "v1"' in source
     readme = (tmp_path / "README.md").read_text()
     assert SLUG not in readme
+    assert f'repository-code: "{fork_url}"' in (tmp_path / "CITATION.cff").read_text()
     for path in NOTEBOOKS:
         assert links.colab_url(path, fork_url, "v1") in readme
     for folder in ("solutions", "notebooks"):
