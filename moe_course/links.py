@@ -138,20 +138,19 @@ def set_repo(slug: str, branch: str | None = None, root: str | Path = ".") -> li
     if new != text:
         source.write_text(new, encoding="utf-8")
         changed.append(source)
-    readme = root / "README.md"
-    if readme.is_file():
-        before = readme.read_text(encoding="utf-8")
-        after = stamp_readme(before.replace(old_url + "/", repo_url + "/"), repo_url, branch)
+    rewrites = {
+        "README.md": lambda text: stamp_readme(text.replace(old_url + "/", repo_url + "/"), repo_url, branch),
+        "CITATION.cff": lambda text: text.replace(f'"{old_url}"', f'"{repo_url}"'),
+    }
+    for name, rewrite in rewrites.items():
+        path = root / name
+        if not path.is_file():
+            continue
+        before = path.read_text(encoding="utf-8")
+        after = rewrite(before)
         if after != before:
-            readme.write_text(after, encoding="utf-8")
-            changed.append(readme)
-    citation = root / "CITATION.cff"
-    if citation.is_file():
-        before = citation.read_text(encoding="utf-8")
-        after = before.replace(f'"{old_url}"', f'"{repo_url}"')
-        if after != before:
-            citation.write_text(after, encoding="utf-8")
-            changed.append(citation)
+            path.write_text(after, encoding="utf-8")
+            changed.append(path)
     # the notebooks are stamped by a fresh interpreter, which imports the links.py just written
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.resolve()), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "moe_course.notebooks", "generate"], cwd=root, env=env,
