@@ -703,9 +703,9 @@ def freeze(name: str = "course", folder: str | Path | None = None, index_path: s
                                      arrays["train_types"].tobytes(), arrays["val_types"].tobytes())
     index_path = Path(index_path) if index_path is not None else snapshot.INDEX_PATH
     old = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
-    index = {"about": "", "snapshots": old.get("snapshots", {})}
-    index["about"] = ("The frozen corpora in data/corpus/ (moe_course.snapshot): the expected SHA-256 of each "
-                      "file and of its content. Written by moe_course.corpus.freeze.")
+    index = {"about": "The frozen corpora in data/corpus/ (moe_course.snapshot): the expected SHA-256 of each "
+                      "file and of its content. Written by moe_course.corpus.freeze.",
+             "snapshots": old.get("snapshots", {})}
     index["snapshots"][name] = {
         "file": path.name, **hashes, "python": python, "train_bytes": int(len(arrays["train"])),
         "val_bytes": int(len(arrays["val"])), "files": len(arrays["files_train"]) + len(arrays["files_val"]),

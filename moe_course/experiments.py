@@ -657,12 +657,7 @@ def run_experiment(
     exp = get_experiment(name)
     runs = exp.runs(size)
     seeds = list(exp.seeds if seeds is None else seeds)
-    if not seeds:
-        raise ValueError("seeds is empty; give at least one seed (e.g. --seeds 0 1)")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be ints >= 0, got {seeds}; e.g. --seeds 0 1 2")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds {seeds} repeat a seed: a repeated seed trains the same run twice; give distinct seeds")
+    _check_seeds(seeds)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -700,6 +695,17 @@ def run_experiment(
     if save:
         result.save(result_path(name, size, results_dir))
     return result
+
+
+def _check_seeds(seeds: Sequence[int]) -> None:
+    """Raise ValueError unless ``seeds`` are distinct ints >= 0 (at least one)."""
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed (e.g. --seeds 0 1)")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be ints >= 0, got {list(seeds)}; e.g. --seeds 0 1 2")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {list(seeds)} repeat a seed: a repeated seed trains the same run twice; give "
+                         "distinct seeds")
 
 
 def _jobs_note(jobs: int) -> str:
@@ -780,8 +786,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.seeds is not None and (min(args.seeds) < 0 or len(set(args.seeds)) != len(args.seeds)):
-        parser.error(f"argument --seeds: give distinct seeds >= 0, got {' '.join(map(str, args.seeds))}")
+    if args.seeds is not None:
+        try:
+            _check_seeds(args.seeds)
+        except ValueError as err:
+            parser.error(f"argument --seeds: {err}")
     result = run_experiment(args.name, args.size, args.seeds, device, results_dir=args.results_dir, jobs=args.jobs)
     print(format_summary(result))
     print(f"wrote {result_path(args.name, args.size, args.results_dir)}")

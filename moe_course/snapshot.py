@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,6 @@ def read_index(path: str | Path = INDEX_PATH) -> dict[str, dict[str, Any]]:
 
 def snapshot_path(name: str, index: dict[str, dict[str, Any]] | None = None) -> Path:
     """The file of snapshot ``name`` (``$MOE_COURSE_DATA/corpus/`` if set, else ``data/corpus/``)."""
-    import os
-
     index = read_index() if index is None else index
     if name not in index:
         raise ValueError(f"unknown corpus {name!r}; the snapshots are {', '.join(sorted(index))}")
