@@ -39,7 +39,7 @@ help:
 	@echo "make lab    - set up .venv and open the course in JupyterLab"
 	@echo "make test   - set up .venv and run every test (unit tests, exercise checks, all notebooks)"
 	@echo "make exercises - regenerate notebooks/ from solutions/"
-	@echo "make execute   - re-execute the solution notebooks in place (after editing them)"
+	@echo "make execute   - re-execute the solution notebooks in place (after editing them; NB=path for one)"
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.10 or newer is required: install it (python.org, Homebrew, apt) and retry"; exit 1; }
@@ -106,8 +106,10 @@ test: $(STAMP)
 exercises: $(STAMP)
 	$(BIN)/python -m moe_course.notebooks generate
 
+# make execute                                     every solution notebook
+# make execute NB=solutions/04_load_balancing.ipynb  one (or several, space-separated)
 execute: $(STAMP)
-	$(BIN)/python -m moe_course.notebooks execute
+	$(BIN)/python -m moe_course.notebooks execute $(NB)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import nbformat
 from nbformat import NotebookNode
@@ -50,9 +51,11 @@ __all__ = [
     "RECORDING_ENV",
     "SETUP_CELL",
     "SETUP_MARKER",
+    "SETUP_METADATA",
     "check",
     "execute",
     "generate",
+    "find_setup_cell",
     "is_setup_cell",
     "badge_line",
     "finish_progress_bars",
@@ -63,6 +66,7 @@ __all__ = [
     "prepare_solution",
     "read_notebook",
     "setup_cell",
+    "setup_cell_position",
     "stamp_badges",
     "stamp_setup_cell",
     "stubbed_names",
@@ -70,13 +74,16 @@ __all__ = [
     "writes_notebook",
 ]
 
-SETUP_MARKER = "# MoE from Scratch setup cell"
-"""The first line of the setup cell starts with this comment; it is how the generator recognises it."""
+SETUP_MARKER = "#@title Setup: run this cell first"
+"""The first line of the setup cell (a Colab form title, so Colab shows this one line); how the generator finds it."""
+OLD_SETUP_MARKERS = ("# MoE from Scratch setup cell",)
+"""First lines of earlier versions of the setup cell, recognised so that the generator replaces them."""
 
 _SETUP_TEMPLATE = """\
-@MARKER@ (the same in every notebook). On Google Colab it clones the course (the package
-# and the stored results in data/results), installs it and turns on interactive widgets; everywhere it checks
-# that the package can be imported.
+@MARKER@ (installs the course on Colab; elsewhere checks it can be imported) { display-mode: "form" }
+# The same cell in every notebook. On Google Colab it clones the course (the package and the stored results in
+# data/results), installs it and turns on interactive widgets; everywhere it checks that the package can be
+# imported.
 import sys
 
 if "google.colab" in sys.modules:
@@ -233,29 +240,57 @@ def write_notebook(nb: NotebookNode, path: str | Path) -> None:
 
 
 def is_setup_cell(cell: NotebookNode) -> bool:
-    """True for a code cell whose first line starts with :data:`SETUP_MARKER`."""
-    return cell.cell_type == "code" and _cell_source(cell).lstrip().startswith(SETUP_MARKER)
+    """True for a code cell whose first line starts with :data:`SETUP_MARKER` (or an older version's marker)."""
+    source = _cell_source(cell).lstrip()
+    return cell.cell_type == "code" and source.startswith((SETUP_MARKER, *OLD_SETUP_MARKERS))
+
+
+SETUP_METADATA: dict[str, Any] = {"jupyter": {"source_hidden": True}, "cellView": "form"}
+"""The setup cell's metadata: JupyterLab shows it collapsed to one line, Colab as a form (its #@title line)."""
+
+
+def setup_cell_position(nb: NotebookNode) -> int:
+    """Where the setup cell belongs: right after the title cell (the learner reads the title first), else first."""
+    title = _title_cell(nb)
+    others = [c for c in nb.cells if not is_setup_cell(c)]
+    return 0 if title is None else others.index(title) + 1
+
+
+def find_setup_cell(nb: NotebookNode) -> int | None:
+    """Index of the notebook's setup cell, or None."""
+    return next((i for i, c in enumerate(nb.cells) if is_setup_cell(c)), None)
 
 
 def stamp_setup_cell(nb: NotebookNode) -> bool:
-    """Make the first cell a code cell holding exactly :data:`SETUP_CELL`; return whether ``nb`` changed.
+    """Put one code cell holding exactly :data:`SETUP_CELL` right after the title; return whether ``nb`` changed.
 
-    A first cell that is not a setup cell gets a new setup cell inserted before it; a setup cell with other
-    source gets the current source (and loses its outputs). An up-to-date setup cell is left alone.
+    A notebook without a setup cell gets one; a setup cell with other source gets the current source (and
+    loses its outputs); one in the wrong place moves (the title comes first), and it is collapsed
+    (:data:`SETUP_METADATA`). Extra setup cells are removed. An up-to-date setup cell is left alone.
     """
-    if nb.cells and is_setup_cell(nb.cells[0]):
-        cell = nb.cells[0]
-        if _cell_source(cell) == SETUP_CELL:
-            return False
+    found = [i for i, c in enumerate(nb.cells) if is_setup_cell(c)]
+    changed = len(found) > 1
+    if found:
+        cell = nb.cells[found[0]]
+        for i in reversed(found):
+            del nb.cells[i]
+    else:
+        cell = nbformat.v4.new_code_cell(SETUP_CELL)
+        taken = {c.get("id") for c in nb.cells}
+        cell.id = SETUP_CELL_ID if SETUP_CELL_ID not in taken else _stable_id(0, SETUP_CELL, taken)
+        changed = True
+    if _cell_source(cell) != SETUP_CELL:
         cell.source = SETUP_CELL
         cell.outputs = []
         cell.execution_count = None
-        return True
-    cell = nbformat.v4.new_code_cell(SETUP_CELL)
-    taken = {c.get("id") for c in nb.cells}
-    cell.id = SETUP_CELL_ID if SETUP_CELL_ID not in taken else _stable_id(0, SETUP_CELL, taken)
-    nb.cells.insert(0, cell)
-    return True
+        changed = True
+    for key, value in SETUP_METADATA.items():
+        if cell.metadata.get(key) != value:
+            cell.metadata[key] = value
+            changed = True
+    position = setup_cell_position(nb)
+    nb.cells.insert(position, cell)
+    return changed or not found or found[0] != position
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -652,8 +687,9 @@ def check(
     for path in _solution_paths(solutions_dir, paths):
         raw = read_notebook(path)
         nb, before, after = _prepared_solution(path)
-        if not (raw.cells and is_setup_cell(raw.cells[0]) and _cell_source(raw.cells[0]) == SETUP_CELL):
-            problems.append(f"{path}: the first cell is not the current setup cell (run `make exercises`)")
+        index = find_setup_cell(raw)
+        if index is None or index != setup_cell_position(raw) or _cell_source(raw.cells[index]) != SETUP_CELL:
+            problems.append(f"{path}: the cell after the title is not the current setup cell (run `make exercises`)")
         elif before != after:
             problems.append(f"{path}: not as `make exercises` writes it (badges, nbval tags or metadata)")
         for index, cell in enumerate(raw.cells):

@@ -179,7 +179,7 @@ def test_readme_is_stamped_from_the_one_place() -> None:
 def test_set_repo_points_badges_readme_and_setup_cell_at_a_fork(tmp_path) -> None:
     import shutil
 
-    from moe_course.notebooks import setup_cell
+    from moe_course.notebooks import find_setup_cell, setup_cell
 
     for folder in ("moe_course", "solutions", "notebooks"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -197,10 +197,11 @@ def test_set_repo_points_badges_readme_and_setup_cell_at_a_fork(tmp_path) -> Non
     for folder in ("solutions", "notebooks"):
         for nb_path in sorted((tmp_path / folder).glob("*.ipynb")):
             nb = nbformat.read(nb_path, as_version=4)
-            assert nb.cells[0].source == setup_cell(fork_url, "v1"), nb_path
+            setup = nb.cells[find_setup_cell(nb)].source
+            assert setup == setup_cell(fork_url, "v1"), nb_path
             title = _title_cell(nb_path)
             assert links.colab_url(f"{folder}/{nb_path.name}", fork_url, "v1") in title, nb_path
-            assert SLUG not in json.dumps(nb.cells[0].source) + title
+            assert SLUG not in json.dumps(setup) + title
     again = links.set_repo("alice/moe-fork", "v1", tmp_path)  # nothing left to change
     assert again == []
 

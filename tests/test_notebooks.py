@@ -133,7 +133,7 @@ def demo_solution(executed: bool = True) -> NotebookNode:
 
 
 def _demo_index(source: str) -> int:
-    """Index of a DEMO_CELLS cell in demo_solution() (setup cell and markdown title come first)."""
+    """Index of a DEMO_CELLS cell in demo_solution() (markdown title and setup cell come first)."""
     return 2 + [s for s, _, _ in DEMO_CELLS].index(source)
 
 
@@ -146,7 +146,9 @@ def test_setup_cell_holds_repo_url_and_compiles() -> None:
     assert f'REPO_URL = "{moe_course.REPO_URL}"' in SETUP_CELL and f'BRANCH = "{BRANCH}"' in SETUP_CELL
     assert '"git", "clone", "--depth", "1", "--branch", BRANCH, REPO_URL, COURSE_DIR' in SETUP_CELL
     assert SETUP_CELL.startswith(nbmod.SETUP_MARKER)
-    assert SETUP_CELL.splitlines()[0].startswith("# ")  # begins with an explaining comment
+    first = SETUP_CELL.splitlines()[0]  # a Colab form title: Colab shows this one line, the code hidden
+    assert first.startswith("#@title ") and first.endswith('{ display-mode: "form" }')
+    assert SETUP_CELL.splitlines()[1].startswith("# ")  # then an explaining comment
     assert not [line for line in SETUP_CELL.splitlines() if line.lstrip().startswith(("!", "%"))]  # pure Python
     compile(SETUP_CELL, "<setup cell>", "exec")
 
@@ -289,20 +291,32 @@ def test_setup_cell_without_the_package_says_how_to_install_it(monkeypatch: pyte
 
 
 def test_stamp_setup_cell_inserts_replaces_and_keeps() -> None:
-    nb = v4.new_notebook(cells=[v4.new_markdown_cell("# Title")])
+    nb = v4.new_notebook(cells=[v4.new_markdown_cell("# Title"), v4.new_code_cell("x = 1")])
     assert stamp_setup_cell(nb) is True
-    assert nb.cells[0].cell_type == "code" and nb.cells[0].source == SETUP_CELL
-    assert [c.cell_type for c in nb.cells] == ["code", "markdown"]
+    assert [c.cell_type for c in nb.cells] == ["markdown", "code", "code"]  # the title first, then the setup
+    assert nb.cells[1].source == SETUP_CELL and nb.cells[1].metadata["jupyter"] == {"source_hidden": True}
+    assert nb.cells[1].metadata["cellView"] == "form" and SETUP_CELL.startswith("#@title ")  # Colab's form
 
-    nb.cells[0].execution_count = 1
-    nb.cells[0].outputs = [v4.new_output("stream", name="stdout", text="kept\n")]
+    nb.cells[1].execution_count = 1
+    nb.cells[1].outputs = [v4.new_output("stream", name="stdout", text="kept\n")]
     assert stamp_setup_cell(nb) is False  # already current: outputs are kept
-    assert nb.cells[0].outputs[0].text == "kept\n" and len(nb.cells) == 2
+    assert nb.cells[1].outputs[0].text == "kept\n" and len(nb.cells) == 3
 
-    nb.cells[0].source = nbmod.SETUP_MARKER + " (an old version)\nprint('old')"
+    nb.cells[1].source = nbmod.SETUP_MARKER + " (an old version)\nprint('old')"
     assert stamp_setup_cell(nb) is True  # an old setup cell is replaced, not duplicated
-    assert len(nb.cells) == 2 and nb.cells[0].source == SETUP_CELL
-    assert nb.cells[0].outputs == [] and nb.cells[0].execution_count is None
+    assert len(nb.cells) == 3 and nb.cells[1].source == SETUP_CELL
+    assert nb.cells[1].outputs == [] and nb.cells[1].execution_count is None
+
+
+def test_stamp_setup_cell_moves_an_old_first_setup_cell_below_the_title() -> None:
+    old = "# MoE from Scratch setup cell (the same in every notebook).\nimport sys"
+    nb = v4.new_notebook(cells=[v4.new_code_cell(old), v4.new_markdown_cell("# Title"), v4.new_code_cell("x = 1")])
+    assert stamp_setup_cell(nb) is True
+    assert [c.source for c in nb.cells] == ["# Title", SETUP_CELL, "x = 1"]
+    assert nbmod.find_setup_cell(nb) == nbmod.setup_cell_position(nb) == 1
+    assert stamp_setup_cell(nb) is False
+    untitled = v4.new_notebook(cells=[v4.new_code_cell("x = 1")])
+    assert stamp_setup_cell(untitled) is True and untitled.cells[0].source == SETUP_CELL  # no title: first
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -326,8 +340,8 @@ def test_stamp_badges_puts_one_badge_line_under_the_heading() -> None:
 def test_exercise_badges_open_the_exercise_copy(tmp_path: Path) -> None:
     solutions, notebooks = _course(tmp_path)
     generate(solutions, notebooks)
-    solution_title = read_notebook(solutions / "01_demo.ipynb").cells[1].source
-    exercise_title = read_notebook(notebooks / "01_demo.ipynb").cells[1].source
+    solution_title = read_notebook(solutions / "01_demo.ipynb").cells[0].source
+    exercise_title = read_notebook(notebooks / "01_demo.ipynb").cells[0].source
     assert badge_line("solutions/01_demo.ipynb") in solution_title
     assert badge_line("notebooks/01_demo.ipynb") in exercise_title
     assert "solutions/" not in exercise_title
@@ -434,7 +448,7 @@ def test_make_exercise_replaces_regions_keeping_indentation() -> None:
     ex = make_exercise(sol)
     assert [c.id for c in ex.cells] == [c.id for c in sol.cells]
     assert ex.cells[_demo_index(MY_ADD)].source == MY_ADD_STUBBED
-    assert ex.cells[1].source == "# Demo\nWhy does it work?\n*Your answer here.*"
+    assert ex.cells[0].source == "# Demo\nWhy does it work?\n*Your answer here.*"
     for cell in ex.cells:
         assert "BEGIN SOLUTION" not in cell.source and "END SOLUTION" not in cell.source
     untouched = [i for i, c in enumerate(sol.cells) if "SOLUTION" not in c.source]
@@ -552,9 +566,11 @@ def _course(tmp_path: Path, names: tuple[str, ...] = ("01_demo",)) -> tuple[Path
 def assert_notebook_in_sync(solution: Path, notebooks_dir: Path) -> None:
     """The sync test's assertions for one solution notebook (compared as the JSON text written)."""
     nb = read_notebook(solution)
-    assert nb.cells and nb.cells[0].cell_type == "code" and nb.cells[0].source == SETUP_CELL, (
-        f"{solution}: the first cell is not the setup cell; run `make exercises`"
+    index = nbmod.find_setup_cell(nb)
+    assert index is not None and index == nbmod.setup_cell_position(nb) and nb.cells[index].source == SETUP_CELL, (
+        f"{solution}: the cell after the title is not the setup cell; run `make exercises`"
     )
+    assert nb.cells[index].metadata.get("jupyter") == {"source_hidden": True}, f"{solution}: setup cell not collapsed"
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code" or not cell.source.strip():
             continue
@@ -592,11 +608,11 @@ def test_generate_writes_exercises_and_is_idempotent(tmp_path: Path) -> None:
 def test_generate_stamps_the_setup_cell_into_solutions(tmp_path: Path) -> None:
     solutions, notebooks = _course(tmp_path)
     nb = demo_solution()
-    nb.cells.pop(0)
+    nb.cells.pop(1)
     write_notebook(nb, solutions / "01_demo.ipynb")
     assert any("not the current setup cell" in p for p in check(solutions, notebooks))
     generate(solutions, notebooks)
-    assert read_notebook(solutions / "01_demo.ipynb").cells[0].source == SETUP_CELL
+    assert read_notebook(solutions / "01_demo.ipynb").cells[1].source == SETUP_CELL
 
 
 def test_generate_removes_orphans_and_paths_limit_the_work(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""A first look at ``torch.distributed``: run a function defined in a notebook on W processes, and the token exchange.
+
+:func:`moe_course.parallel.launch` runs functions of the package on W processes; a function a learner types in
+a notebook cannot travel that way (a new process cannot import a notebook). :func:`run` sends the function's
+source instead: every rank compiles it, joins the process group and calls it, so a notebook cell can hold
+distributed code and run it at once. The names ``torch``, ``dist`` (``torch.distributed``) and ``math`` are
+available to it; anything else it must import itself.
+
+:func:`send_tokens` is the first half of an expert-parallel layer (rows sorted by destination, counts
+exchanged, rows exchanged with uneven splits): the reference of notebook 07's distributed exercise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_course.parallel import launch
+
+__all__ = ["expected_received", "exchange_inputs", "received_by_rank", "run", "send_tokens"]
+
+
+def send_tokens(x: torch.Tensor, dest: torch.Tensor, world: int) -> torch.Tensor:
+    """Send row t of x (T, d) to rank dest[t]; return the rows this rank receives, grouped by source rank."""
+    order = torch.argsort(dest, stable=True)  # (T,) rows grouped by destination, each group in its original order
+    send_counts = torch.bincount(dest, minlength=world)  # (W,) rows for each rank
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)  # (W,) rows from each rank: the receive side's sizes
+    out = x.new_empty(int(recv_counts.sum()), x.shape[1])  # (R, d)
+    dist.all_to_all_single(out, x[order], recv_counts.tolist(), send_counts.tolist())
+    return out
+
+
+def _source(fn: Callable[..., Any]) -> tuple[str, str]:
+    """The source of ``fn`` (a plain ``def`` in a notebook cell or a file) and its name."""
+    if not callable(fn) or not hasattr(fn, "__code__"):
+        raise TypeError(f"fn must be a function defined with def, got {type(fn).__name__}")
+    if fn.__name__ == "<lambda>":
+        raise TypeError("fn must be a function defined with def (a lambda's source cannot be sent to other processes)")
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError) as err:
+        raise TypeError(f"the source of {fn.__name__} cannot be found ({err}); define it with def in a notebook "
+                        "cell or a file") from None
+    return source, fn.__name__
+
+
+def _call_source(source: str, name: str, args_by_rank: list[tuple] | None, args: tuple) -> Any:  # noqa: ANN401
+    """On one rank: compile ``source``, then call ``name`` with this rank's arguments."""
+    namespace: dict[str, Any] = {"torch": torch, "dist": dist, "math": math, "__name__": "__rank__"}
+    exec(compile(source, f"<{name} on rank {dist.get_rank()}>", "exec"), namespace)  # noqa: S102
+    own = args_by_rank[dist.get_rank()] if args_by_rank is not None else ()
+    return namespace[name](*own, *args)
+
+
+def run(fn: Callable[..., Any], world: int, *args: Any, args_by_rank: list[tuple] | None = None,
+        timeout_s: float = 30.0) -> list[Any]:
+    """Run ``fn(*args_by_rank[rank], *args)`` on ``world`` gloo processes (``fn`` sent as source); results by rank.
+
+    ``fn`` may be defined in a notebook cell; inside it ``dist.get_rank()`` says which rank it is. A rank that
+    raises or hangs (say, one that skips a collective the others call) stops the run with
+    :class:`moe_course.parallel.RankFailed` naming it.
+    """
+    if args_by_rank is not None and len(args_by_rank) != world:
+        raise ValueError(f"args_by_rank must hold one tuple per rank ({world}), got {len(args_by_rank)}")
+    source, name = _source(fn)
+    return launch(_call_source, world, source, name, args_by_rank, args, timeout_s=timeout_s)
+
+
+def exchange_inputs(world: int, seed: int = 0, d: int = 2, skip_rank: int | None = None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per rank: rows x (T_r, d) whose values say where they come from (100·rank + row) and destinations (T_r,).
+
+    Ranks hold different numbers of rows, destinations are uneven and repeat (ties), and ``skip_rank``, when
+    given, receives nothing: the cases a correct exchange must handle.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    inputs = []
+    for rank in range(world):
+        rows = 5 + 2 * rank
+        x = (100 * rank + torch.arange(rows, dtype=torch.float32)).unsqueeze(1) + torch.arange(d) / 10  # (T_r, d)
+        targets = [r for r in range(world) if r != skip_rank]
+        dest = torch.tensor(targets)[torch.randint(len(targets), (rows,), generator=gen)]  # (T_r,)
+        inputs.append((x, dest))
+    return inputs
+
+
+def expected_received(inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """What each rank must receive: from every source rank in rank order, its rows for this rank in their order."""
+    world = len(inputs)
+    return [torch.cat([x[dest == r] for x, dest in inputs]) for r in range(world)]
+
+
+def received_by_rank(inputs: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> list[tuple[int, int]]:
+    """Decode received rows back to (source rank, row index) from their values (100·rank + row)."""
+    return [(int(v) // 100, int(v) % 100) for v in out[:, 0].round().tolist()]
