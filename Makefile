@@ -33,7 +33,7 @@ TORCH_SPEC       ?= torch
 TORCH_INDEX_ARGS ?=
 endif
 
-.PHONY: help setup lab test test-unit test-notebooks test-exercises lint exercises execute clean
+.PHONY: help setup lab test test-unit test-notebooks test-exercises lint exercises execute clean handout
 
 help:
 	@echo "make lab    - set up .venv and open the course in JupyterLab"
@@ -113,3 +113,10 @@ execute: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The learners' copy of the course: the last commit without solutions/ (INSTRUCTORS.md, "Handing out").
+handout:
+	mkdir -p handout
+	git archive --format=zip --prefix=moe-from-scratch/ -o handout/moe-from-scratch.zip HEAD \
+		$$(git ls-tree --name-only HEAD | grep -v '^solutions$$')
+	@echo "wrote handout/moe-from-scratch.zip (without solutions/)"

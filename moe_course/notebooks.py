@@ -48,6 +48,7 @@ __all__ = [
     "MARKDOWN_STUB",
     "NBVAL_TAGS",
     "RAISES_TAG",
+    "NOTEBOOK_TIMES",
     "RECORDING_ENV",
     "SETUP_CELL",
     "SETUP_MARKER",
@@ -64,6 +65,7 @@ __all__ = [
     "nbval_comments_to_tags",
     "normalize_notebook",
     "prepare_solution",
+    "record_time",
     "read_notebook",
     "setup_cell",
     "setup_cell_position",
@@ -731,8 +733,25 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+NOTEBOOK_TIMES = Path(__file__).resolve().parents[1] / "data" / "results" / "notebook_times.json"
+"""Where ``make execute`` records each course notebook's wall time (read by ``moe_course.readme_tables``)."""
+
+
+def record_time(times_file: Path, name: str, seconds: float, load_1min: float) -> None:
+    """Store one notebook's execution time (and the machine's load when it started) in ``times_file``."""
+    import torch  # only here: the rest of this module does not need it
+
+    data = json.loads(times_file.read_text(encoding="utf-8")) if times_file.exists() else {}
+    data["environment"] = {"cpus": os.cpu_count(), "machine": platform.machine(),
+                           "python": platform.python_version(), "torch": torch.__version__.split("+")[0]}
+    data.setdefault("notebooks", {})[name] = {"seconds": round(seconds, 1), "load_1min": round(load_1min, 2)}
+    data["notebooks"] = dict(sorted(data["notebooks"].items()))
+    times_file.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
 def execute(
-    paths: Iterable[str | Path] | None = None, solutions_dir: str | Path = "solutions"
+    paths: Iterable[str | Path] | None = None, solutions_dir: str | Path = "solutions",
+    times_file: str | Path | None = None,
 ) -> dict[Path, float]:
     """Execute notebooks in place with :data:`RECORDING_ENV` (the CPU); return (and print) the wall time of each.
 
@@ -740,11 +759,13 @@ def execute(
     with a limit of 600 s per cell. The notebook is prepared first (:func:`prepare_solution`); after the
     run its progress bars keep their final state (:func:`finish_progress_bars`) and its metadata is
     normalised, so that re-executing gives small diffs. Default: every notebook in ``solutions_dir``.
+    ``times_file``: also record each wall time there (:func:`record_time`).
     """
     from nbclient import NotebookClient
 
     times: dict[Path, float] = {}
     for path in _solution_paths(Path(solutions_dir), paths):
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         nb = prepare_solution(read_notebook(path), path.name)
         client = NotebookClient(
             nb,
@@ -759,6 +780,8 @@ def execute(
         times[path] = time.perf_counter() - start
         finish_progress_bars(nb)
         write_notebook(normalize_notebook(nb), path)
+        if times_file is not None:
+            record_time(Path(times_file), path.name, times[path], load)
         print(f"{path}: {times[path]:.1f} s", flush=True)
     return times
 
@@ -783,7 +806,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in generate(args.solutions, args.notebooks, args.paths):
                 print(f"{'removed' if not path.exists() else 'wrote'} {path}")
         elif args.command == "execute":
-            execute(args.paths, args.solutions)
+            course = Path(args.solutions).resolve() == NOTEBOOK_TIMES.parents[2] / "solutions"
+            execute(args.paths, args.solutions, NOTEBOOK_TIMES if course else None)
         else:
             problems = check(args.solutions, args.notebooks, args.paths)
             for problem in problems:

@@ -1,26 +1,75 @@
-"""README.md's generated tables are exactly what the stored results give (python -m moe_course.readme_tables)."""
+"""README.md's notebook table and RESULTS.md are exactly what the stored results and notebooks give."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import nbformat
 import pytest
 
-from moe_course import readme_tables
+from moe_course import notebooks, readme_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_tables_match_the_stored_results():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize("page", readme_tables.PAGES, ids=lambda p: p.name)
+def test_pages_match_the_stored_results(page):
+    text = page.read_text(encoding="utf-8")
+    assert readme_tables.render(text) == text, f"run `python -m moe_course.readme_tables` and commit {page.name}"
+
+
+def test_every_block_appears_on_a_page():
+    text = "".join(p.read_text(encoding="utf-8") for p in readme_tables.PAGES)
     for name in readme_tables.TABLES:
         assert f"<!-- generated: {name} -->" in text and f"<!-- end generated: {name} -->" in text, name
-    assert readme_tables.render(text) == text, "run `python -m moe_course.readme_tables` and commit README.md"
+
+
+def test_results_page_types_no_number_by_hand():
+    text = readme_tables.RESULTS.read_text(encoding="utf-8")
+    prose = re.sub(r"<!-- generated: (\w+) -->.*?<!-- end generated: \1 -->", "", text, flags=re.S)
+    prose = re.sub(r"`[^`]*`", "", prose)  # commands, file names, variables
+    prose = re.sub(r"notebooks? \d\d", "", prose)  # which notebook
+    prose = re.sub(r"\b[A-Za-z]+-?\d+\b", "", prose)  # names such as AVX2 and SHA-256
+    assert not re.findall(r".{0,30}\d.{0,30}", prose), "RESULTS.md: a number outside a generated block"
+
+
+def test_readme_lists_every_notebook_with_learner_and_run_time():
+    table = readme_tables.notebook_table()
+    for path in sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        row = next(line for line in table.splitlines() if f"[`{path.stem}`]" in line)
+        assert f"about {readme_tables.learner_minutes(path)} min" in row
+        assert f"notebooks/{path.name}" in row and "colab.research.google.com" in row
+
+
+def test_learner_minutes_counts_reading_code_and_exercises(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("word " * 240),  # 2 minutes
+        nbformat.v4.new_markdown_cell("### Exercise\n\n**Difficulty ★★☆, about 15 minutes.**"),
+        nbformat.v4.new_code_cell("\n".join(f"x{i} = {i}" for i in range(30))),  # 2 minutes
+        nbformat.v4.new_code_cell("#@title Setup\nimport sys\n" * 50),  # the setup cell is not read
+    ])
+    path = tmp_path / "01_x.ipynb"
+    nbformat.write(nb, path)
+    assert readme_tables.learner_minutes(path) == 20  # 2 + 2 + 15 (+ 4 words of the exercise) rounded up to 5
+
+
+def test_record_time_keeps_one_entry_per_notebook(tmp_path):
+    times = tmp_path / "times.json"
+    notebooks.record_time(times, "01_a.ipynb", 12.34, 0.5)
+    notebooks.record_time(times, "00_b.ipynb", 3.0, 1.25)
+    notebooks.record_time(times, "01_a.ipynb", 10.0, 0.0)
+    import json
+
+    data = json.loads(times.read_text())
+    assert list(data["notebooks"]) == ["00_b.ipynb", "01_a.ipynb"]
+    assert data["notebooks"]["01_a.ipynb"] == {"seconds": 10.0, "load_1min": 0.0}
+    assert data["environment"]["cpus"] >= 1
 
 
 def test_render_fills_a_block_and_refuses_an_unknown_one():
     filled = readme_tables.render("a\n<!-- generated: loss_free -->\nold\n<!-- end generated: loss_free -->\nb")
-    assert filled.startswith("a\n<!-- generated: loss_free -->\n| run | MaxVio_global") and filled.endswith("b")
+    assert "| run | MaxVio_global" in filled and filled.endswith("b")
     assert "old" not in filled and "± " in filled
     with pytest.raises(ValueError, match="unknown generated block 'nope'"):
         readme_tables.render("<!-- generated: nope -->\nx\n<!-- end generated: nope -->")
@@ -35,3 +84,14 @@ def test_loss_free_table_uses_the_sample_std():
     m, s = mean_std([final(r)["val_loss"] for r in result.records_of("no balancing")])
     table = readme_tables.loss_free_table()
     assert "| no balancing | " in table and f"{m:.3f} ± {s:.3f}" in table
+
+
+def test_fine_grained_table_reads_the_stored_result():
+    from moe_course.experiments import load_result
+    from moe_course.metrics import mean_std
+
+    result = load_result("fine_grained", "cpu")
+    m, s = mean_std([r.val_loss[-1] for r in result.records_of("GShard 8 top-2")])
+    table = readme_tables.fine_grained_table()
+    assert f"| GShard-style, 8 experts top-2 | {m:.3f} ± {s:.3f} |" in table
+    assert "trained on DeepSeek's own corpus, evaluated on the Pile" in table

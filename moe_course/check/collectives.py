@@ -67,7 +67,8 @@ def _diagnose(what: str, rank: int, got: torch.Tensor, want: torch.Tensor, input
                  "all_to_all_single)") if got.shape[0] == sent_own else ""
         fail(f"case '{what}': rank {rank} received {got.shape[0]} rows, expected {want.shape[0]}{extra}")
     if got.shape[1:] != want.shape[1:]:
-        fail(f"case '{what}': rank {rank} returned rows of shape {tuple(got.shape[1:])}, expected {tuple(want.shape[1:])}")
+        fail(f"case '{what}': rank {rank} returned rows of shape {tuple(got.shape[1:])}, "
+             f"expected {tuple(want.shape[1:])}")
     if torch.equal(got, want):
         return
     pairs, wanted = received_by_rank(inputs, got), received_by_rank(inputs, want)
