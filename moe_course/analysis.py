@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from moe_course.capstone import type_expert_table
 from moe_course.routing import TopKRouter
 from moe_course.train import evaluate
 
@@ -35,7 +34,28 @@ __all__ = [
     "routing_tables",
     "shared_output_share",
     "specialisation",
+    "type_expert_table",
 ]
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+
+
+def _check_data(data: torch.Tensor, block_size: int, types: torch.Tensor | None = None) -> None:
+    """``data`` is a 1-D token sequence longer than one window; ``types`` (if given) labels each of its tokens."""
+    if not isinstance(data, torch.Tensor) or data.dim() != 1:
+        got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"data must be a 1-D tensor of token ids (e.g. corpus.val), got {got}")
+    if len(data) <= block_size:
+        raise ValueError(f"data has {len(data)} tokens, need more than block_size={block_size} for one window")
+    if types is not None and (not isinstance(types, torch.Tensor) or types.shape != data.shape):
+        got = tuple(types.shape) if isinstance(types, torch.Tensor) else type(types).__name__
+        raise ValueError(f"types must label every token of data (shape {tuple(data.shape)}), got {got}; pass "
+                         "the labels that belong to data, e.g. corpus.val with corpus.val_types")
 
 
 def _routers(model: torch.nn.Module) -> list[TopKRouter]:
@@ -45,9 +65,14 @@ def _routers(model: torch.nn.Module) -> list[TopKRouter]:
 @contextlib.contextmanager
 def mask_top_experts(model: torch.nn.Module, m: int) -> Iterator[torch.nn.Module]:
     """Within the block, every top-k router of ``model`` skips each token's ``m`` best experts."""
+    _check_int("m", m, 0)
     routers = _routers(model)
     if m and not routers:
         raise ValueError("mask_top_experts needs a model with top-k routers (a dense model has none)")
+    spare = min((r.n_experts - r.k for r in routers), default=0)
+    if m > spare:
+        raise ValueError(f"m={m} masks too many experts: with N experts and top-k, at most N - k = {spare} can be "
+                         "skipped (k must remain to choose from); lower m")
     old = [r.mask_top for r in routers]
     try:
         for r in routers:
@@ -64,6 +89,11 @@ def redundancy(model: torch.nn.Module, data: torch.Tensor, masks: tuple[int, ...
 
     Masks that a layer cannot take (m > N − k: too few experts left to choose k) are left out.
     """
+    for m in masks:
+        _check_int("masks", m, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("n_batches", n_batches, 1)
+    _check_data(data, model.cfg.block_size)
     out = {"base": evaluate(model, data, batch_size, n_batches, seed)}
     spare = min((r.n_experts - r.k for r in _routers(model)), default=0)
     for m in (m for m in masks if m <= spare):
@@ -80,10 +110,42 @@ def _windows(data: torch.Tensor, types: torch.Tensor, batch_size: int, block_siz
     return data[index].long(), types[index].long()
 
 
+def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, n_experts: int,
+                      first_choice_only: bool = True) -> torch.Tensor:
+    """(n_types, n_experts) counts: row = token type, column = expert, one count per token's first choice.
+
+    ``types``: (T,) type label of each token; ``indices``: (T, k) its chosen experts, column 0 the first
+    choice. With ``first_choice_only=False`` each of the k choices counts once. Types or experts that never
+    occur keep their (zero) row or column, so tables of different batches add up.
+    """
+    _check_int("n_types", n_types, 1)
+    _check_int("n_experts", n_experts, 1)
+    for name, t in (("types", types), ("indices", indices)):
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be an integer tensor (torch.long), got {got}")
+    if types.dim() != 1 or indices.dim() != 2 or indices.shape[0] != types.shape[0]:
+        raise ValueError(f"types must be (T,) and indices (T, k) with the same T, got types {tuple(types.shape)} "
+                         f"and indices {tuple(indices.shape)}")
+    if types.numel() and not (0 <= int(types.min()) and int(types.max()) < n_types):
+        raise ValueError(f"types must lie in [0, n_types={n_types}), got {int(types.min())}..{int(types.max())}")
+    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < n_experts):
+        raise ValueError(f"indices must lie in [0, n_experts={n_experts}), got "
+                         f"{int(indices.min())}..{int(indices.max())}")
+    chosen = (indices[:, :1] if first_choice_only else indices).long()  # (T, 1) or (T, k)
+    rows = types.to(chosen.device).long()[:, None].expand_as(chosen)  # (T, 1) or (T, k)
+    cells = (rows * n_experts + chosen).reshape(-1)
+    return torch.bincount(cells, minlength=n_types * n_experts).reshape(n_types, n_experts)
+
+
 @torch.no_grad()
 def routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, n_types: int,
                    batch_size: int = 16, n_batches: int = 4, seed: int = 1234) -> list[torch.Tensor]:
     """Per MoE layer, a (n_types, N) count table: tokens of each type whose *first choice* is each expert."""
+    _check_int("n_types", n_types, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("n_batches", n_batches, 1)
+    _check_data(data, model.cfg.block_size, types)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     layers = model.moe_layers()
@@ -97,8 +159,19 @@ def routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tens
     return tables
 
 
+def _check_table(table: torch.Tensor, name: str = "table") -> None:
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"{name} must be a 2-D tensor of counts (rows x columns), got {got}")
+    if table.numel() and bool((table < 0).any()):
+        raise ValueError(f"{name} must hold counts >= 0, got a minimum of {table.min().item()}")
+
+
 def mutual_information(table: torch.Tensor) -> float:
     """I(row; column) in bits of a contingency table of counts: Σ p(r,c) log2 p(r,c) / (p(r) p(c))."""
+    _check_table(table)
+    if not table.sum() > 0:
+        raise ValueError("table is empty (its counts sum to 0): I(row; column) needs at least one count")
     p = table.double() / table.sum()
     pr, pc = p.sum(dim=1, keepdim=True), p.sum(dim=0, keepdim=True)
     nz = p > 0
@@ -113,6 +186,11 @@ def _entropy_bits(counts: torch.Tensor) -> float:
 
 def random_router_table(table: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """The table a router blind to token type would give: the same tokens and expert loads, choices shuffled."""
+    if isinstance(table, torch.Tensor) and (table.dtype == torch.bool or table.is_floating_point()
+                                            or table.is_complex()):
+        raise TypeError(f"table must hold integer counts (torch.long), got dtype {table.dtype}; e.g. "
+                        "torch.tensor(counts) of a list of int lists")
+    _check_table(table)
     rows = torch.repeat_interleave(torch.arange(table.shape[0]), table.sum(dim=1))
     cols = torch.repeat_interleave(torch.arange(table.shape[1]), table.sum(dim=0))
     perm = torch.randperm(len(cols), generator=torch.Generator().manual_seed(seed))
@@ -123,6 +201,11 @@ def random_router_table(table: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 def specialisation(tables: list[torch.Tensor], seed: int = 0) -> dict[str, list[float]]:
     """Per layer: I(type; expert) in bits, the random-router baseline, and I / H(type) (share of the type's entropy)."""
+    for i, t in enumerate(tables):
+        _check_table(t, f"tables[{i}]")
+        if int((t.sum(dim=1) > 0).sum()) < 2:
+            raise ValueError(f"tables[{i}] has tokens of fewer than 2 types: H(type) = 0, so I / H(type) is "
+                             "undefined; route text with several token types")
     mi = [mutual_information(t) for t in tables]
     base = [mutual_information(random_router_table(t, seed)) for t in tables]
     h_type = [_entropy_bits(t.sum(dim=1)) for t in tables]
@@ -143,6 +226,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def _layer_inputs(model: torch.nn.Module, data: torch.Tensor, n_tokens: int, seed: int) -> list[torch.Tensor]:
     """The (T, d) input of every MoE layer on fixed random windows of ``data`` (about ``n_tokens`` tokens)."""
     block = model.cfg.block_size
+    _check_int("n_tokens", n_tokens, 1)
+    _check_data(data, block)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
     x = data[starts[:, None] + torch.arange(block)].long().to(next(model.parameters()).device)
@@ -166,6 +251,10 @@ def _capture_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tenso
 def expert_output_similarity(model: torch.nn.Module, data: torch.Tensor, n_tokens: int = 512,
                              seed: int = 1234) -> list[float]:
     """Per MoE layer: mean cosine similarity of two different routed experts' outputs on the same inputs."""
+    few = [layer.n_experts for layer in model.moe_layers() if layer.n_experts < 2]
+    if few:
+        raise ValueError(f"model has an MoE layer with {few[0]} routed expert: a similarity needs pairs of experts "
+                         "(n_experts >= 2)")
     with _eval_mode(model):
         inputs = _layer_inputs(model, data, n_tokens, seed)
     sims = []
@@ -199,6 +288,7 @@ def probe(model: torch.nn.Module, corpus: Any, masks: tuple[int, ...] = (1,), n_
     """Everything notebook 05 measures on a trained model: masking losses, similarity, specialisation, shared share."""
     from moe_course.corpus import TOKEN_TYPE_NAMES
 
+    _check_int("n_batches", n_batches, 2)  # the type tables use n_batches // 2 >= 1 of them
     if not model.moe_layers():
         return {}
     out: dict[str, Any] = {"redundancy": redundancy(model, corpus.val, masks, batch_size, n_batches)}

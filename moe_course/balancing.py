@@ -15,12 +15,43 @@ import torch
 from torch import nn
 
 
+def _check_n_experts(n_experts: object) -> None:
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int):
+        raise TypeError(f"n_experts must be an int, got {type(n_experts).__name__} {n_experts!r}")
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be an int >= 1, got {n_experts}")
+
+
+def _check_tensor(name: str, t: object, shape: str, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
+
+
+def _check_expert_ids(indices: torch.Tensor, n_experts: int) -> None:
+    """Integer expert ids in [0, n_experts); the values are checked on the CPU only (on a GPU: no sync)."""
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"indices must hold integer expert ids (torch.long), got dtype {indices.dtype}")
+    on_cpu = indices.device.type == "cpu"
+    if on_cpu and indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < n_experts):
+        raise ValueError(f"indices must lie in [0, n_experts={n_experts}), got {int(indices.min())}.."
+                         f"{int(indices.max())}; pass the number of experts the router chose from")
+
+
 def switch_aux_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """N · Σᵢ fᵢ · Pᵢ (Fedus et al. 2021, arXiv:2101.03961, eq. 4), generalised to top-k.
 
     fᵢ: fraction of the T·k assignments that went to expert i (no gradient); Pᵢ: mean router probability
     of expert i over the T tokens. Equals 1 when routing is uniform and grows as it collapses.
     """
+    _check_n_experts(n_experts)
+    _check_tensor("scores", scores, "(T, N)", 2)
+    _check_tensor("indices", indices, "(T, k)", 2)
+    if scores.shape[1] != n_experts or indices.shape[0] != scores.shape[0]:
+        raise ValueError(f"scores must be (T, n_experts={n_experts}) and indices (T, k) with the same T, got scores "
+                         f"{tuple(scores.shape)} and indices {tuple(indices.shape)}")
+    _check_expert_ids(indices, n_experts)
     t, k = indices.shape
     if t == 0:
         return scores.sum() * 0.0  # no tokens: nothing to balance (keeps the graph, never NaN)
@@ -33,6 +64,7 @@ def switch_aux_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int)
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of logsumexp(logits)² (Zoph et al. 2022, ST-MoE, arXiv:2202.08906, eq. 5)."""
+    _check_tensor("logits", logits, "(T, N)", 2)
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
@@ -44,6 +76,7 @@ def importance_loss(scores: torch.Tensor) -> torch.Tensor:
     The predecessor of the Switch loss; multiply by w_importance. Population variance, as a coefficient of
     variation over the N experts: 0 when every expert gets the same total gate value.
     """
+    _check_tensor("scores", scores, "(T, N)", 2)
     importance = scores.sum(dim=0)  # (N,)
     mean = importance.mean()
     if scores.shape[0] == 0 or mean == 0:
@@ -57,6 +90,13 @@ def sequence_aux_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: in
     scores (B, S, N) affinities, indices (B, S, k). In each sequence: s'_{i,t} = s_{i,t} / Σ_j s_{j,t},
     Pᵢ = mean_t s'_{i,t}, fᵢ = N / (k·S) · #{t: i ∈ topk_t} (arXiv:2412.19437, eqs. 17-20); multiply by α.
     """
+    _check_n_experts(n_experts)
+    _check_tensor("scores", scores, "(B, S, N)", 3)
+    _check_tensor("indices", indices, "(B, S, k)", 3)
+    if scores.shape[2] != n_experts or indices.shape[:2] != scores.shape[:2]:
+        raise ValueError(f"scores must be (B, S, n_experts={n_experts}) and indices (B, S, k) with the same B and S, "
+                         f"got scores {tuple(scores.shape)} and indices {tuple(indices.shape)}")
+    _check_expert_ids(indices, n_experts)
     b, s, k = indices.shape
     if b * s == 0:
         return scores.sum() * 0.0
@@ -96,6 +136,7 @@ class SwitchAuxLoss(BalancingPolicy):
 
     def __init__(self, coef: float, n_experts: int, normalize: bool = False) -> None:
         super().__init__()
+        _check_n_experts(n_experts)
         self.coef, self.n_experts, self.normalize = _coef("aux_loss_coef", coef), n_experts, normalize
 
     def loss(self, routing, batch_shape: tuple[int, ...]) -> torch.Tensor:  # noqa: ANN001
@@ -127,6 +168,7 @@ class SequenceAuxLoss(BalancingPolicy):
 
     def __init__(self, coef: float, n_experts: int) -> None:
         super().__init__()
+        _check_n_experts(n_experts)
         self.coef, self.n_experts = _coef("seq_aux_loss_coef", coef), n_experts
 
     def loss(self, routing, batch_shape: tuple[int, ...]) -> torch.Tensor:  # noqa: ANN001
@@ -144,6 +186,16 @@ def bias_update(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.
 
     Overloaded experts (more than the mean count c̄) are pushed down, underloaded ones up.
     """
+    _check_tensor("bias", bias, "(N,)", 1)
+    if not isinstance(counts, torch.Tensor) or counts.shape != bias.shape:
+        got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+        raise ValueError(f"counts must be a tensor of shape {tuple(bias.shape)}, one count per expert like bias, "
+                         f"got {got}")
+    _coef("rate", rate)
+    if counts.device.type == "cpu" and counts.numel():  # on a GPU reading the values would be a sync
+        if bool((counts < 0).any()) or (counts.is_floating_point() and not bool((counts == counts.round()).all())):
+            raise ValueError(f"counts must be non-negative whole numbers of assignments per expert, got "
+                             f"{counts.tolist()}")
     counts = counts.to(bias.dtype)
     return bias + rate * torch.sign(counts.mean() - counts)
 

@@ -2,7 +2,7 @@
 
 ========================  ===============================================================================
 ``equal_active_moe``      the MoE config with the same active FFN width as a dense config (DeepSeekMoE)
-``type_expert_table``     token type × expert count table of one batch (what ``analysis.routing_tables`` sums)
+``type_expert_table``     token type × expert count table of one batch (from :mod:`moe_course.analysis`)
 ``route_text``            run a TinyLM on any text and keep every byte's experts and weights, per MoE layer
 ``plot_routed_text``      the text drawn as a grid of characters, each cell coloured by its expert (or type)
 ``routing_explorer``      type Python, see its routing: a textarea, a layer menu and a colour toggle
@@ -28,6 +28,7 @@ from matplotlib.path import Path
 from matplotlib.textpath import TextPath
 from matplotlib.transforms import Affine2D
 
+from moe_course.analysis import _eval_mode, type_expert_table
 from moe_course.corpus import TOKEN_TYPE_NAMES, label_token_types
 from moe_course.model import ModelConfig
 from moe_course.routing import Routing
@@ -118,6 +119,8 @@ def train_flops_per_token_of(cfg: ModelConfig) -> float:
     backward (Kaplan et al. 2020, §2.1); 6·L·T·d is causal attention's scores and weighted sum (PaLM, app. B).
     Equal to :func:`moe_course.params.train_flops_per_token` of the built model (tested).
     """
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}; pass model.cfg for a built TinyLM")
     if cfg.ffn == "moe" and cfg.router != "topk":
         raise ValueError(f"cfg.router={cfg.router!r}: this count is for token-choice top-k routing ('topk')")
     d, n_layer = cfg.d_model, cfg.n_layer
@@ -129,28 +132,6 @@ def train_flops_per_token_of(cfg: ModelConfig) -> float:
         else:
             active += 3 * d * cfg.d_hidden
     return 6.0 * active + 6.0 * n_layer * cfg.block_size * d
-
-
-def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, n_experts: int,
-                      first_choice_only: bool = True) -> torch.Tensor:
-    """(n_types, n_experts) counts: row = token type, column = expert, one count per token's first choice.
-
-    ``types``: (T,) type label of each token; ``indices``: (T, k) its chosen experts, column 0 the first
-    choice. With ``first_choice_only=False`` each of the k choices counts once. Types or experts that never
-    occur keep their (zero) row or column, so tables of different batches add up.
-    """
-    if types.dim() != 1 or indices.dim() != 2 or indices.shape[0] != types.shape[0]:
-        raise ValueError(f"types must be (T,) and indices (T, k) with the same T, got types {tuple(types.shape)} "
-                         f"and indices {tuple(indices.shape)}")
-    if types.numel() and not (0 <= int(types.min()) and int(types.max()) < n_types):
-        raise ValueError(f"types must lie in [0, n_types={n_types}), got {int(types.min())}..{int(types.max())}")
-    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < n_experts):
-        raise ValueError(f"indices must lie in [0, n_experts={n_experts}), got "
-                         f"{int(indices.min())}..{int(indices.max())}")
-    chosen = (indices[:, :1] if first_choice_only else indices).long()  # (T, 1) or (T, k)
-    rows = types.to(chosen.device).long()[:, None].expand_as(chosen)  # (T, 1) or (T, k)
-    cells = (rows * n_experts + chosen).reshape(-1)
-    return torch.bincount(cells, minlength=n_types * n_experts).reshape(n_types, n_experts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,8 +158,11 @@ def route_text(model: torch.nn.Module, text: str | bytes) -> RoutedText:
     Text longer than ``model.cfg.block_size`` is cut into consecutive windows, each run on its own (so a
     window's first byte sees no earlier context, as at the start of a training window).
     """
-    from moe_course.analysis import _eval_mode  # analysis imports this module (routing_tables)
-
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise TypeError(f"text must be a str (or UTF-8 bytes), got {type(text).__name__} {text!r:.40}; e.g. "
+                        "route_text(model, DEFAULT_CODE)")
+    if not callable(getattr(model, "moe_layers", None)):
+        raise TypeError(f"model must be a TinyLM (it has moe_layers()), got {type(model).__name__}")
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     if not data:
         raise ValueError("text is empty: give route_text at least one character (e.g. DEFAULT_CODE)")
@@ -244,6 +228,8 @@ _GLYPHS: dict[str, Path] = {}
 
 def expert_colors(n_experts: int) -> list[str]:
     """One colour per expert: the 32-colour qualitative palette, or a continuous colormap beyond 32."""
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
     if n_experts <= len(EXPERT_COLORS):
         return EXPERT_COLORS[:n_experts]
     return [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["turbo"](np.linspace(0, 1, n_experts))]
@@ -320,10 +306,12 @@ def plot_routed_text(routed: RoutedText, layer: int | None = None, colour_by: st
     character) as two hex digits. ``colour_by="type"`` draws one panel coloured by TokenType instead (the
     types do not depend on the layer).
     """
+    if not isinstance(routed, RoutedText):
+        raise TypeError(f"routed must be the RoutedText that route_text returns, got {type(routed).__name__}")
     if colour_by not in ("expert", "type"):
         raise ValueError(f"colour_by must be 'expert' or 'type', got {colour_by!r}")
     n_layers = len(routed.experts)
-    if layer is not None and not (isinstance(layer, int) and 0 <= layer < n_layers):
+    if layer is not None and not (isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < n_layers):
         raise ValueError(f"layer must be None (all MoE layers) or an int in [0, {n_layers}), got {layer!r}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 8:
         raise ValueError(f"width must be an int >= 8 (characters per row), got {width!r}")
@@ -396,6 +384,9 @@ def routing_explorer(model: torch.nn.Module, text: str = DEFAULT_CODE, static: b
         from IPython.display import display
     except ImportError:
         return plot_routed_text(route_text(model, text))
+
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str of Python source, got {type(text).__name__}; e.g. DEFAULT_CODE")
 
     n_layers = len(model.moe_layers())
     if not n_layers:

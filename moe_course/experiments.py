@@ -42,8 +42,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from moe_course import loss_free
 from moe_course.corpus import corpus_sha256, load_corpus
 from moe_course.device import pick_device, seed_everything
+from moe_course.loss_free import SIZES
+from moe_course.loss_free import check_size as _check_size
+from moe_course.loss_free import course_model as base_model
+from moe_course.loss_free import course_train as base_train
 from moe_course.metrics import load_entropy, max_violation
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.train import TrainConfig, train
@@ -72,7 +77,6 @@ __all__ = [
 CODE_VERSION = 1
 """Bump when the recording code changes what a stored result means (new metric definition, new training loop)."""
 
-SIZES = ("smoke", "cpu", "gpu")
 RESULTS_DIR = Path(os.environ.get("MOE_RESULTS_DIR", Path(__file__).resolve().parents[1] / "data" / "results"))
 """Where results are written and read: ``data/results`` in the repository (``MOE_RESULTS_DIR`` overrides)."""
 
@@ -125,36 +129,6 @@ class Experiment:
         return runs
 
 
-def _check_size(size: str) -> None:
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; use one of {', '.join(SIZES)}")
-
-
-def base_model(size: str, **overrides: Any) -> ModelConfig:
-    """The MoE TinyLM of each size (no balancing loss unless asked), with ``overrides`` applied."""
-    _check_size(size)
-    shapes = {
-        "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16,
-                      d_hidden=32),
-        "cpu": dict(block_size=64, n_layer=2, n_head=2, d_model=64, n_experts=8, top_k=2, expert_hidden=64,
-                    d_hidden=128),
-        "gpu": dict(block_size=256, n_layer=4, n_head=4, d_model=256, n_experts=16, top_k=2, expert_hidden=256,
-                    d_hidden=512),
-    }[size]
-    return ModelConfig(**{"ffn": "moe", "aux_loss_coef": 0.0, "z_loss_coef": 0.0, **shapes, **overrides})
-
-
-def base_train(size: str, **overrides: Any) -> TrainConfig:
-    """The training settings of each size, with ``overrides`` applied."""
-    _check_size(size)
-    settings = {
-        "smoke": dict(steps=6, batch_size=4, warmup=1, eval_every=3, eval_batches=1),
-        "cpu": dict(steps=600, batch_size=16, lr=3e-3, warmup=30, eval_every=100, eval_batches=8),
-        "gpu": dict(steps=3000, batch_size=32, lr=1e-3, warmup=200, eval_every=250, eval_batches=20),
-    }[size]
-    return TrainConfig(**{**settings, **overrides})
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The experiments of the notebooks
 # ---------------------------------------------------------------------------------------------------------
@@ -162,8 +136,23 @@ def base_train(size: str, **overrides: Any) -> TrainConfig:
 EXPERIMENTS: dict[str, Experiment] = {}
 
 
+def _check_seeds(seeds: Sequence[int]) -> None:
+    """Raise ValueError unless ``seeds`` are distinct ints >= 0 (at least one)."""
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed (e.g. --seeds 0 1)")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be ints >= 0, got {list(seeds)}; e.g. --seeds 0 1 2")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {list(seeds)} repeat a seed: a repeated seed trains the same run twice; give "
+                         "distinct seeds")
+
+
 def register(name: str, description: str, seeds: tuple[int, ...] = (0, 1), version: int = 1):
     """Decorator: register ``build(size) -> list[Run]`` as the experiment ``name``."""
+
+    _check_seeds(list(seeds))
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be an int >= 1 (bump it when the experiment changes), got {version!r}")
 
     def wrap(build: Callable[[str], list[Run]]) -> Callable[[str], list[Run]]:
         if name in EXPERIMENTS:
@@ -257,8 +246,6 @@ def _fine_grained(size: str) -> list[Run]:
 @register("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (1e-3, 1e-2, 1e-1), loss-free bias "
           "(u = 1e-4, 1e-3, 1e-2), + sequence-wise aux loss, + group-limited routing", seeds=(0, 1, 2))
 def _loss_free_06(size: str) -> list[Run]:
-    from moe_course import loss_free
-
     m, t = loss_free.base_model, loss_free.base_train(size)
     groups = 4 if m(size).n_experts >= 8 else 2  # DeepSeek-V3: 8 groups (nodes), each token uses at most 4
     u = loss_free.U
@@ -326,6 +313,10 @@ def _capstone_tuning(size: str) -> list[Run]:
 def tuning_choice(result: ExperimentResult) -> dict[str, dict[str, float]]:
     """Per model of the race, the grid point of a ``capstone_tuning`` result with the lowest final tuning loss
     (mean over seeds): ``{label: {"lr", "warmup", "val_loss"}}``."""
+    if not isinstance(result, ExperimentResult) or result.experiment != "capstone_tuning":
+        got = result.experiment if isinstance(result, ExperimentResult) else type(result).__name__
+        raise ValueError(f"result must be the capstone_tuning result (load_result('capstone_tuning', size)), "
+                         f"got {got!r}")
     out: dict[str, dict[str, float]] = {}
     for label in CAPSTONE_LABELS:
         points = [(result.mean(tuning_label(label, lr, w), "val_loss"), lr, w)
@@ -392,6 +383,23 @@ def _recipe_bias_rate(size: str) -> list[Run]:
 def _experts_sweep(size: str) -> list[Run]:
     best = _capstone_shapes(size)[2]
     return [Run(f"E={n}", replace(best.model, n_experts=n), best.train, val=best.val) for n in EXPERT_COUNTS]
+
+
+def _serving_probe(size: str) -> Callable[[TinyLM, Any], dict[str, Any]]:
+    def probe(model: TinyLM, corpus: Any) -> dict[str, Any]:
+        from moe_course.serving import serving_probe
+
+        return serving_probe(model, corpus, size)
+
+    return probe
+
+
+@register("serving_traces", "notebook 09: the capstone's top-2 MoE and recipe (seed 0, trained as in `capstone`), "
+          "then their routing traces, expert-cache hit rates, prefetch recall and KV-cache decoding speed",
+          seeds=(0,))
+def _serving_traces(size: str) -> list[Run]:
+    _, moe, best = _capstone_shapes(size)
+    return [replace(run, probe=_serving_probe(size)) for run in (moe, best)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,6 +487,11 @@ class _Recorder:
 def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch.device | None = None,
               progress: bool = False) -> RunRecord:
     """Train ``run`` once with ``seed`` (model init and batch order) and return its record."""
+    if not isinstance(run, Run):
+        raise TypeError(f"run must be a Run(label, ModelConfig, TrainConfig), got {type(run).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    _check_size(size)
     seed_everything(seed)
     model = TinyLM(run.model)
     cfg = replace(run.train, seed=seed)
@@ -534,6 +547,7 @@ def _configs(runs: Sequence[Run]) -> list[dict[str, Any]]:
 def fingerprint(name: str, size: str) -> str:
     """Hash of the experiment's configurations at ``size``, the code versions that record them and the corpus."""
     exp = get_experiment(name)
+    _check_size(size)
     blob = {
         "experiment": name,
         "size": size,
@@ -584,7 +598,10 @@ class ExperimentResult:
 
     def mean(self, label: str, key: str) -> float:
         """Mean over seeds of one final number (e.g. ``"val_loss"``) of run ``label``."""
-        return _mean([r.final[key] for r in self.records_of(label)])
+        records = self.records_of(label)
+        if key not in records[0].final:
+            raise ValueError(f"key must be one of the final numbers {sorted(records[0].final)}, got {key!r}")
+        return _mean([r.final[key] for r in records])
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -616,6 +633,7 @@ def _command(name: str, size: str) -> str:
 
 def load_result(name: str, size: str = "cpu", results_dir: str | Path | None = None) -> ExperimentResult:
     """Read a stored result; raise :class:`StaleResultError` if the code would now produce a different one."""
+    get_experiment(name)  # an unknown name is a ValueError listing the known ones, not a missing file
     path = result_path(name, size, results_dir)
     if not path.exists():
         raise FileNotFoundError(f"no stored result {path}; create it with `{_command(name, size)}`")
@@ -659,6 +677,8 @@ def run_experiment(
     seeds = list(exp.seeds if seeds is None else seeds)
     _check_seeds(seeds)
     device = pick_device(device) if not isinstance(device, torch.device) else device
+    if isinstance(jobs, bool) or not isinstance(jobs, int):
+        raise TypeError(f"jobs must be an int (processes at once), got {type(jobs).__name__} {jobs!r}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     start = time.perf_counter()
@@ -695,17 +715,6 @@ def run_experiment(
     if save:
         result.save(result_path(name, size, results_dir))
     return result
-
-
-def _check_seeds(seeds: Sequence[int]) -> None:
-    """Raise ValueError unless ``seeds`` are distinct ints >= 0 (at least one)."""
-    if not seeds:
-        raise ValueError("seeds is empty; give at least one seed (e.g. --seeds 0 1)")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be ints >= 0, got {list(seeds)}; e.g. --seeds 0 1 2")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds {list(seeds)} repeat a seed: a repeated seed trains the same run twice; give "
-                         "distinct seeds")
 
 
 def _jobs_note(jobs: int) -> str:
@@ -779,7 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = pick_device(args.device)
     except ValueError as err:
-        parser.error(str(err))
+        if not args.device:  # a bad MOE_DEVICE: the message names the variable
+            parser.error(str(err))
+        parser.error(f"argument --device: {str(err).replace(f'prefer={args.device!r}', repr(args.device))}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")

@@ -7,6 +7,7 @@
 ``LossFreeRecorder``           the ``train`` callback recording all of the above plus the routing biases
 ``simulate_bias``              a fixed skewed router whose bias follows bᵢ ← bᵢ + u·sign(c̄ − cᵢ), no training
 ``track``, ``final``, ``stats``  the ``loss_free_06`` experiment's tracker and its headline numbers
+``SIZES``, ``course_*``        the course's experiment sizes and settings (``experiments.base_model``/``base_train``)
 =============================  ==================================================================================
 
 The stored comparison is the experiment ``loss_free_06`` of :mod:`moe_course.experiments`, whose runs use
@@ -36,11 +37,15 @@ from moe_course.train import TrainConfig
 __all__ = [
     "LOG_EVERY",
     "PROBE_BATCH",
+    "SIZES",
     "BiasSimulation",
     "GradientInterference",
     "LossFreeRecorder",
     "base_model",
     "base_train",
+    "check_size",
+    "course_model",
+    "course_train",
     "final",
     "global_counts",
     "max_vio_batch",
@@ -76,6 +81,32 @@ class GradientInterference:
         return alpha * self.aux_norm / self.lm_norm if self.lm_norm > 0 else math.inf
 
 
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_batch(x: object, y: object) -> None:
+    """x, y: (B, S) integer token ids and their targets, of the same shape."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_floating_point() or t.dim() != 2:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a (B, S) tensor of integer token ids, got {got}; take x, y from "
+                             "corpus.get_batch")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape (targets are x shifted by one), got x {tuple(x.shape)} "
+                         f"and y {tuple(y.shape)}")
+
+
 def _routers(model: TinyLM) -> list[torch.nn.Module]:
     routers = [layer.router for layer in model.moe_layers() if hasattr(getattr(layer, "router", None), "gate")]
     if not routers:
@@ -89,6 +120,7 @@ def router_gradients(model: TinyLM, x: torch.Tensor, y: torch.Tensor) -> Gradien
     x, y: (B, S) token ids and targets. Runs the model in eval mode (no balancing state changes: the bias
     counts of the training step are left alone) and leaves the parameters' ``.grad`` untouched.
     """
+    _check_batch(x, y)
     routers = _routers(model)
     captured: list[Any] = []
     hooks = [r.register_forward_hook(lambda _m, _i, out: captured.append(out)) for r in routers]
@@ -125,6 +157,8 @@ def global_counts(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_bat
 
     Uses the same windows as :func:`moe_course.train.evaluate` (same seed), in eval mode.
     """
+    _check_int("batch_size", batch_size, 1)
+    _check_int("n_batches", n_batches, 1)
     device = device or next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     layers = model.moe_layers()
@@ -145,6 +179,8 @@ def global_counts(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_bat
 def max_vio_global(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_batches: int = 8,
                    device: torch.device | None = None) -> float:
     """MaxVio of the counts over the validation windows, averaged over the MoE layers (MaxVio_global)."""
+    if not model.moe_layers():
+        raise ValueError("model has no MoE layers, so there is no load to measure; pass a TinyLM with ffn='moe'")
     counts = global_counts(model, data, batch_size, n_batches, device=device)
     return sum(max_violation(c) for c in counts) / len(counts)
 
@@ -155,6 +191,15 @@ class LossFreeRecorder:
 
     def __init__(self, log_every: int, cfg: TrainConfig, val_data: torch.Tensor,
                  probe: tuple[torch.Tensor, torch.Tensor] | None = None, probe_batch: int = 0) -> None:
+        _check_int("log_every", log_every, 1)
+        _check_int("probe_batch", probe_batch, 0)
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be the run's TrainConfig, got {type(cfg).__name__}")
+        if probe is not None:
+            if not isinstance(probe, (tuple, list)) or len(probe) != 2:
+                raise ValueError(f"probe must be None or a pair (x, y) of token ids and targets, got "
+                                 f"{type(probe).__name__}")
+            _check_batch(*probe)
         self.log_every, self.cfg, self.val_data, self.probe = log_every, cfg, val_data, probe
         self.probe_batch = probe_batch  # with no probe given: draw a fixed one of this many sequences at first use
         self.step: list[int] = []
@@ -235,6 +280,12 @@ def simulate_bias(n_experts: int = 8, k: int = 2, rate: float = 1e-3, skew: floa
     Each step chooses the top-k of ``sigmoid(logits) + bias`` and then applies bᵢ ← bᵢ + u·sign(c̄ − cᵢ) with
     that step's counts: the update rule alone, without any learning of the router.
     """
+    _check_int("n_experts", n_experts, 1)
+    _check_int("k", k, 1)
+    _check_number("rate", rate)
+    _check_number("skew", skew)
+    _check_int("steps", steps, 1)
+    _check_int("n_tokens", n_tokens, 1)
     if not 1 <= k <= n_experts:
         raise ValueError(f"k must be between 1 and n_experts={n_experts}, got {k}")
     if not (math.isfinite(rate) and rate >= 0):
@@ -256,6 +307,49 @@ def simulate_bias(n_experts: int = 8, k: int = 2, rate: float = 1e-3, skew: floa
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The course's experiment sizes and their model and training settings. moe_course.experiments re-exports them
+# as SIZES, base_model and base_train; they live here, below it, so that the experiment registry imports this
+# module and never the reverse (no import cycle).
+# ---------------------------------------------------------------------------------------------------------
+
+SIZES = ("smoke", "cpu", "gpu")
+
+
+def check_size(size: str) -> None:
+    """Raise ValueError unless ``size`` is one of :data:`SIZES`."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; use one of {', '.join(SIZES)}")
+
+
+def course_model(size: str, **overrides: Any) -> ModelConfig:
+    """The MoE TinyLM of each size (no balancing loss unless asked), with ``overrides`` applied.
+
+    This is :func:`moe_course.experiments.base_model`; :func:`base_model` below is notebook 06's variant.
+    """
+    check_size(size)
+    shapes = {
+        "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16,
+                      d_hidden=32),
+        "cpu": dict(block_size=64, n_layer=2, n_head=2, d_model=64, n_experts=8, top_k=2, expert_hidden=64,
+                    d_hidden=128),
+        "gpu": dict(block_size=256, n_layer=4, n_head=4, d_model=256, n_experts=16, top_k=2, expert_hidden=256,
+                    d_hidden=512),
+    }[size]
+    return ModelConfig(**{"ffn": "moe", "aux_loss_coef": 0.0, "z_loss_coef": 0.0, **shapes, **overrides})
+
+
+def course_train(size: str, **overrides: Any) -> TrainConfig:
+    """The training settings of each size, with ``overrides`` applied (:func:`moe_course.experiments.base_train`)."""
+    check_size(size)
+    settings = {
+        "smoke": dict(steps=6, batch_size=4, warmup=1, eval_every=3, eval_batches=1),
+        "cpu": dict(steps=600, batch_size=16, lr=3e-3, warmup=30, eval_every=100, eval_batches=8),
+        "gpu": dict(steps=3000, batch_size=32, lr=1e-3, warmup=200, eval_every=250, eval_batches=20),
+    }[size]
+    return TrainConfig(**{**settings, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The loss_free_06 experiment's pieces (registered in moe_course.experiments)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -269,20 +363,17 @@ SMALLER = {  # notebook 06 trains 27 runs: at cpu size, a smaller model and half
 
 def base_model(size: str, **overrides: Any) -> ModelConfig:
     """The experiments' MoE TinyLM with DeepSeek-V3's sigmoid gate (smaller at cpu size), ``overrides`` applied."""
-    from moe_course.experiments import base_model as course_model
-
     return course_model(size, **{"router_score": "sigmoid", **SMALLER["model"].get(size, {}), **overrides})
 
 
 def base_train(size: str, **overrides: Any) -> TrainConfig:
     """The experiments' training settings (300 steps at cpu size), ``overrides`` applied."""
-    from moe_course.experiments import base_train as course_train
-
     return course_train(size, **{**SMALLER["train"].get(size, {}), **overrides})
 
 
 def track(corpus: Any, cfg: TrainConfig, log_every: int, size: str, device: torch.device | None) -> LossFreeRecorder:
     """The experiment's per-step tracker: a :class:`LossFreeRecorder` with a fixed validation probe batch."""
+    check_size(size)
     return LossFreeRecorder(log_every, cfg, corpus.val, probe_batch=PROBE_BATCH[size])
 
 
@@ -303,4 +394,7 @@ def stats(result: Any, label: str, key: str) -> tuple[float, float]:
     """Mean and sample std over seeds (:func:`moe_course.metrics.mean_std`) of one :func:`final` number of ``label``."""
     from moe_course.metrics import mean_std
 
+    keys = ("val_loss", "max_vio_global", "max_vio_batch")
+    if key not in keys:
+        raise ValueError(f"key must be one of {keys} (the numbers final() reports), got {key!r}")
     return mean_std([final(r)[key] for r in result.records_of(label)])

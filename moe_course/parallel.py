@@ -70,8 +70,23 @@ PHASES = ("router", "dispatch", "experts", "combine")
 # placement and the send-side permutation (pure functions: the notebook's exercises)
 
 
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+
+
+def _check_rank(rank: object, world: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+
+
 def experts_per_rank(n_experts: int, world: int) -> int:
     """E / W, the experts each rank holds; W must divide E."""
+    _check_int("n_experts", n_experts, 1)
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int (the number of ranks), got {world!r}")
     if n_experts % world:
@@ -83,14 +98,22 @@ def experts_per_rank(n_experts: int, world: int) -> int:
 def local_experts(rank: int, world: int, n_experts: int) -> range:
     """The global ids of the experts rank ``rank`` holds: ``[rank·E/W, (rank+1)·E/W)`` (contiguous layout)."""
     per = experts_per_rank(n_experts, world)
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    _check_rank(rank, world)
     return range(rank * per, (rank + 1) * per)
 
 
 def expert_owner(expert_ids: torch.Tensor, n_experts: int, world: int) -> torch.Tensor:
     """The rank that holds each expert: ``expert_id // (E/W)`` (contiguous, not round-robin ``e % W``)."""
-    return expert_ids // experts_per_rank(n_experts, world)
+    per = experts_per_rank(n_experts, world)
+    if not isinstance(expert_ids, torch.Tensor):
+        raise TypeError(f"expert ids must be a torch.Tensor, got {type(expert_ids).__name__}")
+    if expert_ids.dtype == torch.bool or expert_ids.is_floating_point() or expert_ids.is_complex():
+        raise TypeError(f"expert ids (indices) must be integers (torch.long), got dtype {expert_ids.dtype}")
+    if expert_ids.device.type == "cpu" and expert_ids.numel() and \
+            not (0 <= int(expert_ids.min()) and int(expert_ids.max()) < n_experts):  # on a GPU: no sync
+        raise ValueError(f"expert ids (indices) must lie in [0, n_experts={n_experts}), got "
+                         f"{int(expert_ids.min())}..{int(expert_ids.max())}; pass the router's number of experts")
+    return expert_ids // per
 
 
 def send_counts(indices: torch.Tensor, n_experts: int, world: int) -> torch.Tensor:
@@ -112,6 +135,10 @@ def rank_order(indices: torch.Tensor, n_experts: int, world: int) -> tuple[torch
 
 def ranks_per_token(indices: torch.Tensor, n_experts: int, world: int) -> torch.Tensor:
     """(T, k) expert ids -> (T,): how many different ranks each token's k experts live on."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
+        got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"indices must be a 2-D tensor (T tokens, k choices), got {got}; add a choice axis "
+                         "with indices[:, None] for k = 1")
     hit = torch.zeros(indices.shape[0], world, dtype=torch.bool, device=indices.device)
     return hit.scatter_(1, expert_owner(indices, n_experts, world), True).sum(dim=1)
 
@@ -119,6 +146,10 @@ def ranks_per_token(indices: torch.Tensor, n_experts: int, world: int) -> torch.
 def dispatch_bytes(indices: torch.Tensor, n_experts: int, world: int, rank: int, d_model: int,
                    bytes_per_element: int) -> int:
     """Bytes of token rows this rank sends to other ranks in one dispatch all-to-all (own rows stay home)."""
+    experts_per_rank(n_experts, world)
+    _check_rank(rank, world)
+    _check_int("d_model", d_model, 1)
+    _check_int("bytes_per_element", bytes_per_element, 1)
     counts = send_counts(indices, n_experts, world)
     return int(counts.sum() - counts[rank]) * d_model * bytes_per_element
 
@@ -180,6 +211,8 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
+        if not isinstance(moe, MoE):
+            raise TypeError(f"moe must be a moe_course.moe.MoE layer to split across ranks, got {type(moe).__name__}")
         if isinstance(moe.router, ExpertChoiceRouter):
             raise ValueError("ExpertParallelMoE needs a token-choice router (topk or hash): expert choice picks "
                              "tokens from the whole batch, which no single rank sees")
@@ -389,6 +422,9 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo"
         raise ValueError("backend='nccl' needs CUDA devices; use backend='gloo' on a CPU machine")
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int, got {world!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be a module-level function to run on every rank, got {type(fn).__name__}")
+    _check_int("threads", threads, 1)
     for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
         if not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -517,6 +553,25 @@ def _reference_layer(moe_kwargs: dict[str, Any], seed: int) -> MoE:
     return MoE(**moe_kwargs).to(rank_device())
 
 
+def _check_layer_bias(bias: Sequence[float] | None, moe_kwargs: dict[str, Any]) -> None:
+    """A routing bias has one value per expert of the layer that ``moe_kwargs`` builds."""
+    n = moe_kwargs.get("n_experts")
+    if bias is not None and len(bias) != n:
+        raise ValueError(f"bias has {len(bias)} values but the layer has n_experts={n}; give one bias per expert")
+
+
+def _check_scenario(sc: dict[str, Any], world: int) -> None:
+    """A scenario of :func:`compare_with_single_process`: one token count (an int >= 0) per rank."""
+    tokens = sc.get("tokens")
+    name = sc.get("name", "")
+    if not isinstance(tokens, (list, tuple)) or len(tokens) != world:
+        raise ValueError(f"scenario {name!r}: tokens must list one token count per rank ({world} ranks), got "
+                         f"{tokens!r}")
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in tokens):
+        raise ValueError(f"scenario {name!r}: tokens must be ints >= 0 (tokens on each rank), got {list(tokens)}")
+    _check_layer_bias(sc.get("bias"), sc.get("moe", {}))
+
+
 def _probe(shape: tuple[int, ...], offset: int) -> torch.Tensor:
     n = math.prod(shape)
     return torch.cos(torch.arange(offset, offset + n, dtype=torch.float64) * 1.7 + 0.3).reshape(shape).float()
@@ -532,6 +587,8 @@ def compare_with_single_process(scenarios: Sequence[dict[str, Any]]) -> list[dic
     router's, the shared experts' and its experts' gradients, plus its send and receive counts.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
+    for sc in scenarios:
+        _check_scenario(sc, world)
     out = []
     for sc in scenarios:
         moe = _reference_layer(sc["moe"], sc.get("seed", 0))
@@ -596,6 +653,13 @@ def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 
     Phase times (forward) and ``step`` (forward + backward) are the fastest of ``repeats`` runs after
     ``warmup`` untimed ones (other programs can only make a run slower, so the fastest is the least disturbed).
     """
+    _check_int("tokens_per_rank", tokens_per_rank, 1)
+    _check_int("repeats", repeats, 1)
+    _check_int("warmup", warmup, 0)
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype) \
+            or not getattr(torch, dtype).is_floating_point:
+        raise ValueError(f"dtype must name a torch floating-point dtype, e.g. 'float32' or 'bfloat16', got {dtype!r}")
+    _check_layer_bias(bias, moe_kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
     moe = _reference_layer(moe_kwargs, seed)
     if bias is not None:
@@ -628,6 +692,9 @@ def balance_with_bias(moe_kwargs: dict[str, Any], tokens_per_rank: int, bias: Se
                       seed: int = 0) -> list[int]:
     """On every rank: start from a skewed routing bias and apply the bias update (global counts) ``steps``
     times, each after a forward pass on fresh tokens; return the rows this rank received at each step."""
+    _check_int("tokens_per_rank", tokens_per_rank, 1)
+    _check_int("steps", steps, 0)
+    _check_layer_bias(bias, moe_kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
     moe = _reference_layer(moe_kwargs, seed)
     moe.router.expert_bias.copy_(torch.tensor(bias, dtype=torch.float32))

@@ -92,6 +92,44 @@ def _check_k(k: int, n_experts: int) -> None:
         )
 
 
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+
+
+def _check_2d(name: str, t: object) -> None:
+    """Scores, logits and the like are (T, N): one row per token, one column per expert."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (T, N), got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (T tokens, N experts), got shape {tuple(t.shape)}; flatten a batch "
+                         f"with {name}.reshape(-1, {name}.shape[-1]) or give one token as {name}[None]")
+
+
+def _check_bias(bias: object, scores: torch.Tensor) -> None:
+    t, n = scores.shape
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor of shape ({n},) or ({t}, {n}), got {type(bias).__name__}")
+    if bias.dim() not in (1, 2) or bias.shape[-1] != n or (bias.dim() == 2 and bias.shape[0] not in (1, t)):
+        raise ValueError(f"bias must have shape ({n},) (one value per expert) or ({t}, {n}) (one row per token), "
+                         f"got {tuple(bias.shape)}; give one bias per expert of the scores")
+
+
+def _check_groups(n_experts: int, k: int, n_groups: object, topk_groups: object) -> None:
+    """Group-limited routing: n_groups divides N, 1 <= topk_groups <= n_groups, and k fits in the kept groups."""
+    _check_int("n_groups", n_groups, 1)
+    _check_int("topk_groups", topk_groups, 1)
+    if n_experts % n_groups:
+        raise ValueError(f"n_groups={n_groups} must divide the number of experts {n_experts}; pick a divisor")
+    if topk_groups > n_groups:
+        raise ValueError(f"topk_groups must be between 1 and n_groups={n_groups}, got {topk_groups}")
+    if k > topk_groups * (n_experts // n_groups):
+        raise ValueError(f"k={k} experts cannot fit in topk_groups={topk_groups} groups of {n_experts // n_groups} "
+                         "experts; raise topk_groups or lower k")
+
+
 def select_topk(
     scores: torch.Tensor, k: int, bias: torch.Tensor | None = None, renormalize: bool = True,
     n_groups: int = 1, topk_groups: int = 1,
@@ -102,7 +140,11 @@ def select_topk(
     changes *which* experts are chosen; ``n_groups > 1`` first keeps each token's ``topk_groups`` best groups.
     The one selection rule behind :func:`softmax_topk`, :func:`sigmoid_topk` and :class:`TopKRouter`.
     """
+    _check_2d("scores", scores)
     _check_k(k, scores.shape[-1])
+    if bias is not None:
+        _check_bias(bias, scores)
+    _check_groups(scores.shape[-1], k, n_groups, topk_groups)
     choice = scores if bias is None else scores + bias
     if n_groups > 1:
         choice = choice.masked_fill(group_limited_mask(choice, n_groups, topk_groups, bias is not None), -torch.inf)
@@ -121,6 +163,7 @@ def softmax_topk(
     logits: (T, N) -> weights (T, k), indices (T, k). A ``bias`` (N,) shifts only which experts are
     chosen (top-k of ``probs + bias``); the weights stay the plain probabilities.
     """
+    _check_2d("logits", logits)
     _check_k(k, logits.shape[-1])
     return select_topk(logits.softmax(dim=-1), k, bias, renormalize)
 
@@ -131,6 +174,9 @@ def group_limited_mask(choice: torch.Tensor, n_groups: int, topk_groups: int, bi
     Experts are split into ``n_groups`` contiguous groups; a group's score is the sum of its two highest
     (biased) scores, or its single highest score when there is no bias, as in DeepSeek-V3's reference ``Gate``.
     """
+    _check_2d("choice", choice)
+    _check_int("n_groups", n_groups, 1)
+    _check_int("topk_groups", topk_groups, 1)
     t, n = choice.shape
     if n % n_groups:
         raise ValueError(f"n_groups={n_groups} must divide the number of experts {n}")
@@ -160,6 +206,7 @@ def sigmoid_topk(
     The bias only changes *which* experts are chosen, never the weights (arXiv:2412.19437, eqs. 13-16).
     With ``n_groups > 1`` each token first keeps its ``topk_groups`` best expert groups (node-limited routing).
     """
+    _check_2d("logits", logits)
     _check_k(k, logits.shape[-1])
     weights, indices = select_topk(logits.sigmoid(), k, bias, renormalize, n_groups, topk_groups)
     return weights * scale, indices
@@ -169,12 +216,16 @@ def noisy_topk_logits(
     clean: torch.Tensor, noise_logits: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """H = clean + ε·softplus(noise_logits) with ε ~ N(0, 1) (Shazeer et al. 2017, eq. 4)."""
+    if noise_logits.shape != clean.shape:
+        raise ValueError(f"noise_logits must have the shape of clean {tuple(clean.shape)} (one noise scale per "
+                         f"token and expert), got {tuple(noise_logits.shape)}")
     eps = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
     return clean + eps * F.softplus(noise_logits)
 
 
 def keep_topk_softmax(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(KeepTopK(H, k)): logits outside the top k set to -inf before the softmax."""
+    _check_2d("h", h)
     _check_k(k, h.shape[-1])
     top, indices = h.topk(k, dim=-1)
     return top.softmax(dim=-1), indices
@@ -201,7 +252,11 @@ class TopKRouter(nn.Module):
         topk_groups: int = 1,
     ) -> None:
         super().__init__()
+        _check_int("d_model", d_model, 1)
+        _check_int("n_experts", n_experts, 1)
         _check_k(k, n_experts)
+        _check_int("n_groups", n_groups, 1)
+        _check_int("topk_groups", topk_groups, 1)
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"unknown router score {score!r}; use 'softmax' or 'sigmoid'")
         if n_groups < 1 or n_experts % n_groups:
@@ -254,6 +309,7 @@ def expert_choice(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, to
 
     scores: (T, N), a softmax over experts per token -> weights (N, c), token_ids (N, c): ``G, I = TopK(Sᵀ, c)``.
     """
+    _check_2d("scores", scores)
     if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= scores.shape[0]:
         raise ValueError(f"capacity must be an int between 1 and the number of tokens {scores.shape[0]}, "
                          f"got {capacity!r}")
@@ -261,8 +317,19 @@ def expert_choice(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, to
     return weights, token_ids
 
 
+def _check_capacity_factor(capacity_factor: object) -> None:
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__} "
+                        f"{capacity_factor!r}; e.g. capacity_factor=2.0")
+    if not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be a positive finite number, got {capacity_factor}")
+
+
 def expert_choice_capacity(n_tokens: int, n_experts: int, capacity_factor: float) -> int:
     """Tokens per expert in expert choice: c = ceil(T · cf / N), at least 1 and at most T."""
+    _check_int("n_tokens", n_tokens, 1)
+    _check_int("n_experts", n_experts, 1)
+    _check_capacity_factor(capacity_factor)
     return max(1, min(n_tokens, math.ceil(n_tokens * capacity_factor / n_experts)))
 
 
@@ -276,8 +343,9 @@ class ExpertChoiceRouter(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, capacity_factor: float = 2.0) -> None:
         super().__init__()
-        if not math.isfinite(capacity_factor) or capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be a positive finite number, got {capacity_factor}")
+        _check_int("d_model", d_model, 1)
+        _check_int("n_experts", n_experts, 1)
+        _check_capacity_factor(capacity_factor)
         self.n_experts, self.capacity_factor = n_experts, capacity_factor
         self.gate = nn.Linear(d_model, n_experts, bias=False)
 
@@ -302,9 +370,9 @@ class HashRouter(nn.Module):
 
     def __init__(self, n_experts: int, vocab_size: int, k: int = 1, seed: int = 0) -> None:
         super().__init__()
+        _check_int("n_experts", n_experts, 1)
         _check_k(k, n_experts)
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        _check_int("vocab_size", vocab_size, 1)
         self.n_experts, self.k = n_experts, k
         gen = torch.Generator().manual_seed(seed)
         table = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(vocab_size)])
@@ -317,6 +385,13 @@ class HashRouter(nn.Module):
         ids = token_ids.reshape(-1)
         if ids.shape[0] != x.shape[0]:
             raise ValueError(f"token_ids has {ids.shape[0]} entries for {x.shape[0]} tokens")
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"token_ids must be integer token ids (torch.long), got dtype {ids.dtype}")
+        vocab = self.table.shape[0]
+        if ids.device.type == "cpu" and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+            # checked on the CPU only: on a GPU the check would wait for the device (a sync per layer and step)
+            raise ValueError(f"token_ids must lie in [0, vocab_size={vocab}), got {int(ids.min())}..{int(ids.max())}; "
+                             "build the router (or ModelConfig) with a vocab_size that covers every token id")
         indices = self.table[ids]  # (T, k)
         weights = torch.full(indices.shape, 1.0 / self.k, dtype=x.dtype, device=x.device)
         scores = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)

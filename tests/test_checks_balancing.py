@@ -11,6 +11,7 @@ import torch
 from moe_course import check
 from moe_course.balancing import router_z_loss, switch_aux_loss
 from moe_course.check import CheckError
+from moe_course.check.balancing import _ec_cases
 from moe_course.routing import expert_choice, expert_choice_capacity
 
 
@@ -98,10 +99,45 @@ def aux_vector(probs, indices, n):
     return n * _counts(indices, n) / (t * k) * probs.mean(dim=0)
 
 
+def aux_floor_division(probs, indices, n):  # integer counts // (T·k): every fᵢ becomes 0
+    t, k = indices.shape
+    f = torch.bincount(indices.reshape(-1), minlength=n) // (t * k)
+    return n * (f * probs.mean(dim=0)).sum()
+
+
+def aux_floor_mean(probs, indices, n):  # Pᵢ = probs.sum(0) // T
+    t, k = indices.shape
+    return n * (_counts(indices, n) / (t * k) * (probs.sum(dim=0) // t)).sum()
+
+
+def aux_normalises_probs_in_place(probs, indices, n):  # autograd refuses: a leaf that requires grad
+    probs.div_(probs.sum(dim=-1, keepdim=True))
+    return switch_aux_loss(probs, indices, n)
+
+
+def aux_detaches_probs_in_place(probs, indices, n):  # "f carries no gradient" done with detach_()
+    loss = switch_aux_loss(probs, indices, n)
+    probs.detach_()
+    return loss
+
+
+def aux_squeezes_indices_in_place(probs, indices, n):  # squeeze_() changes the caller's (T, 1) indices
+    t = indices.shape[0]
+    indices.squeeze_(-1)
+    return switch_aux_loss(probs, indices.reshape(t, -1), n)
+
+
+def aux_no_minlength(probs, indices, n):  # right: experts bincount leaves out have fᵢ = 0
+    t, k = indices.shape
+    f = torch.bincount(indices.reshape(-1)).float() / (t * k)
+    return n * (f * probs.mean(dim=0)[: f.numel()]).sum()
+
+
 def test_switch_aux_loss_reference_passes(capsys):
     check.switch_aux_loss(aux_reference)
     check.switch_aux_loss(aux_one_hot)
-    assert capsys.readouterr().out.count("OK  switch_aux_loss") == 2
+    check.switch_aux_loss(aux_no_minlength)
+    assert capsys.readouterr().out.count("OK  switch_aux_loss") == 3
 
 
 def test_switch_aux_loss_is_one_under_uniform_routing():
@@ -124,6 +160,14 @@ def test_switch_aux_loss_is_one_under_uniform_routing():
         (aux_first_choice_only, "only each token's first choice"),
         (aux_item, "no gradient reaches the router probabilities"),
         (aux_vector, "should return one number"),
+        (aux_floor_division, "divided with floor division (// or rounding_mode='floor')"),
+        (aux_floor_mean, "divided with floor division (// or rounding_mode='floor')"),
+        (aux_normalises_probs_in_place, "switch_aux_loss on 12 tokens x 5 experts, k=2 changed its input probs "
+                                        "(its values: probs["),
+        (aux_detaches_probs_in_place, "changed its input probs (its requires_grad, from True to False) in place: "
+                                      "requires_grad_() and detach_() change the caller's tensor"),
+        (aux_squeezes_indices_in_place, "switch_aux_loss on 9 tokens x 4 experts, k=1 changed its input indices (its "
+                                        "shape, from (9, 1) to (9,)) in place"),
     ],
 )
 def test_switch_aux_loss_mistakes_are_named(fn, message):
@@ -177,6 +221,20 @@ def z_detached(logits):
     return torch.logsumexp(logits.detach(), dim=-1).square().mean()
 
 
+def z_floor_mean(logits):
+    return torch.logsumexp(logits, dim=-1).square().sum() // logits.shape[0]
+
+
+def z_shifts_logits_in_place(logits):  # the max trick done in place: autograd refuses (a leaf)
+    logits.sub_(logits.amax(dim=-1, keepdim=True).detach())
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def z_shifts_data_in_place(logits):  # the same through .data, which autograd does not see
+    logits.data -= logits.data.amax(dim=-1, keepdim=True)
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
 def test_router_z_loss_reference_passes(capsys):
     check.router_z_loss(z_reference)
     check.router_z_loss(z_by_hand)
@@ -194,6 +252,11 @@ def test_router_z_loss_reference_passes(capsys):
         (z_square_of_mean, "squared the mean logsumexp"),
         (z_naive, "exp(100) overflows float32"),
         (z_detached, "no gradient reaches the logits"),
+        (z_floor_mean, "router_z_loss on 7 tokens x 5 experts: got 7.0000, expected 7.4189. It looks like you "
+                       "divided the sum by T with floor division"),
+        (z_shifts_logits_in_place, "router_z_loss on 7 tokens x 5 experts changed its input logits (its values: "
+                                   "logits[0][0] went from"),
+        (z_shifts_data_in_place, "changed its input logits (its values"),
     ],
 )
 def test_router_z_loss_mistakes_are_named(fn, message):
@@ -260,10 +323,77 @@ def ec_swapped(logits, cf):
     return i, w
 
 
+def ec_round(logits, cf):
+    t, n = logits.shape
+    return logits.softmax(dim=-1).t().topk(round(t * cf / n), dim=-1)
+
+
+def ec_integer_division(logits, cf):
+    t, n = logits.shape
+    return logits.softmax(dim=-1).t().topk(int(t * cf) // n, dim=-1)
+
+
+def ec_exp_in_place(logits, cf):  # autograd refuses exp_ on a leaf; the check names the input
+    t, n = logits.shape
+    e = logits.exp_()
+    return (e / e.sum(dim=-1, keepdim=True)).t().topk(math.ceil(t * cf / n), dim=-1)
+
+
+def ec_softmax_written_out(logits, cf):  # right: ties stay ties, topk picks the same tokens
+    t, n = logits.shape
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    return (e / e.sum(dim=-1, keepdim=True)).t().topk(math.ceil(t * cf / n), dim=-1)
+
+
+def ec_one_wrong_token(logits, cf):  # expert 2 of the 14-token case takes a token it should not
+    w, i = ec_reference(logits, cf)
+    if logits.shape[0] == 14:
+        i = i.clone()
+        i[2, 0] = next(t for t in range(14) if t not in i[2])
+    return w, i
+
+
+def _selected(scores, order, c):
+    return scores.gather(-1, order[:, :c]), order[:, :c]
+
+
+def ec_stable_sort(logits, cf):  # ties: the lowest token ids first
+    t, n = logits.shape
+    s = logits.softmax(dim=-1).t()
+    return _selected(s, s.sort(dim=-1, descending=True, stable=True).indices, math.ceil(t * cf / n))
+
+
+def ec_unstable_argsort(logits, cf):
+    t, n = logits.shape
+    s = logits.softmax(dim=-1).t()
+    return _selected(s, s.argsort(dim=-1, descending=True), math.ceil(t * cf / n))
+
+
+def ec_last_of_ascending(logits, cf):  # ties: the highest token ids first
+    t, n = logits.shape
+    s = logits.softmax(dim=-1).t()
+    return _selected(s, s.argsort(dim=-1, stable=True).flip(-1), math.ceil(t * cf / n))
+
+
+def ec_swaps_a_tie(logits, cf):
+    """The reference's tokens, but each expert swaps one chosen token for a tied one the reference left out."""
+    w, i = ec_reference(logits, cf)
+    s, i = logits.softmax(dim=-1).t(), i.clone()
+    for e in range(i.shape[0]):
+        chosen = set(i[e].tolist())
+        for j in range(i.shape[1]):
+            tied = [t for t in range(s.shape[1]) if t not in chosen and s[e, t] == s[e, i[e, j]]]
+            if tied:
+                i[e, j] = tied[0]
+                break
+    return w, i
+
+
 def test_expert_choice_reference_passes(capsys):
     check.expert_choice(ec_reference)
     check.expert_choice(ec_topk_dim0)
-    assert capsys.readouterr().out.count("OK  expert_choice") == 2
+    check.expert_choice(ec_softmax_written_out)
+    assert capsys.readouterr().out.count("OK  expert_choice") == 3
 
 
 @pytest.mark.parametrize(
@@ -278,11 +408,31 @@ def test_expert_choice_reference_passes(capsys):
         (ec_lowest, "c lowest-scoring tokens"),
         (ec_detached, "carry no gradient"),
         (ec_swapped, "order (weights, token_ids)"),
+        (ec_round, "expert_choice on 14 tokens x 4 experts, capacity factor 1.5 (T·cf/N = 5.25): each expert took 5 "
+                   "tokens; round T·cf/N = 14·1.5/4 = 5.25 up: c = ceil(T·cf/N) = 6"),
+        (ec_integer_division, "each expert took 5 tokens; round T·cf/N = 11·1.5/3 = 5.5 up"),
+        (ec_exp_in_place, "expert_choice on 12 tokens x 4 experts, capacity factor 2 changed its input logits (its "
+                          "values"),
+        (ec_one_wrong_token, "expert_choice on 14 tokens x 4 experts, capacity factor 1.5 (T·cf/N = 5.25): wrong "
+                             "(token, weight) pairs for expert 2"),
+        (ec_swaps_a_tie, "ties must be broken as the reference does"),
     ],
 )
 def test_expert_choice_mistakes_are_named(fn, message):
     with pytest.raises(CheckError, match=_match(message)):
         check.expert_choice(fn)
+
+
+@pytest.mark.parametrize("fn", [ec_stable_sort, ec_unstable_argsort, ec_last_of_ascending])
+def test_expert_choice_sort_based_tie_breaks_are_named(fn):
+    _, logits, cf = _ec_cases()[-1]
+    assert "tied scores" in _ec_cases()[-1][0]
+    if torch.equal(fn(logits, cf)[1].sort(-1).values, ec_reference(logits, cf)[1].sort(-1).values):
+        pytest.skip("this build's topk breaks these ties like this selection does")
+    with pytest.raises(CheckError, match=_match("3 different tokens repeated 12 times (tied scores): expert ")) as info:
+        check.expert_choice(fn)
+    assert "They differ only among tokens with equal scores" in str(info.value)
+    assert "ties must be broken as the reference does: take each expert's tokens with torch.topk" in str(info.value)
 
 
 def test_unfinished_stubs_raise_not_implemented():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -197,6 +198,25 @@ def float_counts(types, indices, n_types, n_experts):
     return table
 
 
+def flattens_into_types(types, indices, n_types, n_experts):  # *= and += change the caller's types
+    types *= n_experts
+    types += indices[:, 0]
+    return torch.bincount(types, minlength=n_types * n_experts).reshape(n_types, n_experts)
+
+
+def flattens_into_indices(types, indices, n_types, n_experts):  # indices[:, 0] is a view of the caller's indices
+    first = indices[:, 0]
+    first += types * n_experts
+    return torch.bincount(first, minlength=n_types * n_experts).reshape(n_types, n_experts)
+
+
+def one_cell_off(types, indices, n_types, n_experts):
+    table = type_expert_table(types, indices, n_types, n_experts)
+    if n_types == 5:
+        table[2, 1] += 1
+    return table
+
+
 def test_type_expert_table_accepts_reference(capsys):
     check.type_expert_table(type_expert_table)
     assert capsys.readouterr().out.startswith("OK  type_expert_table")
@@ -225,6 +245,11 @@ def test_type_expert_table_accepts_a_loop():
     (last_choice, "counted the last choice"),
     (plus_equals, "wrote table[types, experts] += 1"),
     (float_counts, "the right counts as torch.float32"),
+    (flattens_into_types, "fn(10 tokens, k=2, 4 types (type 3 never occurs), 5 experts (expert 4 never a first "
+                          "choice)) changed its input types (its values: types[1] went from 1 to 7) in place"),
+    (flattens_into_indices, "changed its input indices (its values: indices[1][0] went from 2 to 7) in place"),
+    (one_cell_off, "fn(7 tokens, k=1, 5 types (types 1 and 4 never occur), 6 experts (experts 3 and 5 never chosen)): "
+                   "cell [type 2, expert 1] holds 3, expected 2 (the number of tokens of type 2 whose first choice"),
 ])
 def test_type_expert_table_names_mistakes(fn, message):
     with pytest.raises(CheckError) as info:
@@ -296,6 +321,31 @@ def moe_everywhere(cfg):
     return _parts(cfg, every=False) + _attn(cfg)
 
 
+def moe_from_layer_zero(cfg):  # layers 0, moe_every, ...: ceil(L / moe_every) of them
+    n = _parts(cfg) + _attn(cfg)
+    if cfg.ffn == "moe" and cfg.moe_every > 1:
+        n += _moe_layer_shift(cfg, math.ceil(cfg.n_layer / cfg.moe_every))
+    return n
+
+
+def rounded_moe_layers(cfg):
+    n = _parts(cfg) + _attn(cfg)
+    if cfg.ffn == "moe" and cfg.moe_every > 1:
+        n += _moe_layer_shift(cfg, round(cfg.n_layer / cfg.moe_every))
+    return n
+
+
+def _moe_layer_shift(cfg, wrong):
+    """FLOPs added by counting ``wrong`` MoE layers instead of floor(L / moe_every)."""
+    d = cfg.d_model
+    moe = d * cfg.n_experts + 3 * d * cfg.expert_hidden * (cfg.top_k + cfg.n_shared)
+    return 6.0 * (wrong - cfg.n_layer // cfg.moe_every) * (moe - 3 * d * cfg.d_hidden)
+
+
+def half_context_floor(cfg):  # 12·L·d·(T // 2): the mean causal context by floor division
+    return _parts(cfg) + 12.0 * cfg.n_layer * cfg.d_model * (cfg.block_size // 2)
+
+
 def mutates(cfg):
     value = train_flops_per_token_of(cfg)
     cfg.top_k = 1
@@ -326,6 +376,15 @@ def test_train_flops_per_token_accepts_reference_and_a_tensor(capsys):
     (moe_everywhere, "made every layer an MoE layer"),
     (mutates, "changed the config it was given (top_k)"),
     (returns_text, "should return a number"),
+    (moe_from_layer_zero, "fn(an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts top-1) returned "
+                          "466,272, expected 492,192: it looks like you counted 2 MoE layers, from layer 0 (layer "
+                          "% moe_every == 0) or by rounding n_layer / moe_every = 1.5 up or to the nearest; the MoE "
+                          "layers are those with layer % moe_every == moe_every - 1, floor(n_layer / moe_every) = 1"),
+    (rounded_moe_layers, "it looks like you counted 2 MoE layers, from layer 0 (layer % moe_every == 0) or by "
+                         "rounding"),
+    (half_context_floor, "fn(an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)) returned 389,952, expected "
+                         "390,912: it looks like you used floor division for the average context: a token attends to "
+                         "T/2 = 16.5 positions on average, not T // 2 = 16"),
 ])
 def test_train_flops_per_token_names_mistakes(fn, message):
     with pytest.raises(CheckError) as info:

@@ -1,8 +1,8 @@
 """check.send_tokens runs the learner's exchange on real gloo processes and names the mistake."""
 
+import exchange_variants as wrong
 import pytest
 
-import exchange_variants as wrong
 from moe_course import check, collectives
 from moe_course.check import CheckError
 from moe_course.check import collectives as check_collectives

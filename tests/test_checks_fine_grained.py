@@ -18,7 +18,7 @@ from moe_course.fine_grained import fine_grained_config, shared_moe_forward
 
 
 def make_shared_moe(*, renormalize=False, shared_weight=None, k_minus_shared=False, route_shared=False,
-                    no_shared=False, detach_gate=False, softmax_dim=-1):
+                    no_shared=False, detach_gate=False, softmax_dim=-1, first_shared_only=False):
     """A learner-style shared + routed layer with one optional mistake switched on."""
 
     def fn(x, gate_weight, experts, shared, k):
@@ -39,12 +39,39 @@ def make_shared_moe(*, renormalize=False, shared_weight=None, k_minus_shared=Fal
                     y = y.index_put((mask.nonzero().squeeze(1),), y[mask] + w[mask, j, None] * expert(x[mask]))
         if no_shared or route_shared:
             return y
-        for s in shared:
+        for s in shared[:1] if first_shared_only else shared:
             out = s(x)
             y = y + (w.sum(-1, keepdim=True) * out if shared_weight == "sum" else out)
         return y
 
     return fn
+
+
+def output_in_x(x, gate_weight, experts, shared, k):  # "reuse x's memory": autograd refuses, the check names x
+    return x.copy_(shared_moe_forward(x, gate_weight, experts, shared, k))
+
+
+def extends_experts(x, gate_weight, experts, shared, k):  # one list of all experts, built in the caller's list
+    y = shared_moe_forward(x, gate_weight, experts, shared, k)
+    experts.extend(shared)
+    return y
+
+
+def transposes_gate_in_place(x, gate_weight, experts, shared, k):
+    with torch.no_grad():
+        gate_weight.t_()
+    return shared_moe_forward(x, gate_weight.t(), experts, shared, k)
+
+
+def trains_an_expert(x, gate_weight, experts, shared, k):  # a stray update of the caller's expert
+    with torch.no_grad():
+        experts[1].up.weight.mul_(0.5)
+    return shared_moe_forward(x, gate_weight, experts, shared, k)
+
+
+def one_token_off(x, gate_weight, experts, shared, k):
+    y = shared_moe_forward(x, gate_weight, experts, shared, k)
+    return y + torch.eye(x.shape[0], 1).roll(4, 0) * 0.5  # token 4 of each case is off
 
 
 def test_shared_moe_reference_passes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,6 +88,14 @@ def test_shared_moe_reference_passes(capsys: pytest.CaptureFixture[str]) -> None
     (make_shared_moe(route_shared=True), "routed the shared experts"),
     (make_shared_moe(softmax_dim=0), "softmax over the tokens"),
     (make_shared_moe(detach_gate=True), "gradient reaches gate_weight"),
+    (make_shared_moe(first_shared_only=True), r"2 shared, k=2\)\): it looks like you added only the first shared "
+                                              "expert"),
+    (output_in_x, r"fn\(x \(9, 6\), gate_weight \(6, 6\), 6 routed experts, 1 shared, k=3\) changed its input x "
+                  r"\(its values"),
+    (extends_experts, r"changed its input experts \(its length, from 6 to 7\) in place: append, extend"),
+    (transposes_gate_in_place, r"changed its input gate_weight \(its values: gate_weight\[0\]\[1\]"),
+    (trains_an_expert, r"changed its input experts\[1\]\.up\.weight \(its values"),
+    (one_token_off, r"the shared \+ routed layer is wrong \(fn\(x \(9, 6\), .*k=3\)\): token 4's output is"),
 ])
 def test_shared_moe_rejects_mistakes(wrong, message: str) -> None:
     with pytest.raises(CheckError, match=message):
@@ -87,7 +122,11 @@ def reference_config(n, k, m, ks, h):
 
 def make_config(*, width="divide", subtract_k=True, subtract_n=True, validate=True, k_times_m=True):
     def fn(n, k, m, ks, h):
-        if validate and (h % m or ks >= m * k):
+        if validate == "assert" and (h % m or ks >= m * k):
+            raise AssertionError("bad layout")  # what `assert` raises
+        bad_width, bad_shared = h % m != 0, {True: ks >= m * k, "gt": ks > m * k, "eq": ks == m * k}.get(validate)
+        if validate in (True, "width", "gt", "eq") and bad_width or validate in (True, "shared", "gt", "eq") and \
+                bad_shared:
             raise ValueError("bad layout")
         hidden = {"divide": h // m, "keep": h, "float": h / m}[width]
         return m * n - (ks if subtract_n else 0), (m * k if k_times_m else k) - (ks if subtract_k else 0), hidden
@@ -109,6 +148,14 @@ def test_fine_grained_config_reference_passes(capsys: pytest.CaptureFixture[str]
     (make_config(subtract_k=False, subtract_n=False), "subtracted the shared experts from neither"),
     (make_config(k_times_m=False), "did not multiply top_k by m"),
     (make_config(validate=False), "should raise ValueError because m=3 does not divide"),
+    (make_config(validate="width"), r"fn\(n_experts=8, top_k=2, m=1, n_shared=2, width=128\) returned \(6, 0, 128\); "
+                                    "it should raise ValueError because n_shared=2 leaves no routed expert"),
+    (make_config(validate="shared"), "it should raise ValueError because m=3 does not divide width=128"),
+    (make_config(validate="gt"), r"n_shared=2, width=128\) returned \(6, 0, 128\); it should raise ValueError"),
+    (make_config(validate="eq"), r"fn\(n_experts=4, top_k=1, m=2, n_shared=3, width=64\) returned \(5, -1, 32\); it "
+                                 "should raise ValueError because n_shared=3 is more than the m·k=2 experts"),
+    (make_config(validate="assert"), r"width=128\) raised AssertionError: bad layout; raise a ValueError that says why "
+                                     r"\(m=3 does not divide width=128\)"),
 ])
 def test_fine_grained_config_rejects_mistakes(wrong, message: str) -> None:
     with pytest.raises(CheckError, match=message):
@@ -147,10 +194,37 @@ def mi_expert_entropy(table):
     return float(-(pc[pc > 0] * torch.log2(pc[pc > 0])).sum())
 
 
+def mi_divides_in_place(table):  # .double() of a float64 table is the table itself: /= changes the caller's
+    p = table.double()
+    p /= p.sum()
+    nz = p > 0
+    return float((p[nz] * torch.log2(p[nz] / torch.outer(p.sum(1), p.sum(0))[nz])).sum())
+
+
+def mi_swapped_marginals(table):
+    p = table.double() / table.sum()
+    nz = p > 0
+    return float((p[nz] * torch.log2(p[nz] / torch.outer(p.sum(0), p.sum(1))[nz])).sum())
+
+
+def mi_floor_division(table):
+    p = table.div(table.sum(), rounding_mode="floor").double()
+    nz = p > 0
+    return float((p[nz] * torch.log2(p[nz] / torch.outer(p.sum(1), p.sum(0))[nz])).sum())
+
+
+def mi_keepdim(table):  # right: the marginals broadcast either way round
+    p = table.double() / table.sum()
+    pe, pt = p.sum(dim=0, keepdim=True), p.sum(dim=1, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * torch.log2(p[nz] / (pe * pt)[nz])).sum())
+
+
 def test_mutual_information_reference_passes(capsys: pytest.CaptureFixture[str]) -> None:
     check.mutual_information(ref_mi)
     check.mutual_information(lambda t: torch.tensor(ref_mi(t)))
-    assert capsys.readouterr().out.count("OK  mutual_information") == 2
+    check.mutual_information(mi_keepdim)
+    assert capsys.readouterr().out.count("OK  mutual_information") == 3
 
 
 @pytest.mark.parametrize(("wrong", "message"), [
@@ -158,6 +232,11 @@ def test_mutual_information_reference_passes(capsys: pytest.CaptureFixture[str])
     (mi_nan, "NaN"),
     (mi_conditional, r"H\(expert \| type\)"),
     (mi_expert_entropy, r"entropy of the experts H\(expert\)"),
+    (mi_divides_in_place, r"fn\(a square float64 table whose row sums \(9, 9, 7\) and column sums \(10, 10, 5\) "
+                          r"differ\) changed its input table \(its values: table\[0\]\[0\] went from 8 to"),
+    (mi_swapped_marginals, "multiplied the marginals the wrong way round"),
+    (mi_floor_division, r"returned 0\.0000 bits, expected .*: it looks like you returned 0 bits: if you divided with "
+                        "floor division"),
 ])
 def test_mutual_information_rejects_mistakes(wrong, message: str) -> None:
     with pytest.raises(CheckError, match=message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from moe_course import check
 from moe_course.balancing import bias_update
 from moe_course.check import CheckError
+from moe_course.check.loss_free import _group_cases, _topk_cases
 from moe_course.routing import group_limited_mask, sigmoid_topk
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,9 +80,39 @@ def ties_move(bias, routing, u):
     return bias + torch.where(c < c.mean(), u, -u)
 
 
+def bias_add_in_place(bias, routing, u):
+    c = _counts(bias, routing)
+    return bias.add_(u * torch.sign(c.mean() - c))
+
+
+def reassigns_routing_indices(bias, routing, u):  # a field of the caller's Routing replaced
+    routing.indices = routing.indices.reshape(-1)
+    c = torch.bincount(routing.indices, minlength=bias.shape[0]).to(bias.dtype)
+    return bias + u * torch.sign(c.mean() - c)
+
+
+def mean_by_floor_division(bias, routing, u):
+    c = torch.bincount(routing.indices.reshape(-1), minlength=bias.shape[0])
+    return bias + u * torch.sign(c.sum() // c.numel() - c)
+
+
+def mean_rounded(bias, routing, u):
+    c = _counts(bias, routing)
+    return bias + u * torch.sign(round(c.mean().item()) - c)
+
+
+def first_choice_only(bias, routing, u):
+    c = torch.bincount(routing.indices[:, 0], minlength=bias.shape[0]).to(bias.dtype)
+    return bias + u * torch.sign(c.mean() - c)
+
+
+def one_expert_off(bias, routing, u):  # right except expert 4 of the 9-token case
+    new = bias_reference(bias, routing, u)
+    return new + torch.eye(bias.shape[0])[4] * 0.5 if routing.indices.shape == (9, 2) else new
+
+
 def test_bias_update_reference_passes(capsys):
     check.bias_update(bias_reference)
-    check.bias_update(bias_in_place)  # an in-place update, as the layer's buffer gets, is fine
     assert capsys.readouterr().out.startswith("OK  bias_update")
 
 
@@ -95,9 +128,22 @@ def test_bias_update_reference_passes(capsys):
     (ties_move, "sign(0) = 0"),
     (lambda b, r, u: None, "returned None"),
     (lambda b, r, u: b, "expected"),
+    (bias_in_place, "bias_update on 9 tokens, k=2, 6 experts, u=1e-3 changed its input bias (its values: bias[0] went "
+                    "from 0.1 to 0.099) in place"),
+    (bias_add_in_place, "changed its input bias (its values"),
+    (reassigns_routing_indices, "changed its input routing.indices (its shape, from (9, 2) to (18,)) in place: assign "
+                                "to local variables, not to the fields or items of an input"),
+    (mean_by_floor_division, "bias_update on 10 tokens, k=2, 6 experts, u=0.02, mean count 20/6: it looks like you "
+                             "rounded the mean count to an integer (// or round()): c̄ = T·k/N = 20/6 = 3.33 is a "
+                             "fraction, so an expert with 3 assignments is below it"),
+    (mean_rounded, "mean count 20/6: it looks like you rounded the mean count to an integer"),
+    (first_choice_only, "bias_update on 9 tokens, k=2, 6 experts, u=1e-3: it looks like you counted only each token's "
+                        "first choice"),
+    (one_expert_off, "bias_update on 9 tokens, k=2, 6 experts, u=1e-3: expert 4 (5 assignments, mean c̄ = 3) got 0.499, "
+                     "expected -0.001"),
 ])
 def test_bias_update_rejects(fn, message):
-    with pytest.raises(CheckError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(CheckError, match=re.escape(message)):
         check.bias_update(fn)
 
 
@@ -168,6 +214,65 @@ def straight_through(logits, bias, k):
     return w.detach() + (w - w.detach()) * 2, i
 
 
+def weights_from_topk_values(logits, bias, k):
+    s = logits.sigmoid()
+    return _renorm(s.topk(k, dim=-1).values), (s + bias).topk(k, dim=-1).indices
+
+
+def sigmoid_in_place(logits, bias, k):  # autograd refuses sigmoid_ on a leaf; the check names the input
+    s = logits.sigmoid_()
+    idx = (s + bias).topk(k, dim=-1).indices
+    return _renorm(s.gather(-1, idx)), idx
+
+
+def detaches_bias_in_place(logits, bias, k):  # "no gradient into the bias", done with detach_()
+    return topk_reference(logits, bias.detach_(), k)
+
+
+def indices_sorted_alone(logits, bias, k):  # the weights stay in topk's order: pairs broken
+    w, i = topk_reference(logits, bias, k)
+    return w, i.sort(dim=-1).values
+
+
+def token_two_wrong(logits, bias, k):  # one expert of token 2 replaced in the k=3 case
+    w, i = topk_reference(logits, bias, k)
+    if i.shape == (6, 3):
+        i = i.clone()
+        i[2, 0] = next(e for e in range(8) if e not in i[2])
+    return w, i
+
+
+def _swap_a_tie(logits, bias, indices, allowed):
+    """indices with, in the first token that has one, a chosen expert swapped for an allowed, unchosen, tied one."""
+    s = logits.sigmoid()
+    choice, indices = s + bias, indices.clone()
+    for t in range(indices.shape[0]):
+        for j, e in enumerate(indices[t].tolist()):
+            tied = [f for f in range(choice.shape[1]) if f not in indices[t] and allowed[t, f]
+                    and choice[t, f] == choice[t, e]]
+            if tied:
+                indices[t, j] = tied[0]
+                return _renorm(s.gather(-1, indices)), indices
+    raise AssertionError("no tie to swap")
+
+
+def topk_swaps_a_tie(logits, bias, k):
+    w, i = topk_reference(logits, bias, k)
+    return (w, i) if logits.shape != (10, 8) else _swap_a_tie(logits, bias, i, torch.ones(10, 8, dtype=torch.bool))
+
+
+def topk_stable_sort(logits, bias, k):  # ties: the lowest expert ids first
+    s = logits.sigmoid()
+    idx = (s + bias).sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    return _renorm(s.gather(-1, idx)), idx
+
+
+def topk_last_of_ascending(logits, bias, k):  # ties: the highest expert ids first
+    s = logits.sigmoid()
+    idx = (s + bias).argsort(dim=-1, stable=True).flip(-1)[:, :k]
+    return _renorm(s.gather(-1, idx)), idx
+
+
 def test_biased_topk_reference_passes(capsys):
     check.biased_topk(topk_reference)
     check.biased_topk(topk_written_out)
@@ -183,6 +288,14 @@ def test_biased_topk_reference_passes(capsys):
     (bias_gets_gradient, "gradient reaches the bias"),
     (detached, "autograd"),
     (straight_through, "gradient with respect to the logits"),
+    (weights_from_topk_values, re.escape("took the weights from s.topk(k), the k largest unbiased scores")),
+    (sigmoid_in_place, r"biased_topk on 7 tokens x 5 experts, k=2 changed its input logits \(its values"),
+    (detaches_bias_in_place, r"changed its input bias \(its requires_grad, from True to False\) in place"),
+    (indices_sorted_alone, r"biased_topk on 7 tokens x 5 experts, k=2: token \d has the right experts and the right "
+                           r"weights, but not paired"),
+    (token_two_wrong, r"biased_topk on 6 tokens x 8 experts, k=3: wrong experts chosen\. Token 2 should get experts"),
+    (topk_swaps_a_tie, r"many tied scores\): token \d+ got experts .*They differ only among experts with equal biased "
+                       "scores s \\+ b \\(ties\\); ties must be broken as the reference does"),
 ])
 def test_biased_topk_rejects(fn, message):
     with pytest.raises(CheckError, match=message):
@@ -252,6 +365,85 @@ def test_group_limited_reference_passes(capsys):
 def test_group_limited_rejects(fn, message):
     with pytest.raises(CheckError, match=message):
         check.group_limited_topk(fn)
+
+
+def group_sigmoid_in_place(logits, bias, k, n_groups, topk_groups):
+    s = logits.sigmoid_()
+    return group_reference(s.logit(), bias, k, n_groups, topk_groups)
+
+
+def group_swaps_a_tie(logits, bias, k, n_groups, topk_groups):
+    w, i = group_reference(logits, bias, k, n_groups, topk_groups)
+    if "tied" not in _case_of(logits):
+        return w, i
+    outside = group_limited_mask(logits.sigmoid() + bias, n_groups, topk_groups, biased=True)
+    return _swap_a_tie(logits, bias, i, ~outside)
+
+
+def _case_of(logits):
+    return next(label for label, lg, *_ in _group_cases() if torch.equal(lg, logits.detach()))
+
+
+def group_stable_sort(logits, bias, k, n_groups, topk_groups):  # groups and experts: the lowest ids first
+    s = logits.sigmoid()
+    choice = s + bias
+    t, n = choice.shape
+    gs = choice.view(t, n_groups, -1).sort(dim=-1, descending=True, stable=True).values[..., :2].sum(-1)
+    best = gs.sort(dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+    outside = torch.ones(t, n_groups, dtype=torch.bool).scatter(1, best, False).repeat_interleave(n // n_groups, 1)
+    idx = choice.masked_fill(outside, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    return _renorm(s.gather(-1, idx)), idx
+
+
+def group_k_groups(logits, bias, k, n_groups, topk_groups):  # k where topk_groups belongs (equal in one case)
+    return group_reference(logits, bias, k, n_groups, min(k, n_groups))
+
+
+def group_token_wrong(logits, bias, k, n_groups, topk_groups):  # token 5 of the first case takes a masked expert
+    w, i = group_reference(logits, bias, k, n_groups, topk_groups)
+    if logits.shape == (10, 12):
+        i = i.clone()
+        i[5, 0] = next(e for e in range(12) if e not in i[5] and (e // 3) not in (i[5] // 3))
+    return w, i
+
+
+@pytest.mark.parametrize(("fn", "message"), [
+    (group_sigmoid_in_place, r"group_limited_topk on 10 tokens, 12 experts in 4 groups, top-2 groups, k=3 changed its "
+                             r"input logits \(its values"),
+    (group_swaps_a_tie, r"tied expert and group scores\): token \d+ got experts .*They differ only among experts "
+                        r"with equal biased scores s \+ b or group scores \(ties\); ties must be broken as the "
+                        "reference does"),
+    (group_k_groups, r"group_limited_topk on 10 tokens, 12 experts in 4 groups, top-2 groups, k=3: it looks like you "
+                     r"did not limit the tokens to their best groups \(or kept too many, e\.g\. k groups instead of "
+                     r"topk_groups\)"),
+    (group_token_wrong, r"top-2 groups, k=3: wrong experts chosen\. Token 5 should get experts"),
+])
+def test_group_limited_rejects_more(fn, message):
+    with pytest.raises(CheckError, match=message):
+        check.group_limited_topk(fn)
+
+
+def _same_sets(a, b):
+    return torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
+@pytest.mark.parametrize("fn", [topk_stable_sort, topk_last_of_ascending])
+def test_biased_topk_sort_based_tie_breaks_are_named(fn):
+    label, logits, bias, k = _topk_cases()[-1]
+    assert "many tied scores" in label
+    if _same_sets(fn(logits, bias, k)[1], topk_reference(logits, bias, k)[1]):
+        pytest.skip("this build's topk breaks these ties like this selection does")
+    with pytest.raises(CheckError, match="ties must be broken as the reference does: choose with torch.topk"):
+        check.biased_topk(fn)
+
+
+def test_group_limited_sort_based_tie_break_is_named():
+    label, logits, bias, k, g, tg = _group_cases()[-1]
+    assert "tied expert and group scores" in label
+    if _same_sets(group_stable_sort(logits, bias, k, g, tg)[1], group_reference(logits, bias, k, g, tg)[1]):
+        pytest.skip("this build's topk breaks these ties like a stable sort")
+    with pytest.raises(CheckError, match=r"or group scores \(ties\); ties must be broken as the reference does"):
+        check.group_limited_topk(group_stable_sort)
 
 
 def test_group_mask_of_the_package_uses_top2_sums():

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import numbers
+import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 
 class CheckError(AssertionError):
@@ -33,10 +38,160 @@ def call(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - we re-raise with context for the learner
         hint = ""
-        if "requires grad" in str(exc) or "requires_grad" in str(exc):
+        if _IN_PLACE_ERROR.search(str(exc)):
+            hint = f". An input was changed in place: {IN_PLACE_FIX}"
+        elif "requires grad" in str(exc) or "requires_grad" in str(exc):
             hint = (". The inputs require grad, as in training: keep the computation in torch (no NumPy, "
                     ".item() or .tolist()) so that autograd can follow it")
         raise CheckError(f"{what} raised {type(exc).__name__}: {exc}{hint}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs that a learner's function must leave as they were
+# ---------------------------------------------------------------------------------------------------------
+
+IN_PLACE_FIX = ("an in-place operation (x += ..., x.add_(...), x.div_(...), x[...] = ..., x.data) changes the "
+                "caller's tensor; compute new tensors instead (x = x + ...)")
+REASSIGNED_FIX = "assign to local variables, not to the fields or items of an input"
+_IN_PLACE_ERROR = re.compile(r"in-?place operation", re.IGNORECASE)
+
+
+class _Frozen(NamedTuple):
+    """A tensor input as it was before the call (``tensor`` is the object itself, to see it replaced)."""
+
+    tensor: torch.Tensor
+    values: torch.Tensor
+    requires_grad: bool
+
+
+def _parts(value: Any) -> dict[str, Any]:
+    """The named parts of a module (parameters, buffers) or of a dataclass (fields)."""
+    if isinstance(value, nn.Module):
+        return dict(chain(value.named_parameters(), value.named_buffers()))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return {}
+
+
+def snapshot(value: Any) -> Any:
+    """A frozen copy of an input (tensor, module, list, dataclass or plain value) to compare after the call."""
+    if isinstance(value, torch.Tensor):
+        return _Frozen(value, value.detach().clone(), value.requires_grad)
+    if isinstance(value, (list, tuple, nn.ModuleList)):
+        return [snapshot(v) for v in value]
+    if isinstance(value, nn.Module) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        return {n: snapshot(v) for n, v in _parts(value).items()}
+    return copy.deepcopy(value)
+
+
+def _tensor_change(value: Any, before: _Frozen, path: str) -> tuple[str, str] | None:
+    """(what changed, how to fix it) for a tensor input, or None."""
+    old = before.values
+    if not isinstance(value, torch.Tensor):
+        return f"{path} (it was replaced by a {type(value).__name__})", REASSIGNED_FIX
+    fix = IN_PLACE_FIX if value is before.tensor else REASSIGNED_FIX
+    if tuple(value.shape) != tuple(old.shape):
+        return f"{path} (its shape, from {tuple(old.shape)} to {tuple(value.shape)})", fix
+    if value.dtype != old.dtype:
+        return f"{path} (its dtype, from {old.dtype} to {value.dtype})", fix
+    new = value.detach().cpu()
+    if not torch.equal(new, old.cpu()):
+        at = tuple((new != old.cpu()).nonzero()[0].tolist())
+        where = "".join(f"[{i}]" for i in at)
+        return f"{path} (its values: {path}{where} went from {_two(old[at].item(), new[at].item())})", fix
+    if value.requires_grad != before.requires_grad:
+        return (f"{path} (its requires_grad, from {before.requires_grad} to {value.requires_grad})",
+                "requires_grad_() and detach_() change the caller's tensor; use .detach(), which returns a new one")
+    return None
+
+
+def _two(a: float, b: float) -> str:
+    """'a to b' with as many digits as it takes to tell them apart."""
+    for digits in (4, 6, 9, 17):
+        if f"{a:.{digits}g}" != f"{b:.{digits}g}":
+            break
+    return f"{a:.{digits}g} to {b:.{digits}g}"
+
+
+def _list_change(value: Any, before: list[Any], path: str) -> tuple[str, str] | None:
+    """(what changed, how to fix it) for a list, tuple or ModuleList input, or None."""
+    if not isinstance(value, (list, tuple, nn.ModuleList)):
+        return f"{path} (it was replaced by a {type(value).__name__})", REASSIGNED_FIX
+    items = list(value)
+    if len(items) != len(before):
+        return (f"{path} (its length, from {len(before)} to {len(items)})",
+                "append, extend, += and pop change the caller's list; build a new one, e.g. list(a) + list(b)")
+    found = (changed_input(v, b, f"{path}[{i}]") for i, (v, b) in enumerate(zip(items, before, strict=True)))
+    return next((f for f in found if f), None)
+
+
+def _parts_change(value: Any, before: dict[str, Any], path: str) -> tuple[str, str] | None:
+    """(what changed, how to fix it) for a module or dataclass input, or None."""
+    parts = _parts(value)
+    if set(parts) != set(before):
+        return f"{path} (its parts: {sorted(before)} became {sorted(parts)})", REASSIGNED_FIX
+    found = (changed_input(parts[n], b, f"{path}.{n}") for n, b in before.items())
+    return next((f for f in found if f), None)
+
+
+def changed_input(value: Any, before: Any, path: str) -> tuple[str, str] | None:
+    """(what changed, how to fix it) when ``value`` differs from its :func:`snapshot` ``before``, else None."""
+    if isinstance(before, _Frozen):
+        return _tensor_change(value, before, path)
+    if isinstance(before, list):
+        return _list_change(value, before, path)
+    if isinstance(before, dict):
+        return _parts_change(value, before, path)
+    if value is not before and value != before:
+        return f"{path} (from {before!r} to {value!r})", REASSIGNED_FIX
+    return None
+
+
+def expect_unchanged(what: str, inputs: Mapping[str, Any], before: Mapping[str, Any]) -> None:
+    """Fail, naming the input and what changed, when the learner's function changed one of its inputs."""
+    for name, value in inputs.items():
+        found = changed_input(value, before[name], name)
+        if found:
+            fail(f"{what} changed its input {found[0]} in place: {found[1]}. The caller still uses its inputs "
+                 "after the call, so a function must leave them as they were")
+
+
+def _copy(value: Any) -> Any:
+    """An independent copy of an input, tensors keeping their requires_grad (non-leaf ones become leaves)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _copy(getattr(value, f.name))
+                                              for f in dataclasses.fields(value) if f.init})
+    return copy.deepcopy(value)
+
+
+def _name_in_place(fn: Callable[..., Any], inputs: Mapping[str, Any], what: str, error: BaseException) -> None:
+    """Autograd refused to change an input in place: rerun on copies, without autograd, to name that input."""
+    copies = {name: _copy(v) for name, v in inputs.items()}
+    before = {name: snapshot(v) for name, v in copies.items()}
+    with torch.no_grad():
+        try:
+            fn(*copies.values())
+        except Exception:  # noqa: BLE001, S110 - only which input it changes matters here
+            pass
+    expect_unchanged(what, copies, before)
+    fail(f"{what} raised RuntimeError: {error}. An input was changed in place: {IN_PLACE_FIX}")
+
+
+def call_unchanged(fn: Callable[..., Any], inputs: Mapping[str, Any], *, what: str) -> Any:
+    """:func:`call` with the named inputs as positional arguments; fail naming any input changed in place."""
+    before = {name: snapshot(v) for name, v in inputs.items()}
+    try:
+        result = call(fn, *inputs.values(), what=what)
+    except CheckError as exc:
+        if isinstance(exc.__cause__, RuntimeError) and _IN_PLACE_ERROR.search(str(exc.__cause__)):
+            _name_in_place(fn, inputs, what, exc.__cause__)
+        raise
+    expect_unchanged(what, inputs, before)
+    return result
 
 
 def as_tensor(value: Any, what: str) -> torch.Tensor:

@@ -10,8 +10,10 @@
   a softmax over the experts of each token, then each expert takes its c = ceil(T·cf/N) highest-scoring
   tokens (Zhou et al. 2022, arXiv:2202.09368).
 
-Each check compares values on fixed inputs (T != N, k > 1, logits large enough that ``exp`` overflows) and
-the gradient with respect to the differentiable input, and names the usual mistakes by recomputing them.
+Each check compares values on fixed inputs (T != N, k > 1, logits large enough that ``exp`` overflows, fractional
+means and capacities, repeated tokens whose scores tie) and the gradient with respect to the differentiable input,
+fails naming the input when the learner's function changed one in place, and names the usual mistakes by
+recomputing them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ import torch
 
 from moe_course.balancing import router_z_loss as ref_z_loss
 from moe_course.balancing import switch_aux_loss as ref_switch_aux_loss
-from moe_course.check._core import as_tensor, call, close, expect_shape, fail, ok, same_choices, weights_and_ids
+from moe_course.check._core import (
+    as_tensor,
+    call_unchanged,
+    close,
+    expect_shape,
+    fail,
+    ok,
+    same_choices,
+    weights_and_ids,
+)
 from moe_course.routing import expert_choice as ref_expert_choice
 from moe_course.routing import expert_choice_capacity
 
@@ -103,6 +114,9 @@ def _switch_mistakes(probs: torch.Tensor, indices: torch.Tensor, n: int) -> list
          n * ((probs * mask).sum(dim=0) / (t * k) * p).sum()),
         ("counted only each token's first choice in fᵢ; count all k choices of every token (T·k assignments)",
          n * (f_first * p).sum()),
+        ("divided with floor division (// or rounding_mode='floor'): fᵢ = counts / (T·k) and Pᵢ = probs.mean(dim=0) "
+         "are fractions, which floor division turns into 0; convert the counts to float and divide with /",
+         n * (torch.div(counts, t * k, rounding_mode="floor") * p).sum()),
     ]
 
 
@@ -111,10 +125,8 @@ def switch_aux_loss(fn: Callable[[torch.Tensor, torch.Tensor, int], Any]) -> Non
     for label, probs, indices, n in _switch_cases():
         what = f"switch_aux_loss on {label}"
         given = probs.clone().requires_grad_(True)
-        idx = indices.clone()
-        loss = _scalar(call(fn, given, idx, n, what=what), what)
-        if not torch.equal(given.detach(), probs) or not torch.equal(idx, indices):
-            fail(f"{what} changed its inputs in place; compute new tensors instead")
+        loss = _scalar(call_unchanged(fn, {"probs": given, "indices": indices.clone(), "n_experts": n}, what=what),
+                       what)
         ref_probs = probs.clone().requires_grad_(True)
         ref = ref_switch_aux_loss(ref_probs, indices, n)
         if not close(loss, ref):
@@ -165,6 +177,8 @@ def _z_mistakes(logits: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
          logits.square().mean()),
         ("squared the mean logsumexp; the z-loss is the mean of the squares, (1/T)·Σ_t logsumexp(x_t)²",
          lse.mean().square()),
+        ("divided the sum by T with floor division (// or rounding_mode='floor'): the mean (1/T)·Σ_t logsumexp(x_t)² "
+         "is a fraction; use .mean() or /", torch.div(lse.square().sum(), logits.shape[0], rounding_mode="floor")),
     ]
 
 
@@ -173,9 +187,7 @@ def router_z_loss(fn: Callable[[torch.Tensor], Any]) -> None:
     for label, logits in _z_cases():
         what = f"router_z_loss on {label}"
         given = logits.clone().requires_grad_(True)
-        loss = _scalar(call(fn, given, what=what), what)
-        if not torch.equal(given.detach(), logits):
-            fail(f"{what} changed the logits in place; compute new tensors instead")
+        loss = _scalar(call_unchanged(fn, {"logits": given}, what=what), what)
         ref_logits = logits.clone().requires_grad_(True)
         ref = ref_z_loss(ref_logits)
         if not torch.isfinite(loss):
@@ -205,11 +217,16 @@ def router_z_loss(fn: Callable[[torch.Tensor], Any]) -> None:
 
 
 def _ec_cases() -> list[tuple[str, torch.Tensor, float]]:
+    """(label, logits, cf): integer and fractional T·cf/N (5.25 tells ceil from round and floor), and ties."""
     g = torch.Generator().manual_seed(2209)
+    tokens = 1.5 * torch.randn(3, 4, generator=g)  # 3 distinct tokens, each repeated 12 times: scores tie
     return [
         ("12 tokens x 4 experts, capacity factor 2", 1.5 * torch.randn(12, 4, generator=g), 2.0),
         ("11 tokens x 3 experts, capacity factor 1.5", 2.0 * torch.randn(11, 3, generator=g), 1.5),
         ("16 tokens x 8 experts, capacity factor 1", 1.0 * torch.randn(16, 8, generator=g), 1.0),
+        ("14 tokens x 4 experts, capacity factor 1.5 (T·cf/N = 5.25)", 1.5 * torch.randn(14, 4, generator=g), 1.5),
+        ("36 tokens x 4 experts, capacity factor 1, 3 different tokens repeated 12 times (tied scores)",
+         tokens[torch.arange(36) % 3], 1.0),
     ]
 
 
@@ -229,6 +246,82 @@ def _ec_mistakes(logits: torch.Tensor, c: int) -> list[tuple[str, tuple[torch.Te
     ]
 
 
+def _ec_shape(what: str, rows: int, cols: int, t: int, n: int, cf: float) -> None:
+    """Name the mistake behind a (rows, cols) that is not (N, c)."""
+    c = expert_choice_capacity(t, n, cf)
+    if rows == t and cols != t:
+        fail(f"{what} returned shape {(rows, cols)}: one row per token means you took the top entries of each "
+             "token's row (over the experts, dim=-1), which is token choice. Each expert picks tokens: take "
+             f"the top-c over the token axis of each expert's column, giving (N, c) = {(n, c)}")
+    if (rows, cols) == (c, n) and c != n:
+        fail(f"{what} returned shape {(c, n)}: transpose it so that row e lists the c tokens of expert e, "
+             f"shape (N, c) = {(n, c)} (e.g. scores.t().topk(c, dim=-1))")
+    if rows == n and cols != c:
+        exact = t * cf / n
+        if cols == max(1, math.ceil(t / n)) and cf != 1:
+            fail(f"{what}: each expert took {cols} tokens = T/N, without the capacity factor; "
+                 f"c = ceil(T·cf/N) = ceil({t}·{cf:g}/{n}) = {c}")
+        if cols in (math.floor(exact), round(exact)):
+            fail(f"{what}: each expert took {cols} tokens; round T·cf/N = {t}·{cf:g}/{n} = {exact:g} up: "
+                 f"c = ceil(T·cf/N) = {c} (math.ceil, not int(), // or round(), which round down or to the nearest)")
+        fail(f"{what}: each expert should take c = ceil(T·cf/N) = ceil({t}·{cf:g}/{n}) = {c} tokens, got {cols}")
+
+
+def _ec_ties_only(weights: torch.Tensor, ids: torch.Tensor, scores_t: torch.Tensor, i_ref: torch.Tensor) -> int | None:
+    """The first expert whose tokens differ from the reference's only among tokens of equal score, else None."""
+    mine, ids = scores_t.gather(1, ids.long()), ids.long().sort(-1).values
+    if not close(weights, mine) or not torch.equal(mine.sort(-1).values, scores_t.gather(1, i_ref).sort(-1).values):
+        return None
+    if bool((ids[:, 1:] == ids[:, :-1]).any()):  # a token taken twice is no tie-break
+        return None
+    differs = (ids != i_ref.sort(-1).values).any(-1).nonzero()
+    return int(differs[0]) if len(differs) else None
+
+
+def _ec_values(what: str, weights: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, w_ref: torch.Tensor,
+               i_ref: torch.Tensor) -> None:
+    """Fail naming the mistake, a tie broken differently, or the first expert with the wrong tokens."""
+    t, n = logits.shape
+    if same_choices(weights, ids, w_ref, i_ref):
+        return
+    if ids.min() < 0 or ids.max() >= t:
+        fail(f"{what}: token_ids must be token positions 0..{t - 1}, got values from {int(ids.min())} to "
+             f"{int(ids.max())}")
+    e = _ec_ties_only(weights, ids, logits.softmax(dim=-1).t(), i_ref)
+    if e is not None:
+        fail(f"{what}: expert {e} took tokens {sorted(ids[e].tolist())}, expected {sorted(i_ref[e].tolist())}. "
+             "They differ only among tokens with equal scores (ties: repeated tokens get the same scores); ties "
+             "must be broken as the reference does: take each expert's tokens with torch.topk, as sort-based "
+             "selections (argsort(descending=True)[:, :c], or sorting ascending and taking the last c) pick other "
+             "tokens among equal scores")
+    for hint, (w_bad, i_bad) in _ec_mistakes(logits, i_ref.shape[1]):
+        if same_choices(weights, ids, w_bad, i_bad):
+            fail(f"{what}: it looks like you {hint}.")
+    e = next(r for r in range(n) if not same_choices(weights[r:r + 1], ids[r:r + 1], w_ref[r:r + 1], i_ref[r:r + 1]))
+    order, r_order = ids[e].long().argsort(), i_ref[e].argsort()
+    fail(f"{what}: wrong (token, weight) pairs for expert {e}: expected tokens {i_ref[e][r_order].tolist()} with "
+         f"weights {[round(v, 3) for v in w_ref[e][r_order].tolist()]}, got tokens {ids[e][order].tolist()} with "
+         f"weights {[round(v, 3) for v in weights[e][order].tolist()]}")
+
+
+def _ec_grad(what: str, weights: torch.Tensor, ids: torch.Tensor, given: torch.Tensor, logits: torch.Tensor,
+             i_ref: torch.Tensor) -> None:
+    """The weights' gradient w.r.t. the logits, entries paired by token id (the order within a row is free)."""
+    if not weights.requires_grad:
+        fail(f"{what}: the weights carry no gradient back to the logits; the router learns through them, so "
+             + NO_GRAD)
+    n, c = i_ref.shape
+    perm, r_perm = ids.long().argsort(dim=-1), i_ref.argsort(dim=-1)
+    probe = torch.linspace(-1.0, 1.0, n * c).reshape(n, c)
+    grad = _grad((weights.gather(-1, perm) * probe).sum(), given)
+    ref_logits = logits.clone().requires_grad_(True)
+    w_ref2, _ = ref_expert_choice(ref_logits.softmax(dim=-1), c)
+    ref_grad = _grad((w_ref2.gather(-1, r_perm) * probe).sum(), ref_logits)
+    if grad is None or not close(grad, ref_grad):
+        fail(f"{what}: the weights are right but their gradient with respect to the logits is not; compute "
+             "them with differentiable torch operations (softmax, then topk)")
+
+
 def expert_choice(fn: Callable[[torch.Tensor, float], Any]) -> None:
     """Check ``fn(logits (T, N), capacity_factor) -> (weights (N, c), token_ids (N, c))`` and its gradient."""
     for label, logits, cf in _ec_cases():
@@ -236,51 +329,14 @@ def expert_choice(fn: Callable[[torch.Tensor, float], Any]) -> None:
         c = expert_choice_capacity(t, n, cf)
         what = f"expert_choice on {label}"
         given = logits.clone().requires_grad_(True)
-        weights, ids = weights_and_ids(call(fn, given, cf, what=what), what, "token_ids", "integer token positions")
-        if not torch.equal(given.detach(), logits):
-            fail(f"{what} changed the logits in place; compute new tensors instead")
+        result = call_unchanged(fn, {"logits": given, "capacity_factor": cf}, what=what)
+        weights, ids = weights_and_ids(result, what, "token_ids", "integer token positions")
         if weights.dim() != 2 or ids.dim() != 2:
             fail(f"{what} should return 2-D (N, c) tensors, got shapes {tuple(weights.shape)}, {tuple(ids.shape)}")
-        rows, cols = weights.shape
-        if rows == t and cols != t:
-            fail(f"{what} returned shape {(rows, cols)}: one row per token means you took the top entries of each "
-                 "token's row (over the experts, dim=-1), which is token choice. Each expert picks tokens: take "
-                 f"the top-c over the token axis of each expert's column, giving (N, c) = {(n, c)}")
-        if (rows, cols) == (c, n) and c != n:
-            fail(f"{what} returned shape {(c, n)}: transpose it so that row e lists the c tokens of expert e, "
-                 f"shape (N, c) = {(n, c)} (e.g. scores.t().topk(c, dim=-1))")
-        if rows == n and cols != c:
-            no_cf = max(1, math.ceil(t / n))
-            floor = max(1, math.floor(t * cf / n))
-            if cols == no_cf and cf != 1:
-                fail(f"{what}: each expert took {cols} tokens = T/N, without the capacity factor; "
-                     f"c = ceil(T·cf/N) = ceil({t}·{cf:g}/{n}) = {c}")
-            if cols == floor and floor != c:
-                fail(f"{what}: each expert took {cols} tokens; round T·cf/N = {t * cf / n:g} up, "
-                     f"c = ceil(T·cf/N) = {c}")
-            fail(f"{what}: each expert should take c = ceil(T·cf/N) = ceil({t}·{cf:g}/{n}) = {c} tokens, "
-                 f"got {cols}")
+        _ec_shape(what, *weights.shape, t, n, cf)
         expect_shape(weights, (n, c), what + "'s weights")
         expect_shape(ids, (n, c), what + "'s token_ids")
         w_ref, i_ref = _ec_reference(logits, cf)
-        if not same_choices(weights.detach(), ids, w_ref, i_ref):
-            for hint, (w_bad, i_bad) in _ec_mistakes(logits, c):
-                if same_choices(weights.detach(), ids, w_bad, i_bad):
-                    fail(f"{what}: it looks like you {hint}.")
-            fail(f"{what}: wrong (token, weight) pairs. Expected expert 0 to take tokens "
-                 f"{sorted(i_ref[0].tolist())} with weights {[round(v, 3) for v in w_ref[0].tolist()]}, got "
-                 f"tokens {ids[0].tolist()} with weights {[round(v, 3) for v in weights[0].detach().tolist()]}")
-        if not weights.requires_grad:
-            fail(f"{what}: the weights carry no gradient back to the logits; the router learns through them, so "
-                 + NO_GRAD)
-        # pair the entries by token id so that the order within a row does not matter
-        perm, r_perm = ids.long().argsort(dim=-1), i_ref.argsort(dim=-1)
-        probe = torch.linspace(-1.0, 1.0, n * c).reshape(n, c)
-        grad = _grad((weights.gather(-1, perm) * probe).sum(), given)
-        ref_logits = logits.clone().requires_grad_(True)
-        w_ref2, _ = ref_expert_choice(ref_logits.softmax(dim=-1), c)
-        ref_grad = _grad((w_ref2.gather(-1, r_perm) * probe).sum(), ref_logits)
-        if grad is None or not close(grad, ref_grad):
-            fail(f"{what}: the weights are right but their gradient with respect to the logits is not; compute "
-                 "them with differentiable torch operations (softmax, then topk)")
-    ok("expert_choice", "softmax over experts, each expert takes its top-c tokens, c = ceil(T·cf/N)")
+        _ec_values(what, weights.detach(), ids, logits, w_ref, i_ref)
+        _ec_grad(what, weights, ids, given, logits, i_ref)
+    ok("expert_choice", "softmax over experts, each expert takes its top-c tokens, c = ceil(T·cf/N), ties as topk")

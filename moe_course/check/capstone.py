@@ -7,12 +7,14 @@ parameters plus only its routers' ``d_model · n_experts`` per MoE layer. ``type
 ``fn(types, indices, n_types, n_experts) -> (n_types, n_experts) counts`` with
 :func:`moe_course.capstone.type_expert_table` on hand-made batches with a type that never occurs and an expert
 that is never chosen first. When an answer is wrong, each check recomputes the usual mistakes and names the
-one that matches.
+one that matches, or the field, cell or case that is wrong. Every check fails naming the input when the learner's
+function changed one (a config, or the types and indices) in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from moe_course.capstone import equal_active_moe as ref_equal_active_moe
 from moe_course.capstone import train_flops_per_token_of as ref_flops
 from moe_course.capstone import type_expert_table as ref_type_expert_table
-from moe_course.check._core import CheckError, as_tensor, call, fail, ok
+from moe_course.check._core import CheckError, as_tensor, call, call_unchanged, fail, ok
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
 
@@ -196,14 +198,13 @@ def type_expert_table(fn: Callable[[torch.Tensor, torch.Tensor, int, int], torch
     """Check ``fn(types (T,), indices (T, k), n_types, n_experts) -> (n_types, n_experts)`` first-choice counts."""
     for name, types, indices, n_types, n_experts in _table_cases():
         what = f"fn({name})"
+        inputs = {"types": types.clone(), "indices": indices.clone(), "n_types": n_types, "n_experts": n_experts}
         try:
-            got = as_tensor(fn(types.clone(), indices.clone(), n_types, n_experts), what)
-        except (NotImplementedError, CheckError):
+            got = as_tensor(call_unchanged(fn, inputs, what=what), what)
+        except CheckError as exc:
+            if isinstance(exc.__cause__, RuntimeError) and "shape" in str(exc.__cause__):
+                raise CheckError(f"{exc}. It looks like torch.bincount without minlength: {_MINLENGTH}") from exc
             raise
-        except Exception as exc:  # noqa: BLE001 - re-raised with context for the learner
-            reshape = isinstance(exc, RuntimeError) and "shape" in str(exc)
-            hint = ". It looks like torch.bincount without minlength: " + _MINLENGTH if reshape else ""
-            raise CheckError(f"{what} raised {type(exc).__name__}: {exc}{hint}") from exc
         ref = ref_type_expert_table(types, indices, n_types, n_experts)
         same_values = tuple(got.shape) == tuple(ref.shape) and torch.allclose(got.double(), ref.double())
         if same_values and (got.is_floating_point() or got.is_complex() or got.dtype == torch.bool):
@@ -224,8 +225,10 @@ def type_expert_table(fn: Callable[[torch.Tensor, torch.Tensor, int, int], torch
         if tuple(got.shape) != tuple(ref.shape):
             fail(f"{what} has shape {tuple(got.shape)}, expected (n_types, n_experts) = {(n_types, n_experts)}: "
                  + _MINLENGTH)
-        fail(f"{what} returned\n{got.tolist()}\nexpected\n{ref.tolist()}\n(cell [t, e] = the number of tokens of "
-             "type t whose first choice indices[:, 0] is expert e)")
+        t, e = ((got.double() - ref.double()).abs() > 1e-9).nonzero()[0].tolist()
+        fail(f"{what}: cell [type {t}, expert {e}] holds {got[t, e].item():g}, expected {int(ref[t, e])} (the "
+             f"number of tokens of type {t} whose first choice indices[:, 0] is expert {e}). The table returned:\n"
+             f"{got.tolist()}\nexpected\n{ref.tolist()}")
     ok("type_expert_table", "rows = token types, columns = experts, each token counted once at its first choice; "
        "unused types and experts keep their zero rows and columns")
 
@@ -245,6 +248,9 @@ FLOPS_CASES = (
     ("an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts top-1",
      ModelConfig(ffn="moe", block_size=32, n_layer=3, n_head=4, d_model=48, d_hidden=96, n_experts=6, top_k=1,
                  expert_hidden=32, n_shared=1, moe_every=2)),
+    ("an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)",
+     ModelConfig(ffn="moe", block_size=33, n_layer=5, n_head=2, d_model=32, d_hidden=64, n_experts=4, top_k=2,
+                 expert_hidden=32, moe_every=3)),
 )
 
 
@@ -287,6 +293,16 @@ def _flops_mistakes(cfg: ModelConfig) -> list[tuple[str, float]]:
             out.append(("made every layer an MoE layer: only layers with layer % moe_every == moe_every - 1 "
                         "are, the others keep a dense SwiGLU of width d_hidden",
                         ref + 6.0 * dense_layers * (moe_ffn - 3 * d * cfg.d_hidden)))
+            ratio = n_layer / cfg.moe_every
+            for wrong in sorted({math.ceil(ratio), round(ratio)} - {moe_layers}):
+                out.append((f"counted {wrong} MoE layers, from layer 0 (layer % moe_every == 0) or by rounding "
+                            f"n_layer / moe_every = {ratio:g} up or to the nearest; the MoE layers are those with "
+                            f"layer % moe_every == moe_every - 1, floor(n_layer / moe_every) = {moe_layers} of them",
+                            ref + 6.0 * (wrong - moe_layers) * (moe_ffn - 3 * d * cfg.d_hidden)))
+    if t % 2:
+        out.append((f"used floor division for the average context: a token attends to T/2 = {t / 2:g} positions on "
+                    f"average, not T // 2 = {t // 2}, so attention costs 12·L·d·T/2 = 6·L·T·d",
+                    ref - attn + 12.0 * n_layer * d * (t // 2)))
     return out
 
 

@@ -7,7 +7,9 @@ every expert's parameters. ``fine_grained_config`` compares ``fn(n_experts, top_
 (n_routed, top_k_routed, expert_hidden)`` with :func:`moe_course.fine_grained.fine_grained_config` on several
 layouts, DeepSeekMoE 2B's among them. ``mutual_information`` compares ``fn(table) -> bits`` with
 :func:`moe_course.analysis.mutual_information`. When an answer is wrong, each check recomputes the usual
-mistakes and names the one that matches.
+mistakes and names the one that matches; each fails naming the input when the learner's function changed one
+in place, and ``fine_grained_config`` calls the learner's function on every kind of bad layout that must raise
+ValueError.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from moe_course.analysis import mutual_information as ref_mutual_information
-from moe_course.check._core import as_tensor, call, close, compare_grads, expect_shape, fail, ok
+from moe_course.check._core import as_tensor, call, call_unchanged, close, compare_grads, expect_shape, fail, ok
 from moe_course.experts import make_experts
 from moe_course.fine_grained import fine_grained_config as ref_fine_grained_config
 from moe_course.fine_grained import shared_moe_forward
@@ -64,6 +66,9 @@ def _shared_mistakes(x: torch.Tensor, gate: torch.Tensor, experts: Any, shared: 
         ("took the softmax over the tokens (dim=0); the scores are a distribution over the experts of each "
          "token", _routed(x, *logits.softmax(dim=0).topk(k, dim=-1), experts) + sh),
     ]
+    if n_s > 1:
+        out.append(("added only the first shared expert: every token passes through each of the K_s shared "
+                    f"experts (here {n_s}), each added with weight 1", _routed(x, w, idx, experts) + shared[0](x)))
     if k > n_s:
         w2, idx2 = probs.topk(k - n_s, dim=-1)
         out.append(("counted the shared experts in top-k: k is the number of *routed* experts per token; the "
@@ -102,7 +107,8 @@ def _check_shared_moe(fn: Callable[..., torch.Tensor]) -> None:
         gate = (2 * torch.randn(n_experts, d_model)).requires_grad_(True)
         what = (f"fn(x {tuple(x.shape)}, gate_weight {tuple(gate.shape)}, {n_experts} routed experts, "
                 f"{n_shared} shared, k={k})")
-        got = as_tensor(call(fn, x, gate, experts, shared, k, what=what), "fn")
+        inputs = {"x": x, "gate_weight": gate, "experts": experts, "shared": shared, "k": k}
+        got = as_tensor(call_unchanged(fn, inputs, what=what), "fn")
         expect_shape(got, (n_tokens, d_model), what)
         with torch.no_grad():
             expected = shared_moe_forward(x, gate, experts, shared, k)
@@ -111,8 +117,11 @@ def _check_shared_moe(fn: Callable[..., torch.Tensor]) -> None:
                 for hint, wrong in _shared_mistakes(x.detach(), gate.detach(), experts, shared, k):
                     if close(got, wrong):
                         fail(f"the shared + routed layer is wrong ({what}): it looks like you {hint}")
-            fail(f"the shared + routed layer is wrong ({what}). Expected y = Σ_j shared[j](x) + Σ_(i in top-k) "
-                 "s_i · experts[i](x) with s = softmax(x @ gate_weight.T, dim=-1) over the routed experts")
+            t = next(i for i in range(n_tokens) if not close(got[i], expected[i]))
+            fail(f"the shared + routed layer is wrong ({what}): token {t}'s output is "
+                 f"{[round(v, 3) for v in got[t].tolist()]}, expected {[round(v, 3) for v in expected[t].tolist()]}. "
+                 "Expected y = Σ_j shared[j](x) + Σ_(i in top-k) s_i · experts[i](x) with s = softmax(x @ "
+                 "gate_weight.T, dim=-1) over the routed experts")
         x_ref, gate_ref = x.detach().clone().requires_grad_(True), gate.detach().clone().requires_grad_(True)
         ref = shared_moe_forward(x_ref, gate_ref, experts, shared, k)
         compare_grads("the shared + routed layer", got, ref,
@@ -131,6 +140,12 @@ def _check_shared_moe(fn: Callable[..., torch.Tensor]) -> None:
 # 63 routed, top-7) and cases where K_s > 1 and m = 1 tell the mistakes apart.
 CONFIG_CASES = ((8, 2, 4, 1, 128), (8, 2, 4, 0, 128), (16, 2, 4, 1, 1024), (8, 2, 1, 0, 96), (6, 2, 3, 2, 96),
                 (4, 1, 8, 3, 64))
+
+
+# Layouts that must raise ValueError: m does not divide the width, K_s = m·k (none left to route), K_s > m·k.
+BAD_LAYOUTS = ((8, 2, 3, 0, 128, "m=3 does not divide width=128"),
+               (8, 2, 1, 2, 128, "n_shared=2 leaves no routed expert out of m·k=2"),
+               (4, 1, 2, 3, 64, "n_shared=3 is more than the m·k=2 experts a token uses"))
 
 
 def _config_mistakes(n: int, k: int, m: int, ks: int, h: int) -> list[tuple[str, tuple[int, int, int]]]:
@@ -172,8 +187,7 @@ def fine_grained_config(fn: Callable[[int, int, int, int, int], Any]) -> None:
                 if tuple(got) == wrong:
                     fail(f"{what} returned {tuple(got)}, expected {expected}: it looks like you {hint}")
             fail(f"{what} returned {tuple(got)}, expected {expected} = (m·N − K_s, m·k − K_s, width / m)")
-    for n, k, m, ks, h, why in ((8, 2, 3, 0, 128, "m=3 does not divide width=128"),
-                                (8, 2, 1, 2, 128, "n_shared=2 leaves no routed expert out of m·k=2")):
+    for n, k, m, ks, h, why in BAD_LAYOUTS:
         what = f"fn(n_experts={n}, top_k={k}, m={m}, n_shared={ks}, width={h})"
         try:
             got = fn(n, k, m, ks, h)
@@ -203,7 +217,7 @@ def _mi_mistakes(table: torch.Tensor) -> list[tuple[str, float]]:
     pr, pc = p.sum(1), p.sum(0)
     h_joint, h_r, h_c = _entropy(p.flatten(), torch.log2), _entropy(pr, torch.log2), _entropy(pc, torch.log2)
     nat = h_r + h_c - h_joint
-    return [
+    out = [
         ("used the natural log: the course reports bits, use torch.log2", nat * math.log(2)),
         ("returned H(expert | type), the entropy left in the expert once the type is known; I = H(expert) − "
          "H(expert | type)", h_joint - h_r),
@@ -214,12 +228,22 @@ def _mi_mistakes(table: torch.Tensor) -> list[tuple[str, float]]:
          float(torch.log2(p[p > 0] / torch.outer(pr, pc)[p > 0]).sum())),
         ("normalised each row to sum to 1 before the sum (p(c | r) in place of p(r, c))",
          float(((p / pr[:, None])[p > 0] * torch.log2(p[p > 0] / torch.outer(pr, pc)[p > 0])).sum())),
+        ("returned 0 bits: if you divided with floor division (// or rounding_mode='floor'), every p(r,c) = "
+         "count // total is 0; p = table / table.sum() is a fraction (divide a float table with /)", 0.0),
     ]
+    if p.shape[0] == p.shape[1]:
+        swapped = torch.outer(pc, pr)
+        out.append(("multiplied the marginals the wrong way round: the cell [r, c] needs p(r)·p(c), "
+                    "torch.outer(p.sum(dim=1), p.sum(dim=0)) (row sums first)",
+                    float((p[p > 0] * torch.log2(p[p > 0] / swapped[p > 0])).sum())))
+    return out
 
 
 def mutual_information(fn: Callable[[torch.Tensor], Any]) -> None:
     """Check ``fn(table (R, C) of counts) -> I(row; column) in bits`` (reference: analysis.mutual_information)."""
-    tables = [
+    tables = [  # the square one first: there a swapped outer product of the marginals runs, with a wrong value
+        ("a square float64 table whose row sums (9, 9, 7) and column sums (10, 10, 5) differ",
+         torch.tensor([[8.0, 1.0, 0.0], [2.0, 3.0, 4.0], [0.0, 6.0, 1.0]], dtype=torch.float64)),
         ("a table with empty cells", torch.tensor([[12, 0, 3, 1], [0, 9, 4, 0], [2, 2, 0, 15]])),
         ("a random 9 × 8 table", torch.randint(0, 50, (9, 8), generator=torch.Generator().manual_seed(5))),
         ("a perfect match of 3 types to 3 experts", torch.tensor([[5, 0, 0], [0, 7, 0], [0, 0, 9]])),
@@ -227,7 +251,7 @@ def mutual_information(fn: Callable[[torch.Tensor], Any]) -> None:
     ]
     for name, table in tables:
         what = f"fn({name})"
-        got = call(fn, table.clone(), what=what)
+        got = call_unchanged(fn, {"table": table.clone()}, what=what)
         if isinstance(got, torch.Tensor):
             if got.numel() != 1:
                 fail(f"{what} returned a tensor of shape {tuple(got.shape)}; return one number (bits)")

@@ -9,13 +9,16 @@
   may only use its ``topk_groups`` best groups of contiguous experts, a group scored by the sum of its two
   highest biased scores (DeepSeek-V3's reference ``Gate``).
 
-Each check runs fixed inputs, names the usual mistakes by recomputing them, and compares the gradient with
-respect to the logits with the reference's (and checks that no gradient reaches the bias).
+Each check runs fixed inputs (a fractional mean count; logits and biases with many tied scores), fails naming the
+input when the learner's function changed one in place, names the usual mistakes by recomputing them, names the
+token or expert that is wrong otherwise, and compares the gradient with respect to the logits with the reference's
+(and checks that no gradient reaches the bias).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import combinations
 from typing import Any
 
 import torch
@@ -24,7 +27,7 @@ from torch import nn
 from moe_course.balancing import bias_update as ref_bias_update
 from moe_course.check._core import (
     as_tensor,
-    call,
+    call_unchanged,
     close,
     compare_grads,
     expect_shape,
@@ -61,10 +64,15 @@ def _bias_cases() -> list[tuple[str, torch.Tensor, Routing, float]]:
     idx1 = torch.tensor([[0, 4], [0, 1], [0, 4], [1, 0], [4, 3], [0, 2], [3, 4], [0, 1], [4, 3]])
     # case 2: 12 tokens, k = 1, N = 4: counts [1, 7, 0, 4], mean 3
     idx2 = torch.tensor([[1], [1], [3], [1], [0], [3], [1], [1], [3], [1], [3], [1]])
+    # case 3: 10 tokens, k = 2, N = 6: counts [6, 3, 4, 3, 4, 0], mean 20/6 = 3.33 (not an integer: experts 1 and 3
+    # are below it, which a mean rounded to 3 would miss)
+    idx3 = torch.tensor([[0, 1], [2, 0], [0, 3], [4, 0], [0, 2], [0, 4], [1, 2], [3, 1], [2, 4], [4, 3]])
     return [
         ("9 tokens, k=2, 6 experts, u=1e-3", torch.tensor([0.1, -0.2, 0.0, 0.05, 0.0, -0.1]), _routing(idx1, 6, 0),
          1e-3),
         ("12 tokens, k=1, 4 experts, u=0.01", torch.tensor([0.0, 0.3, -0.05, 0.02]), _routing(idx2, 4, 1), 0.01),
+        ("10 tokens, k=2, 6 experts, u=0.02, mean count 20/6", torch.tensor([0.05, 0.0, -0.1, 0.2, 0.0, 0.1]),
+         _routing(idx3, 6, 2), 0.02),
     ]
 
 
@@ -76,6 +84,7 @@ def _bias_mistakes(bias: torch.Tensor, routing: Routing, u: float) -> list[tuple
     by_score = scores.sum(dim=0)
     by_weight = torch.zeros(n).index_add_(0, routing.indices.reshape(-1), routing.weights.detach().reshape(-1))
     share = counts / counts.sum()
+    first = torch.bincount(routing.indices[:, 0], minlength=n).to(bias.dtype)
     return [
         ("reversed the sign: an overloaded expert (cᵢ > c̄) must get a *lower* bias, so it is chosen less; "
          "b + u·sign(c̄ − cᵢ)", bias + u * torch.sign(-gap)),
@@ -93,6 +102,13 @@ def _bias_mistakes(bias: torch.Tensor, routing: Routing, u: float) -> list[tuple
          "(use torch.sign, not a two-way choice)", bias + torch.where(gap > 0, u, -u)),
         ("compared with the mean score or share instead of the mean count c̄ = T·k/N of the same counts",
          bias + u * torch.sign(1.0 / n - counts)),
+        (f"rounded the mean count to an integer (// or round()): c̄ = T·k/N = {int(counts.sum())}/{n} = "
+         f"{float(counts.mean()):.3g} is a fraction, so an expert with {int(counts.mean())} assignments is below it "
+         "and moves up; compute c̄ = counts.float().mean()", bias + u * torch.sign(counts.mean().floor() - counts)),
+        (f"rounded the mean count to the nearest integer: c̄ = T·k/N = {float(counts.mean()):.3g} is a fraction; "
+         "compute c̄ = counts.float().mean()", bias + u * torch.sign(counts.mean().round() - counts)),
+        ("counted only each token's first choice (routing.indices[:, 0]); cᵢ counts all k choices of every token",
+         bias + u * torch.sign(first.mean() - first)),
     ]
 
 
@@ -100,8 +116,7 @@ def bias_update(fn: Callable[[torch.Tensor, Routing, float], Any]) -> None:
     """Check ``fn(bias (N,), routing, u) -> (N,)``: bᵢ + u·sign(c̄ − cᵢ) from the batch's counts."""
     for label, bias, routing, u in _bias_cases():
         what = f"bias_update on {label}"
-        given = bias.clone()
-        result = call(fn, given, routing, u, what=what)
+        result = call_unchanged(fn, {"bias": bias.clone(), "routing": routing, "u": u}, what=what)
         if result is None:
             fail(f"{what} returned None; return the new bias (an (N,) tensor)")
         if isinstance(result, nn.Parameter):
@@ -115,9 +130,13 @@ def bias_update(fn: Callable[[torch.Tensor, Routing, float], Any]) -> None:
             for hint, wrong in _bias_mistakes(bias, routing, u):
                 if close(result, wrong, atol=1e-7, rtol=1e-6):
                     fail(f"{what}: it looks like you {hint}.")
-            fail(f"{what}: expected {[round(v, 4) for v in expected.tolist()]}, got "
-                 f"{[round(v, 4) for v in result.detach().tolist()]}. Count each expert's assignments in "
-                 "routing.indices (all k choices), compare with their mean, and move each bias by ±u")
+            counts = routing.counts(bias.shape[0]).double()
+            i = next(i for i in range(bias.shape[0]) if not close(result[i], expected[i], atol=1e-7, rtol=1e-6))
+            fail(f"{what}: expert {i} ({int(counts[i])} assignments, mean c̄ = {float(counts.mean()):.3g}) got "
+                 f"{float(result[i]):.4g}, expected {float(expected[i]):.4g}; all: expected "
+                 f"{[round(v, 4) for v in expected.tolist()]}, got {[round(v, 4) for v in result.detach().tolist()]}. "
+                 "Count each expert's assignments in routing.indices (all k choices), compare with their mean, and "
+                 "move each bias by ±u")
         if result.requires_grad:
             fail(f"{what}: the values are right but the result requires grad (it is connected to autograd); "
                  f"{NOT_TRAINED}")
@@ -153,14 +172,19 @@ def _gate(logits: torch.Tensor, bias: torch.Tensor, k: int, *, choose: str = "s+
 
 def _topk_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int]]:
     g = torch.Generator().manual_seed(606)
+    ties = torch.Generator().manual_seed(6061)
     return [
         ("7 tokens x 5 experts, k=2", 1.5 * torch.randn(7, 5, generator=g), 0.3 * torch.randn(5, generator=g), 2),
         ("6 tokens x 8 experts, k=3", 1.5 * torch.randn(6, 8, generator=g), 0.3 * torch.randn(8, generator=g), 3),
         ("9 tokens x 4 experts, k=1", 1.5 * torch.randn(9, 4, generator=g), 0.4 * torch.randn(4, generator=g), 1),
+        ("10 tokens x 8 experts, k=3, logits in {-1, 0, 1} and biases in {0, 0.1} (many tied scores)",
+         torch.randint(-1, 2, (10, 8), generator=ties).float(), torch.tensor([0.0, 0.1, 0.0, 0.1, 0.0, 0.0, 0.1, 0.0]),
+         3),
     ]
 
 
 def _topk_mistakes(logits: torch.Tensor, bias: torch.Tensor, k: int) -> list[tuple[str, tuple]]:
+    s = logits.sigmoid()
     return [
         ("added the bias to the combine weights; the bias only decides *which* experts are chosen, the weights "
          "are the plain sigmoid scores of the chosen experts, renormalised",
@@ -181,27 +205,90 @@ def _topk_mistakes(logits: torch.Tensor, bias: torch.Tensor, k: int) -> list[tup
          "to the sigmoid scores and only for the choice", _gate(logits, bias, k, choose="sig(l+b)", weigh="sig(l+b)")),
         ("used a softmax; DeepSeek-V3's affinities are sigmoid scores, one per expert: s = sigmoid(logits)",
          _gate(logits, bias, k, score="softmax")),
+        ("took the weights from s.topk(k), the k largest unbiased scores, which pairs them with the wrong experts "
+         "once the bias changes the choice: the weights are the scores of the experts chosen by s + b, "
+         "s.gather(-1, indices)", (_renorm(s.topk(k, dim=-1).values), (s + bias).topk(k, dim=-1).indices)),
     ]
+
+
+def _tie_alternative(experts: torch.Tensor, row: torch.Tensor, n_groups: int, topk_groups: int) -> bool:
+    """Whether distinct ``experts`` are a top-k of the biased scores ``row`` inside some topk_groups best groups,
+    ties between experts and between groups allowed (one group of all experts without group limits)."""
+    size = row.numel() // n_groups
+    grouped = row.view(n_groups, size)
+    scores = grouped.topk(min(2, size), dim=-1).values.sum(-1)
+    threshold = scores.topk(topk_groups).values[-1]
+    must = [g for g in range(n_groups) if scores[g] > threshold]
+    may = [g for g in range(n_groups) if scores[g] == threshold]
+    mine = row[experts].sort().values
+    if len(set(experts.tolist())) != len(experts):
+        return False
+    for extra in combinations(may, topk_groups - len(must)):
+        kept = must + list(extra)
+        inside = set((experts // size).tolist()) <= set(kept)
+        if inside and torch.equal(mine, grouped[kept].flatten().topk(len(experts)).values.sort().values):
+            return True
+    return False
+
+
+def _ties_only(indices: torch.Tensor, ref: torch.Tensor, choice: torch.Tensor, n_groups: int,
+               topk_groups: int) -> int | None:
+    """The first token whose experts differ from the reference's, when every difference is a tie broken otherwise."""
+    differ = (indices.sort(-1).values != ref.sort(-1).values).any(-1).nonzero().flatten().tolist()
+    if differ and all(_tie_alternative(indices[t], choice[t], n_groups, topk_groups) for t in differ):
+        return differ[0]
+    return None
+
+
+def _gate_values(what: str, weights: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor,
+                 expected: tuple[torch.Tensor, torch.Tensor], mistakes: list[tuple[str, tuple]],
+                 groups: tuple[int, int]) -> None:
+    """Fail naming a tie broken differently, the mistake, or the first token with wrong experts or weights."""
+    n = logits.shape[1]
+    if indices.min() < 0 or indices.max() >= n:
+        fail(f"{what}: indices must be expert ids 0..{n - 1}, got values from {int(indices.min())} to "
+             f"{int(indices.max())}")
+    s = logits.sigmoid()
+    if close(weights, _renorm(s.gather(-1, indices))):
+        t = _ties_only(indices, expected[1], s + bias, *groups)
+        if t is not None:
+            kind, too = ("biased scores s + b or group scores", " (the groups too)") if groups[0] > 1 else \
+                ("biased scores s + b", "")
+            fail(f"{what}: token {t} got experts {sorted(indices[t].tolist())}, expected "
+                 f"{sorted(expected[1][t].tolist())}. They differ only among experts with equal {kind} (ties); ties "
+                 f"must be broken as the reference does: choose with torch.topk{too}, as sort-based "
+                 "selections (argsort(descending=True)[..., :k], or sorting ascending and taking the last k) pick "
+                 "other experts among equal scores")
+    for hint, (w_bad, i_bad) in mistakes:
+        if same_choices(weights, indices, w_bad, i_bad):
+            fail(f"{what}: it looks like you {hint}.")
+    mine, ref = indices.sort(-1).values, expected[1].sort(-1).values
+    wrong = (mine != ref).any(-1).nonzero().flatten().tolist()
+    if wrong:
+        fail(f"{what}: wrong experts chosen. Token {wrong[0]} should get experts {ref[wrong[0]].tolist()}, got "
+             f"{mine[wrong[0]].tolist()}")
+    t = next(t for t in range(len(weights)) if not same_choices(weights[t:t + 1], indices[t:t + 1],
+                                                                expected[0][t:t + 1], expected[1][t:t + 1]))
+    if close(weights[t].sort().values, expected[0][t].sort().values):
+        fail(f"{what}: token {t} has the right experts and the right weights, but not paired: weights[t, j] must be "
+             f"the weight of expert indices[t, j] (expected {[round(v, 3) for v in expected[0][t].tolist()]} for "
+             f"experts {expected[1][t].tolist()}, got {[round(v, 3) for v in weights[t].tolist()]} for "
+             f"{indices[t].tolist()}); keep the two in the same column order")
+    fail(f"{what}: the right experts, wrong weights. Token {t}: expected "
+         f"{[round(v, 3) for v in expected[0][t].tolist()]} for experts {expected[1][t].tolist()}, got "
+         f"{[round(v, 3) for v in weights[t].tolist()]} for {indices[t].tolist()}")
 
 
 def _check_gate(what: str, result: Any, logits: torch.Tensor, given: torch.Tensor, given_bias: torch.Tensor,
                 expected: tuple[torch.Tensor, torch.Tensor], mistakes: list[tuple[str, tuple]],
-                reference: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                reference: Callable[[torch.Tensor], torch.Tensor], groups: tuple[int, int] = (1, 1)) -> None:
     """Values (any column order), then the gradient w.r.t. the logits, then no gradient into the bias."""
     t, k = expected[1].shape
     weights, indices = weights_and_ids(result, what)
     expect_shape(weights, (t, k), what + "'s weights")
     expect_shape(indices, (t, k), what + "'s indices")
     if not same_choices(weights, indices, *expected):
-        for hint, (w_bad, i_bad) in mistakes:
-            if same_choices(weights, indices, w_bad, i_bad):
-                fail(f"{what}: it looks like you {hint}.")
-        if not torch.equal(indices.long().sort(-1).values, expected[1].sort(-1).values):
-            fail(f"{what}: wrong experts chosen. Token 0 should get experts {sorted(expected[1][0].tolist())}, "
-                 f"got {sorted(indices[0].tolist())}")
-        fail(f"{what}: the right experts, wrong weights. Token 0: expected "
-             f"{[round(v, 3) for v in expected[0][0].tolist()]} for experts {expected[1][0].tolist()}, got "
-             f"{[round(v, 3) for v in weights[0].detach().tolist()]} for {indices[0].tolist()}")
+        _gate_values(what, weights.detach(), indices.long(), logits, given_bias.detach(), expected, mistakes, groups)
     if given_bias.requires_grad and weights.requires_grad:
         (g_bias,) = torch.autograd.grad(weights.sum(), given_bias, retain_graph=True, allow_unused=True)
         if g_bias is not None and bool(g_bias.abs().max() > 0):
@@ -219,17 +306,17 @@ def biased_topk(fn: Callable[[torch.Tensor, torch.Tensor, int], Any]) -> None:
     for label, logits, bias, k in _topk_cases():
         what = f"biased_topk on {label}"
         given, given_bias = logits.clone().requires_grad_(True), bias.clone().requires_grad_(True)
-        result = call(fn, given, given_bias, k, what=what)
-        if not torch.equal(given.detach(), logits) or not torch.equal(given_bias.detach(), bias):
-            fail(f"{what} changed its inputs in place; compute new tensors instead")
+        result = call_unchanged(fn, {"logits": given, "bias": given_bias, "k": k}, what=what)
         expected = sigmoid_topk(logits, k, bias)
         _check_gate(what, result, logits, given, given_bias, expected, _topk_mistakes(logits, bias, k),
                     lambda lg, bias=bias, k=k: sigmoid_topk(lg, k, bias)[0])
-    ok("biased_topk", "top-k of sigmoid + bias, weights from the unbiased scores renormalised; k = 1, 2, 3")
+    ok("biased_topk", "top-k of sigmoid + bias, weights from the unbiased scores renormalised; k = 1, 2, 3; ties as "
+       "topk")
 
 
 def _group_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
     g = torch.Generator().manual_seed(6060)
+    ties = torch.Generator().manual_seed(6062)
     strong = torch.tensor([0.1, -0.9, 0.0, -0.8, -0.9, 0.2, -0.7, -0.95, 0.05, -0.85, -0.9, 0.0])
     return [
         ("10 tokens, 12 experts in 4 groups, top-2 groups, k=3", 1.5 * torch.randn(10, 12, generator=g),
@@ -240,6 +327,9 @@ def _group_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]
          0.3 * torch.randn(12, generator=g), 2, 3, 1),
         ("12 tokens, 12 experts in 4 groups, top-2 groups, k=3, large negative biases",
          1.5 * torch.randn(12, 12, generator=g), strong, 3, 4, 2),
+        ("12 tokens, 12 experts in 4 groups, top-2 groups, k=3, logits in {-1, 0, 1} and biases in {0, 0.1} (many "
+         "tied expert and group scores)", torch.randint(-1, 2, (12, 12), generator=ties).float(),
+         torch.tensor([0.0, 0.1, 0.0] * 4), 3, 4, 2),
     ]
 
 
@@ -272,8 +362,8 @@ def _group_mistakes(logits: torch.Tensor, bias: torch.Tensor, k: int, n_groups: 
          _gate(logits, bias, k, mask=_group_mask(s + bias, n_groups, topk_groups, "sum"))),
         ("scored the groups with the unbiased scores; the group score uses the biased scores s + b too",
          _gate(logits, bias, k, mask=_group_mask(s, n_groups, topk_groups))),
-        ("did not limit the tokens to their best groups: mask the experts outside the topk_groups best groups "
-         "before the top-k", _gate(logits, bias, k)),
+        ("did not limit the tokens to their best groups (or kept too many, e.g. k groups instead of topk_groups): "
+         "mask the experts outside the topk_groups best groups before the top-k", _gate(logits, bias, k)),
         ("grouped the experts round-robin (expert e in group e % G); groups are contiguous blocks: experts "
          "0 .. N/G − 1 form group 0, i.e. view(T, G, N/G)",
          _gate(logits, bias, k, mask=_group_mask(s + bias, n_groups, topk_groups, layout="round-robin"))),
@@ -282,6 +372,8 @@ def _group_mistakes(logits: torch.Tensor, bias: torch.Tensor, k: int, n_groups: 
         ("added the bias to the combine weights; it only decides which experts are chosen",
          _gate(logits, bias, k, mask=right, weigh="s+b")),
         ("did not renormalise the weights over the k chosen experts", _gate(logits, bias, k, mask=right, renorm="no")),
+        (f"kept the k={k} best groups; keep the topk_groups={topk_groups} best groups, then choose k experts in them",
+         _gate(logits, bias, k, mask=_group_mask(s + bias, n_groups, min(k, n_groups)))),
     ]
 
 
@@ -290,14 +382,14 @@ def group_limited_topk(fn: Callable[..., Any]) -> None:
     for label, logits, bias, k, n_groups, topk_groups in _group_cases():
         what = f"group_limited_topk on {label}"
         given, given_bias = logits.clone().requires_grad_(True), bias.clone().requires_grad_(True)
-        result = call(fn, given, given_bias, k, n_groups, topk_groups, what=what)
-        if not torch.equal(given.detach(), logits) or not torch.equal(given_bias.detach(), bias):
-            fail(f"{what} changed its inputs in place; compute new tensors instead")
+        inputs = {"logits": given, "bias": given_bias, "k": k, "n_groups": n_groups, "topk_groups": topk_groups}
+        result = call_unchanged(fn, inputs, what=what)
         expected = sigmoid_topk(logits, k, bias, n_groups=n_groups, topk_groups=topk_groups)
 
         def reference(lg: torch.Tensor, bias=bias, k=k, g=n_groups, tg=topk_groups) -> torch.Tensor:
             return sigmoid_topk(lg, k, bias, n_groups=g, topk_groups=tg)[0]
 
         _check_gate(what, result, logits, given, given_bias, expected,
-                    _group_mistakes(logits, bias, k, n_groups, topk_groups), reference)
-    ok("group_limited_topk", "best groups by top-2 biased scores, then biased top-k, unbiased renormalised weights")
+                    _group_mistakes(logits, bias, k, n_groups, topk_groups), reference, (n_groups, topk_groups))
+    ok("group_limited_topk", "best groups by top-2 biased scores, then biased top-k, unbiased renormalised weights; "
+       "ties as topk")

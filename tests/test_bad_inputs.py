@@ -1,0 +1,406 @@
+"""Bad inputs raise a named error at the call's entry, never deep inside torch or numpy, and never pass silently.
+
+One row per bad input: the call, the exception type, and the argument its message must name. Each error must
+also come from the package's own code (the innermost frame of the traceback is a ``moe_course`` file), so a
+failure deep inside torch that happens to mention the word does not count. The last tests check that valid
+inputs next to the bad ones still work.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import socket
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_course import analysis, balancing, capstone, experiments, loss_free, parallel, routing
+from moe_course.model import ModelConfig, TinyLM
+from moe_course.moe import MoE
+from moe_course.train import TrainConfig
+
+PACKAGE = Path(routing.__file__).resolve().parent
+T = torch.tensor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small, cached objects the rows share (built on first use, so collecting the tests stays fast)
+
+
+@functools.cache
+def tiny_model(**overrides) -> TinyLM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=256, block_size=8, n_layer=2, n_head=2, d_model=16, n_experts=4, top_k=2,
+               expert_hidden=8, d_hidden=16)
+    return TinyLM(ModelConfig(**{**cfg, **overrides}))
+
+
+@functools.cache
+def dense_model() -> TinyLM:
+    return tiny_model(ffn="dense")
+
+
+@functools.cache
+def data() -> torch.Tensor:
+    return torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0))
+
+
+@functools.cache
+def types() -> torch.Tensor:
+    return torch.randint(0, 9, (200,), generator=torch.Generator().manual_seed(1))
+
+
+@functools.cache
+def routed() -> capstone.RoutedText:
+    return capstone.route_text(tiny_model(), "def f(x):\n    return x + 1\n")
+
+
+def a_result(name: str = "z_loss") -> experiments.ExperimentResult:
+    runs = experiments.get_experiment(name).runs("smoke")
+    return experiments.ExperimentResult(name, "smoke", [0], "", experiments._configs(runs),
+                                        [experiments.RunRecord(r.label, 0, val_loss=[2.0]) for r in runs])
+
+
+def one_rank_group(fn):
+    """Run ``fn()`` inside a process group of one rank (gloo), as ``launch`` would on each rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        return fn()
+    finally:
+        dist.destroy_process_group()
+
+
+def hash_forward(token_ids: torch.Tensor):
+    router = routing.HashRouter(4, vocab_size=10, k=2)
+    return router(torch.zeros(token_ids.numel(), 8), token_ids)
+
+
+def with_mask(m):
+    with analysis.mask_top_experts(tiny_model(), m):
+        pass
+
+
+DEMO = {"d_model": 8, "d_hidden": 16, "n_experts": 4, "top_k": 2}
+SMOKE_RUN = experiments.Run("x", experiments.base_model("smoke"), experiments.base_train("smoke"))
+TRAIN_CFG = TrainConfig(steps=4, batch_size=2, eval_every=2, eval_batches=1, warmup=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the bad inputs: (id, call, exception type, argument the message names)
+
+ROWS = [
+    # routing.py: shapes of scores and bias, k, groups, capacity factors, token ids
+    ("select_topk-scores-1d", lambda: routing.select_topk(torch.rand(4), 2), ValueError, "scores"),
+    ("select_topk-scores-3d", lambda: routing.select_topk(torch.rand(2, 3, 4), 2), ValueError, "scores"),
+    ("select_topk-bias-length", lambda: routing.select_topk(torch.rand(3, 4), 2, bias=torch.zeros(5)), ValueError,
+     "bias"),
+    ("select_topk-bias-length-1", lambda: routing.select_topk(torch.rand(3, 4), 2, bias=torch.zeros(1)), ValueError,
+     "bias"),
+    ("select_topk-bias-rows", lambda: routing.select_topk(torch.rand(3, 4), 2, bias=torch.zeros(2, 4)), ValueError,
+     "bias"),
+    ("select_topk-n_groups-0", lambda: routing.select_topk(torch.rand(3, 4), 2, n_groups=0), ValueError, "n_groups"),
+    ("select_topk-topk_groups>n_groups", lambda: routing.select_topk(torch.rand(3, 4), 2, topk_groups=2), ValueError,
+     "topk_groups"),
+    ("select_topk-k>kept-experts", lambda: routing.select_topk(torch.rand(3, 8), 3, n_groups=4, topk_groups=1),
+     ValueError, "k=3"),
+    ("softmax_topk-logits-1d", lambda: routing.softmax_topk(torch.randn(4), 2), ValueError, "logits"),
+    ("softmax_topk-bias-length", lambda: routing.softmax_topk(torch.randn(3, 4), 2, bias=torch.zeros(3)), ValueError,
+     "bias"),
+    ("sigmoid_topk-logits-3d", lambda: routing.sigmoid_topk(torch.randn(2, 3, 4), 2), ValueError, "logits"),
+    ("sigmoid_topk-k>kept-experts", lambda: routing.sigmoid_topk(torch.randn(3, 8), 4, n_groups=4, topk_groups=1),
+     ValueError, "topk_groups"),
+    ("sigmoid_topk-n_groups-not-dividing", lambda: routing.sigmoid_topk(torch.randn(3, 6), 2, n_groups=4),
+     ValueError, "n_groups"),
+    ("group_limited_mask-n_groups-0", lambda: routing.group_limited_mask(torch.rand(3, 4), 0, 1, False), ValueError,
+     "n_groups"),
+    ("group_limited_mask-choice-1d", lambda: routing.group_limited_mask(torch.rand(4), 2, 1, False), ValueError,
+     "choice"),
+    ("keep_topk_softmax-h-1d", lambda: routing.keep_topk_softmax(torch.randn(4), 2), ValueError, "h must"),
+    ("noisy_topk_logits-noise-shape", lambda: routing.noisy_topk_logits(torch.zeros(4, 3), torch.zeros(4, 5)),
+     ValueError, "noise_logits"),
+    ("noisy_topk_logits-noise-broadcasts-up", lambda: routing.noisy_topk_logits(torch.zeros(4, 3),
+                                                                                torch.zeros(2, 4, 3)),
+     ValueError, "noise_logits"),
+    ("expert_choice-scores-1d", lambda: routing.expert_choice(torch.rand(6), 2), ValueError, "scores"),
+    ("expert_choice_capacity-cf-0", lambda: routing.expert_choice_capacity(16, 4, 0.0), ValueError,
+     "capacity_factor"),
+    ("expert_choice_capacity-cf-negative", lambda: routing.expert_choice_capacity(16, 4, -1.0), ValueError,
+     "capacity_factor"),
+    ("expert_choice_capacity-n_experts-0", lambda: routing.expert_choice_capacity(16, 0, 1.0), ValueError,
+     "n_experts"),
+    ("expert_choice_capacity-n_tokens-0", lambda: routing.expert_choice_capacity(0, 4, 1.0), ValueError, "n_tokens"),
+    ("TopKRouter-d_model-0", lambda: routing.TopKRouter(0, 4, 2), ValueError, "d_model"),
+    ("TopKRouter-n_experts-0", lambda: routing.TopKRouter(8, 0, 1), ValueError, "n_experts"),
+    ("TopKRouter-n_groups-float", lambda: routing.TopKRouter(8, 8, 2, score="sigmoid", n_groups=2.0), TypeError,
+     "n_groups"),
+    ("ExpertChoiceRouter-cf-str", lambda: routing.ExpertChoiceRouter(8, 4, "2"), TypeError, "capacity_factor"),
+    ("HashRouter-vocab_size-float", lambda: routing.HashRouter(4, 256.0), TypeError, "vocab_size"),
+    ("HashRouter-token-id>=vocab", lambda: hash_forward(T([1, 10])), ValueError, "token_ids"),
+    ("HashRouter-token-id-negative", lambda: hash_forward(T([1, -1])), ValueError, "token_ids"),
+    ("HashRouter-token-ids-float", lambda: hash_forward(T([1.0, 2.0])), TypeError, "token_ids"),
+    # balancing.py: shapes, expert ids, counts, rates
+    ("switch_aux_loss-indices-1d", lambda: balancing.switch_aux_loss(torch.rand(4, 4), T([0, 1, 2, 3]), 4),
+     ValueError, "indices"),
+    ("switch_aux_loss-scores-1d", lambda: balancing.switch_aux_loss(torch.rand(4), T([[0], [1], [2], [3]]), 4),
+     ValueError, "scores"),
+    ("switch_aux_loss-scores-N", lambda: balancing.switch_aux_loss(torch.rand(4, 5), T([[0], [1], [2], [3]]), 4),
+     ValueError, "n_experts"),
+    ("switch_aux_loss-T-mismatch", lambda: balancing.switch_aux_loss(torch.rand(4, 4), T([[0], [1], [2]]), 4),
+     ValueError, "indices"),
+    ("switch_aux_loss-id>=N", lambda: balancing.switch_aux_loss(torch.rand(2, 4), T([[0], [4]]), 4), ValueError,
+     "indices"),
+    ("switch_aux_loss-id-negative", lambda: balancing.switch_aux_loss(torch.rand(2, 4), T([[0], [-1]]), 4),
+     ValueError, "indices"),
+    ("switch_aux_loss-n_experts-0", lambda: balancing.switch_aux_loss(torch.rand(2, 0), T([[0], [0]]), 0),
+     ValueError, "n_experts"),
+    ("router_z_loss-logits-1d", lambda: balancing.router_z_loss(torch.randn(4)), ValueError, "logits"),
+    ("importance_loss-scores-1d", lambda: balancing.importance_loss(torch.rand(4)), ValueError, "scores"),
+    ("sequence_aux_loss-2d", lambda: balancing.sequence_aux_loss(torch.rand(4, 4), T([[0], [1], [2], [3]]), 4),
+     ValueError, "scores"),
+    ("sequence_aux_loss-S-mismatch", lambda: balancing.sequence_aux_loss(torch.rand(2, 4, 4),
+                                                                         torch.zeros(2, 3, 2, dtype=torch.long), 4),
+     ValueError, "indices"),
+    ("sequence_aux_loss-scores-N", lambda: balancing.sequence_aux_loss(torch.rand(1, 4, 5),
+                                                                       torch.zeros(1, 4, 2, dtype=torch.long), 4),
+     ValueError, "n_experts"),
+    ("bias_update-counts-length", lambda: balancing.bias_update(torch.zeros(4), T([1, 2, 3]), 1e-3), ValueError,
+     "counts"),
+    ("bias_update-counts-length-1", lambda: balancing.bias_update(torch.zeros(4), T([5]), 1e-3), ValueError,
+     "counts"),
+    ("bias_update-counts-negative", lambda: balancing.bias_update(torch.zeros(3), T([4, -1, 2]), 1e-3), ValueError,
+     "counts"),
+    ("bias_update-counts-fractional", lambda: balancing.bias_update(torch.zeros(3), T([1.5, 2.0, 0.5]), 1e-3),
+     ValueError, "counts"),
+    ("bias_update-rate-negative", lambda: balancing.bias_update(torch.zeros(3), T([1, 2, 3]), -1e-3), ValueError,
+     "rate"),
+    ("bias_update-rate-nan", lambda: balancing.bias_update(torch.zeros(3), T([1, 2, 3]), math.nan), ValueError,
+     "rate"),
+    ("SwitchAuxLoss-n_experts-0", lambda: balancing.SwitchAuxLoss(0.01, 0), ValueError, "n_experts"),
+    ("SequenceAuxLoss-n_experts-float", lambda: balancing.SequenceAuxLoss(1e-4, 4.0), TypeError, "n_experts"),
+    # parallel.py: ranks, world, expert ids, byte sizes, per-rank settings
+    ("experts_per_rank-n_experts-0", lambda: parallel.experts_per_rank(0, 2), ValueError, "n_experts"),
+    ("experts_per_rank-n_experts-negative", lambda: parallel.experts_per_rank(-4, 2), ValueError, "n_experts"),
+    ("experts_per_rank-world-0", lambda: parallel.experts_per_rank(8, 0), ValueError, "world"),
+    ("local_experts-rank-float", lambda: parallel.local_experts(1.5, 2, 8), TypeError, "rank"),
+    ("local_experts-rank-outside", lambda: parallel.local_experts(2, 2, 8), ValueError, "rank"),
+    ("expert_owner-id>=N", lambda: parallel.expert_owner(T([0, 8]), 8, 2), ValueError, "n_experts"),
+    ("send_counts-id>=N", lambda: parallel.send_counts(T([[0, 9]]), 8, 2), ValueError, "n_experts"),
+    ("send_counts-id-negative", lambda: parallel.send_counts(T([[0, -1]]), 8, 2), ValueError, "n_experts"),
+    ("send_counts-ids-float", lambda: parallel.send_counts(T([[0.0, 5.0]]), 8, 2), TypeError, "indices"),
+    ("rank_order-id>=N", lambda: parallel.rank_order(T([[0, 8]]), 8, 2), ValueError, "n_experts"),
+    ("ranks_per_token-1d", lambda: parallel.ranks_per_token(T([0, 5]), 8, 2), ValueError, "indices"),
+    ("ranks_per_token-id>=N", lambda: parallel.ranks_per_token(T([[0, 8]]), 8, 2), ValueError, "n_experts"),
+    ("dispatch_bytes-rank=world", lambda: parallel.dispatch_bytes(T([[0, 5]]), 8, 2, 2, 8, 4), ValueError, "rank"),
+    ("dispatch_bytes-rank-negative", lambda: parallel.dispatch_bytes(T([[0, 5]]), 8, 2, -1, 8, 4), ValueError,
+     "rank"),
+    ("dispatch_bytes-d_model-0", lambda: parallel.dispatch_bytes(T([[0, 5]]), 8, 2, 0, 0, 4), ValueError, "d_model"),
+    ("dispatch_bytes-bytes-negative", lambda: parallel.dispatch_bytes(T([[0, 5]]), 8, 2, 0, 8, -2), ValueError,
+     "bytes_per_element"),
+    ("launch-threads-0", lambda: parallel.launch(parallel.fail_on_rank, 2, 0, "raise", threads=0), ValueError,
+     "threads"),
+    ("launch-fn-not-callable", lambda: parallel.launch("fail_on_rank", 2), TypeError, "fn"),
+    ("ExpertParallelMoE-not-a-MoE", lambda: parallel.ExpertParallelMoE(torch.nn.Linear(4, 4), 0, 2), TypeError,
+     "moe"),
+    ("profile_layer-bias-length", lambda: parallel.profile_layer(DEMO, 16, bias=[0.1, 0.0]), ValueError, "bias"),
+    ("profile_layer-bias-length-1", lambda: parallel.profile_layer(DEMO, 16, bias=[0.1]), ValueError, "bias"),
+    ("profile_layer-repeats-0", lambda: parallel.profile_layer(DEMO, 16, repeats=0), ValueError, "repeats"),
+    ("profile_layer-dtype", lambda: parallel.profile_layer(DEMO, 16, dtype="float8"), ValueError, "dtype"),
+    ("balance_with_bias-bias-length", lambda: parallel.balance_with_bias(DEMO, 16, [0.1, 0.0, 0.0], 2), ValueError,
+     "bias"),
+    ("compare-tokens-per-rank", lambda: one_rank_group(
+        lambda: parallel.compare_with_single_process([{"moe": DEMO, "tokens": [4, 4]}])), ValueError, "tokens"),
+    ("compare-tokens-negative", lambda: one_rank_group(
+        lambda: parallel.compare_with_single_process([{"moe": DEMO, "tokens": [-4]}])), ValueError, "tokens"),
+    # analysis.py: masks, tables of counts, paired data and types, batch counts
+    ("mask_top_experts-m-negative", lambda: with_mask(-1), ValueError, "m must"),
+    ("mask_top_experts-m-float", lambda: with_mask(1.5), TypeError, "m must"),
+    ("mask_top_experts-m>N-k", lambda: with_mask(3), ValueError, "m=3"),
+    ("redundancy-masks-negative", lambda: analysis.redundancy(tiny_model(), data(), masks=(-1,), n_batches=1),
+     ValueError, "masks"),
+    ("redundancy-n_batches-0", lambda: analysis.redundancy(tiny_model(), data(), n_batches=0), ValueError,
+     "n_batches"),
+    ("routing_tables-types-shorter", lambda: analysis.routing_tables(tiny_model(), data(), types()[:50], 9),
+     ValueError, "types"),
+    ("routing_tables-n_batches-0", lambda: analysis.routing_tables(tiny_model(), data(), types(), 9, n_batches=0),
+     ValueError, "n_batches"),
+    ("routing_tables-data-too-short", lambda: analysis.routing_tables(tiny_model(), data()[:8], types()[:8], 9),
+     ValueError, "data"),
+    ("mutual_information-1d", lambda: analysis.mutual_information(T([1, 2, 3])), ValueError, "table"),
+    ("mutual_information-negative", lambda: analysis.mutual_information(T([[3, -1], [2, 4]])), ValueError, "table"),
+    ("mutual_information-empty", lambda: analysis.mutual_information(torch.zeros(2, 3)), ValueError, "table"),
+    ("random_router_table-float", lambda: analysis.random_router_table(T([[1.0, 2.0], [3.0, 4.0]])), TypeError,
+     "table"),
+    ("random_router_table-negative", lambda: analysis.random_router_table(T([[1, -2], [3, 4]])), ValueError, "table"),
+    ("specialisation-one-type", lambda: analysis.specialisation([T([[3, 4], [0, 0]])]), ValueError, "tables[0]"),
+    ("type_expert_table-indices-float", lambda: analysis.type_expert_table(T([0, 1]), T([[0.7], [1.2]]), 2, 2),
+     TypeError, "indices"),
+    ("type_expert_table-n_types-0", lambda: analysis.type_expert_table(T([], dtype=torch.long),
+                                                                       torch.zeros(0, 1, dtype=torch.long), 0, 2),
+     ValueError, "n_types"),
+    ("expert_output_similarity-1-expert", lambda: analysis.expert_output_similarity(
+        tiny_model(n_experts=1, top_k=1), data(), 16), ValueError, "n_experts"),
+    ("expert_output_similarity-n_tokens-0", lambda: analysis.expert_output_similarity(tiny_model(), data(), 0),
+     ValueError, "n_tokens"),
+    ("probe-n_batches-1", lambda: analysis.probe(tiny_model(), SimpleNamespace(val=data(), val_types=types()),
+                                                 n_batches=1), ValueError, "n_batches"),
+    # capstone.py: text, rendering arguments, configs
+    ("route_text-text-int", lambda: capstone.route_text(tiny_model(), 5), TypeError, "text must"),
+    ("route_text-text-None", lambda: capstone.route_text(tiny_model(), None), TypeError, "text must"),
+    ("route_text-model", lambda: capstone.route_text(torch.nn.Linear(2, 2), "x"), TypeError, "model"),
+    ("plot_routed_text-layer-bool", lambda: capstone.plot_routed_text(routed(), layer=True), ValueError, "layer"),
+    ("plot_routed_text-routed", lambda: capstone.plot_routed_text({"bytes": []}), TypeError, "routed"),
+    ("expert_colors-0", lambda: capstone.expert_colors(0), ValueError, "n_experts"),
+    ("expert_colors-negative", lambda: capstone.expert_colors(-3), ValueError, "n_experts"),
+    ("train_flops_per_token_of-cfg", lambda: capstone.train_flops_per_token_of({"d_model": 8}), TypeError, "cfg"),
+    ("routing_explorer-text-bytes", lambda: capstone.routing_explorer(tiny_model(), b"x = 1"), TypeError, "text"),
+    # experiments.py
+    ("fingerprint-size", lambda: experiments.fingerprint("z_loss", "huge"), ValueError, "size"),
+    ("train_run-seed-negative", lambda: experiments.train_run(SMOKE_RUN, -1, None, "smoke"), ValueError, "seed"),
+    ("train_run-size", lambda: experiments.train_run(SMOKE_RUN, 0, None, "huge"), ValueError, "size"),
+    ("train_run-run", lambda: experiments.train_run("x", 0, None, "smoke"), TypeError, "run"),
+    ("run_experiment-jobs-float", lambda: experiments.run_experiment("z_loss", "smoke", [0], "cpu", False, False,
+                                                                     jobs=1.5), TypeError, "jobs"),
+    ("run_experiment-jobs-bool", lambda: experiments.run_experiment("z_loss", "smoke", [0], "cpu", False, False,
+                                                                    jobs=True), TypeError, "jobs"),
+    ("ExperimentResult.mean-key", lambda: a_result().mean("z=0", "val_los"), ValueError, "key"),
+    ("tuning_choice-result", lambda: experiments.tuning_choice(a_result()), ValueError, "result"),
+    ("load_result-name", lambda: experiments.load_result("nope", "cpu"), ValueError, "experiment"),
+    ("register-seeds-empty", lambda: experiments.register("x", "x", seeds=()), ValueError, "seeds"),
+    ("register-version-0", lambda: experiments.register("x", "x", version=0), ValueError, "version"),
+    # loss_free.py
+    ("router_gradients-x-1d", lambda: loss_free.router_gradients(tiny_model(), T([1, 2, 3]), T([2, 3, 4])),
+     ValueError, "x must"),
+    ("router_gradients-xy-shapes", lambda: loss_free.router_gradients(tiny_model(), torch.zeros(2, 4).long(),
+                                                                      torch.zeros(2, 3).long()), ValueError, "x and y"),
+    ("global_counts-n_batches-0", lambda: loss_free.global_counts(tiny_model(), data(), 2, 0), ValueError,
+     "n_batches"),
+    ("max_vio_global-dense", lambda: loss_free.max_vio_global(dense_model(), data(), 2, 1), ValueError, "model"),
+    ("LossFreeRecorder-log_every-0", lambda: loss_free.LossFreeRecorder(0, TRAIN_CFG, data()), ValueError,
+     "log_every"),
+    ("simulate_bias-k-float", lambda: loss_free.simulate_bias(k=1.5, steps=2), TypeError, "k must"),
+    ("simulate_bias-rate-str", lambda: loss_free.simulate_bias(rate="1e-3", steps=2), TypeError, "rate"),
+    ("simulate_bias-skew-nan", lambda: loss_free.simulate_bias(skew=math.nan, steps=2), ValueError, "skew"),
+    ("simulate_bias-steps-float", lambda: loss_free.simulate_bias(steps=2.5), TypeError, "steps"),
+    ("track-size", lambda: loss_free.track(SimpleNamespace(val=data()), TRAIN_CFG, 2, "huge", None), ValueError,
+     "size"),
+    ("stats-key", lambda: loss_free.stats(a_result(), "z=0", "val_los"), ValueError, "key"),
+    # model.py: ModelConfig settings that used to fail only when TinyLM was built or run (or never)
+    ("ModelConfig-expert_hidden-0", lambda: ModelConfig(expert_hidden=0), ValueError, "expert_hidden"),
+    ("ModelConfig-router-not-str", lambda: ModelConfig(router=5), TypeError, "router"),
+    ("ModelConfig-router_score-unknown", lambda: ModelConfig(router_score="relu"), ValueError, "router_score"),
+    ("ModelConfig-router_score-with-hash", lambda: ModelConfig(router="hash", router_score="sigmoid",
+                                                               aux_loss_coef=0.0), ValueError, "router_score"),
+    ("ModelConfig-moe_every>n_layer", lambda: ModelConfig(n_layer=4, moe_every=5), ValueError, "moe_every"),
+    ("ModelConfig-n_groups-not-dividing", lambda: ModelConfig(n_groups=3, router_score="sigmoid"), ValueError,
+     "n_groups"),
+    ("ModelConfig-n_groups-0", lambda: ModelConfig(n_groups=0), ValueError, "n_groups"),
+    ("ModelConfig-topk_groups>n_groups", lambda: ModelConfig(n_groups=2, topk_groups=3, router_score="sigmoid"),
+     ValueError, "topk_groups"),
+    ("ModelConfig-topk_groups-without-groups", lambda: ModelConfig(topk_groups=2), ValueError, "topk_groups"),
+    ("ModelConfig-n_groups-softmax", lambda: ModelConfig(n_groups=2), ValueError, "router_score"),
+    ("ModelConfig-top_k>kept-experts", lambda: ModelConfig(n_groups=4, topk_groups=1, top_k=3,
+                                                           router_score="sigmoid"), ValueError, "top_k"),
+    ("ModelConfig-n_groups-with-hash", lambda: ModelConfig(router="hash", n_groups=2, aux_loss_coef=0.0), ValueError,
+     "n_groups"),
+    ("ModelConfig-dropout-str", lambda: ModelConfig(dropout="0.1"), TypeError, "dropout"),
+    ("ModelConfig-d_model-by-n_head", lambda: ModelConfig(d_model=30, n_head=4), ValueError, "n_head"),
+    ("ModelConfig-top_k>n_experts", lambda: ModelConfig(n_experts=4, top_k=5), ValueError, "top_k"),
+    ("ModelConfig-block_size-0", lambda: ModelConfig(block_size=0), ValueError, "block_size"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "argument"), [pytest.param(*row[1:], id=row[0]) for row in ROWS])
+def test_bad_input_raises_a_named_error_at_entry(call, error, argument):
+    with pytest.raises(Exception) as info:  # noqa: B017, PT011 - the type is asserted below, with the message
+        call()
+    assert info.type is error, f"raised {info.type.__name__}: {info.value}"
+    message = str(info.value)
+    assert argument in message, f"the message does not name {argument!r}: {message}"
+    assert len(message) > len(argument) + 20, f"the message does not say what is expected: {message}"
+    innermost = Path(info.traceback[-1].path).resolve()
+    assert PACKAGE in innermost.parents, f"raised inside {innermost}, not at the entry of a moe_course function"
+
+
+def test_row_ids_are_unique():
+    ids = [row[0] for row in ROWS]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["run", "z_loss", "--size", "smoke", "--seeds", "-1"], "--seeds"),
+        (["run", "z_loss", "--size", "smoke", "--seeds", "0", "0"], "--seeds"),
+        (["run", "z_loss", "--size", "smoke", "--device", "tpu"], "--device"),
+        (["run", "z_loss", "--size", "smoke", "--device", "cpu", "--threads", "0"], "--threads"),
+        (["run", "z_loss", "--size", "smoke", "--device", "cpu", "--jobs", "0"], "--jobs"),
+    ],
+)
+def test_experiments_cli_names_the_bad_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        experiments.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage" in err and flag in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# valid inputs next to the bad ones still work, with the same numbers
+
+
+def test_valid_inputs_still_work():
+    scores = torch.rand(5, 8, generator=torch.Generator().manual_seed(0))
+    w, i = routing.select_topk(scores, 2, bias=torch.zeros(8))
+    assert torch.equal(w, routing.select_topk(scores, 2)[0]) and i.shape == (5, 2)
+    routing.select_topk(scores, 2, bias=torch.zeros(5, 8))  # a per-token bias (TopKRouter.mask_top)
+    routing.select_topk(scores, 2, bias=torch.zeros(1, 8))  # broadcast over tokens
+    routing.sigmoid_topk(torch.randn(5, 8), 4, n_groups=4, topk_groups=2)  # k = 4 fits in 2 groups of 2
+    assert routing.expert_choice_capacity(16, 4, 2) == 8  # an int factor
+    assert routing.expert_choice(torch.rand(3, 4), 3)[1].shape == (4, 3)
+    hash_forward(T([[0, 9], [3, 4]]))  # (B, S) token ids at the vocabulary's edges
+    assert balancing.switch_aux_loss(torch.rand(0, 4), torch.zeros(0, 2, dtype=torch.long), 4).item() == 0.0
+    assert balancing.router_z_loss(torch.zeros(0, 4)).item() == 0.0
+    assert torch.equal(balancing.bias_update(torch.zeros(3), T([1.0, 2.0, 3.0]), 1), T([1.0, 0.0, -1.0]))
+    assert parallel.send_counts(T([[0, 7], [3, 4]]), 8, 2).tolist() == [2, 2]
+    assert parallel.expert_owner(torch.zeros(0, dtype=torch.long), 8, 2).numel() == 0
+    assert analysis.mutual_information(T([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(1.0)
+    assert analysis.random_router_table(T([[2, 0], [0, 2]])).sum() == 4
+    with analysis.mask_top_experts(tiny_model(), 2):  # N - k = 2 experts can be masked
+        pass
+    with analysis.mask_top_experts(dense_model(), 0):  # m = 0 on a dense model: nothing to do
+        pass
+    capstone.route_text(tiny_model(), b"x = 1\n")  # UTF-8 bytes are text too
+    assert len(capstone.expert_colors(40)) == 40
+    ModelConfig(n_groups=4, topk_groups=2, top_k=4, router_score="sigmoid")
+    ModelConfig(router="expert_choice", aux_loss_coef=0.0, capacity_factor=2.0)
+    ModelConfig(ffn="dense", moe_every=9, n_layer=2)  # MoE settings do not matter to a dense model
+    replace(experiments.base_model("cpu"), n_layer=2, moe_every=2)
+    loss_free.LossFreeRecorder(2, TRAIN_CFG, data(), probe=(torch.zeros(1, 4).long(), torch.zeros(1, 4).long()))
+
+
+def test_value_checks_in_training_paths_do_not_read_accelerator_tensors():
+    """Range and count checks read tensor values on the CPU only: on a GPU reading them would wait for the device
+    (a host-device sync per layer and step). Meta tensors have no values at all, so reading one would raise."""
+    meta = torch.device("meta")
+    ids = torch.zeros(3, 2, dtype=torch.long, device=meta)
+    assert balancing.switch_aux_loss(torch.rand(3, 4, device=meta), ids, 4).is_meta
+    assert balancing.sequence_aux_loss(torch.rand(1, 3, 4, device=meta), ids[None], 4).is_meta
+    assert balancing.bias_update(torch.zeros(4, device=meta), torch.zeros(4, device=meta), 1e-3).is_meta
+    assert parallel.expert_owner(ids, 4, 2).is_meta
+    router = routing.HashRouter(4, vocab_size=10, k=2).to(meta)
+    assert router(torch.zeros(3, 8, device=meta), torch.zeros(3, dtype=torch.long, device=meta)).indices.is_meta
+    with pytest.raises(ValueError, match="n_experts"):  # shapes are still checked: they cost nothing
+        balancing.switch_aux_loss(torch.rand(3, 5, device=meta), ids, 4)
+
+
+def test_model_settings_still_build():
+    assert len(tiny_model(moe_every=2).moe_layers()) == 1
+    assert MoE(8, 16, 4, 2, router="hash").router.table.shape == (256, 2)
