@@ -13,6 +13,8 @@ top-``k``, in two steps that keep the total and the active expert parameters fix
 :class:`~moe_course.model.ModelConfig` (GShard-style, fine-grained, DeepSeekMoE, dense twin) and
 :func:`param_table` counts them with :func:`moe_course.params.count_model` so a notebook can assert that the
 totals and active counts match. :func:`shared_moe_forward` is the layer's equation, written out for one layer.
+:func:`expert_similarity` compares the routed experts' outputs, optionally in groups of ``m`` fine experts so
+that layouts of different expert widths are compared at the same width.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moe_course.params import count_model
 __all__ = [
     "FineGrainedConfig",
     "comparison_configs",
+    "expert_similarity",
     "fine_grained_config",
     "n_combinations",
     "param_table",
@@ -155,3 +158,56 @@ def shared_moe_forward(x: torch.Tensor, gate_weight: torch.Tensor, experts: Sequ
     for expert in shared:
         y = y + expert(x)
     return y
+
+
+@torch.no_grad()
+def expert_similarity(model: nn.Module, data: torch.Tensor, group: int = 1, n_tokens: int = 512,
+                      seed: int = 1234) -> list[float]:
+    """Per MoE layer: how alike the routed experts' outputs are, as the mean cosine over pairs and tokens.
+
+    The inputs are each MoE layer's real inputs on ``n_tokens // block_size`` random windows of ``data`` (drawn
+    with ``seed``). Every token goes through every routed expert (no routing, no gate weights). The routed
+    experts are split, in order, into ``n_routed // group`` blocks of ``group`` experts (left-over experts are
+    not used), and a block's output is the sum of its experts' outputs: a block of ``m`` fine experts of width
+    h/m is one SwiGLU of width h, the width of a GShard expert. The result is
+
+        sim = 1 / (B (B - 1)) · Σ_{a ≠ b} (1/T) Σ_t cos(Y_a(u_t), Y_b(u_t))
+
+    over the B blocks. 0: unrelated outputs (as at a random initialisation); 1: the same direction on every
+    token. ``group=1`` compares single experts, as :func:`moe_course.analysis.expert_output_similarity` does.
+    """
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be an int >= 1, got {group!r}")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError("expert_similarity needs a model with MoE layers (a dense model has no experts)")
+    for layer in layers:
+        if len(layer.experts) // group < 2:
+            raise ValueError(f"a layer has {len(layer.experts)} routed experts: too few for two blocks of "
+                             f"group={group}; use a smaller group")
+    block = model.cfg.block_size
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
+    x = data[starts[:, None] + torch.arange(block)].long().to(next(model.parameters()).device)
+    inputs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+             for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    sims = []
+    for layer, h in zip(layers, inputs, strict=True):
+        outs = torch.stack([expert(h) for expert in layer.experts])  # (N, T, d)
+        n = outs.shape[0] // group
+        outs = outs[: n * group].reshape(n, group, *outs.shape[1:]).sum(dim=1)  # (B, T, d)
+        unit = torch.nn.functional.normalize(outs.double(), dim=-1)
+        cos = torch.einsum("atd,btd->abt", unit, unit).mean(dim=-1)  # (B, B), mean over tokens
+        sims.append(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))))
+    return sims

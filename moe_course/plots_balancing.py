@@ -2,6 +2,7 @@
 
 =============================  ==================================================================
 ``simulate_collapse``          a toy router and N experts that improve only on the tokens they get
+``router_gradient_norms``      how hard the LM loss and the Switch loss each pull on a TinyLM's routers
 ``plot_simulated_load``        the toy's expert shares over time (stacked) and its MaxVio
 ``balancing_explorer``         sliders for N, k and the aux-loss weight α over the toy (static fallback)
 ``plot_layer_loads``           one stacked expert-share panel per MoE layer of a training run
@@ -35,6 +36,7 @@ __all__ = [
     "plot_experts_per_token",
     "plot_layer_loads",
     "plot_simulated_load",
+    "router_gradient_norms",
     "simulate_collapse",
     "static_balancing_figure",
 ]
@@ -57,6 +59,8 @@ class CollapseSimulation:
     n_experts: int
     top_k: int
     alpha: float
+    task_grad: torch.Tensor | None = None  # (steps,) ‖∂ task / ∂W‖: how hard the task pulls on the router weights
+    aux_grad: torch.Tensor | None = None  # (steps,) ‖∂ N·Σ fᵢPᵢ / ∂W‖ of the *unweighted* Switch loss
 
     @property
     def max_vio(self) -> torch.Tensor:
@@ -101,7 +105,9 @@ def simulate_collapse(
     send tokens to the experts that are better *now*. Each expert's skill grows with its share of the
     assignments, sᵢ += expert_lr · N · fᵢ: an expert that happens to get more tokens early gets better,
     attracts more tokens, and the others starve. ``alpha`` adds α · N·Σᵢ fᵢ·Pᵢ (the Switch loss) to the
-    router's objective. Plain SGD with step ``lr``.
+    router's objective. Plain SGD with step ``lr``. ``task_grad`` and ``aux_grad`` record, per step, the norm of
+    the gradient of the task and of the unweighted Switch loss with respect to W: their ratio is the α at which
+    the two pull on the router equally hard.
     """
     if not 1 <= k <= n_experts:
         raise ValueError(f"k={k} must be between 1 and n_experts={n_experts}")
@@ -112,7 +118,7 @@ def simulate_collapse(
         w = (0.1 * torch.randn(d, n_experts, generator=g)).requires_grad_(True)
         b = torch.zeros(n_experts, requires_grad=True)
         skill = torch.zeros(n_experts)
-        loads, losses = [], []
+        loads, losses, task_grads, aux_grads = [], [], [], []
         for _ in range(steps):
             x = torch.randn(n_tokens, d, generator=g)
             probs = (x @ w + b).softmax(dim=-1)  # (T, N)
@@ -120,15 +126,55 @@ def simulate_collapse(
             expert_loss = floor + (1 - floor) * torch.exp(-skill)  # (N,)
             task = (weights * (expert_loss[idx] - 1.0)).sum(dim=-1).mean()
             f = torch.bincount(idx.reshape(-1), minlength=n_experts).float() / (n_tokens * k)
-            objective = task + alpha * n_experts * (f * probs.mean(dim=0)).sum()
-            gw, gb = torch.autograd.grad(objective, [w, b])
+            aux = n_experts * (f * probs.mean(dim=0)).sum()  # the Switch loss without its weight α
+            task_w, task_b = torch.autograd.grad(task, [w, b], retain_graph=True)
+            aux_w, aux_b = torch.autograd.grad(aux, [w, b])
             with torch.no_grad():
-                w -= lr * gw
-                b -= lr * gb
+                w -= lr * (task_w + alpha * aux_w)
+                b -= lr * (task_b + alpha * aux_b)
             skill += expert_lr * n_experts * f
             loads.append(f)
             losses.append(expert_loss)
-    return CollapseSimulation(torch.stack(loads), torch.stack(losses), n_experts, k, alpha)
+            task_grads.append(task_w.norm())
+            aux_grads.append(aux_w.norm())
+    return CollapseSimulation(torch.stack(loads), torch.stack(losses), n_experts, k, alpha,
+                              torch.stack(task_grads), torch.stack(aux_grads))
+
+
+def router_gradient_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """How hard the language-model loss and the Switch loss each pull on a TinyLM's router weights, on one batch.
+
+    Returns ``(‖∂CE/∂W_g‖, ‖∂L_aux/∂W_g‖)`` over the router weights of every top-k MoE layer, where CE is the
+    next-byte cross-entropy on ``(x, y)`` and L_aux the *unweighted* Switch loss N·Σᵢ fᵢPᵢ summed over the
+    layers (recomputed from each layer's input, so the model's own ``aux_loss_coef`` does not matter). Their
+    ratio is the α at which the two gradients are equally large. The model's training flag is restored.
+    """
+    import torch.nn.functional as F
+
+    from moe_course.balancing import switch_aux_loss
+
+    layers = [m for m in model.moe_layers() if hasattr(getattr(m, "router", None), "gate")]
+    if not layers:
+        raise ValueError("router_gradient_norms needs a model with learned top-k routers (router.gate)")
+    inputs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+             for layer in layers]
+    was_training = model.training
+    model.train()
+    try:
+        logits, _ = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    aux = sum(switch_aux_loss(r.scores, r.indices, layer.n_experts)
+              for layer, r in ((layer, layer.router(h)) for layer, h in zip(layers, inputs, strict=True)))
+    gates = [layer.router.gate.weight for layer in layers]
+    ce_grad = torch.autograd.grad(ce, gates, retain_graph=True)
+    aux_grad = torch.autograd.grad(aux, gates)
+    norm = lambda grads: float(torch.cat([g.reshape(-1) for g in grads]).norm())  # noqa: E731
+    return norm(ce_grad), norm(aux_grad)
 
 
 def plot_simulated_load(sim: CollapseSimulation, ax: Axes | None = None, title: str | None = None) -> Figure:

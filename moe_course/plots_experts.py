@@ -105,26 +105,59 @@ def type_lift(table: torch.Tensor | Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def plot_type_heatmaps(tables: Sequence[torch.Tensor | Sequence[Sequence[int]]], type_names: Sequence[str],
-                       title: str | None = None, vmax: float = 4.0, axes: Sequence[Axes] | None = None) -> Figure:
-    """One heatmap per MoE layer: token types (rows) × experts (columns), coloured by the lift (log scale)."""
+                       title: str | None = None, vmax: float = 4.0, axes: Sequence[Axes] | None = None,
+                       min_count: int = 0) -> Figure:
+    """One heatmap per MoE layer: token types (rows) × experts (columns), coloured by the lift (log scale).
+
+    With ``min_count > 0``, a row whose token type has fewer than ``min_count`` tokens in that layer's table is
+    not painted (grey, hatched): its lift would be noise, or undefined with no tokens at all; nor is a column
+    whose expert was no token's first choice (its lift is 0 / 0). Every row label then shows the type's token
+    count, and the figure says what was left out.
+    """
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+        raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
     if axes is None:
         fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables) + 1, 3.2), layout="constrained",
                                  squeeze=False)
         axes = list(axes[0])
     fig = axes[0].figure
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e0e0e0")
     image = None
+    hidden: set[str] = set()
+    any_unused = False
     for i, (ax, table) in enumerate(zip(axes, tables, strict=True)):
+        t = np.asarray(table.tolist() if hasattr(table, "tolist") else table, dtype=float)
+        counts = t.sum(axis=1)
         lift = np.clip(type_lift(table), 1 / vmax, vmax)
-        image = ax.imshow(lift, aspect="auto", cmap="RdBu_r", norm=LogNorm(1 / vmax, vmax), interpolation="nearest")
+        few = counts < min_count
+        unused = (t.sum(axis=0) == 0) if min_count else np.zeros(t.shape[1], dtype=bool)
+        lift = np.ma.masked_array(lift, mask=few[:, None] | unused[None, :])
+        image = ax.imshow(lift, aspect="auto", cmap=cmap, norm=LogNorm(1 / vmax, vmax), interpolation="nearest")
+        for row in np.flatnonzero(few):
+            ax.add_patch(Rectangle((-0.5, row - 0.5), lift.shape[1], 1, fill=False, hatch="///", color="#9e9e9e",
+                                   lw=0))
+            hidden.add(type_names[row])
+        for col in np.flatnonzero(unused):
+            ax.add_patch(Rectangle((col - 0.5, -0.5), 1, lift.shape[0], fill=False, hatch="///", color="#9e9e9e",
+                                   lw=0))
+            any_unused = True
+        labels = [f"{name} ({int(n)})" for name, n in zip(type_names, counts, strict=True)] if min_count else \
+            list(type_names)
         ax.set_title(f"layer {i}", fontsize=9)
         ax.set_xlabel("expert", fontsize=8)
-        ax.set_yticks(range(len(type_names)), type_names if i == 0 else [""] * len(type_names), fontsize=7)
+        ax.set_yticks(range(len(type_names)), labels if i == 0 else [""] * len(type_names), fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="P(expert | type) / P(expert)", shrink=0.9)
     if title:
         fig.suptitle(title, fontsize=10)
+    if hidden or any_unused:
+        parts = [f"rows with fewer than {min_count} tokens of their type ({', '.join(sorted(hidden))})"] if hidden \
+            else []
+        parts += ["experts that were no token's first choice"] if any_unused else []
+        fig.supxlabel(f"grey, not shown: {' and '.join(parts)}; row labels give each type's token count",
+                      fontsize=7)
     return fig

@@ -77,3 +77,38 @@ def test_shared_moe_forward_matches_the_layer_without_renormalisation() -> None:
             mine.load_state_dict(ref.state_dict())
         layer.router.gate.weight.copy_(gate)
     torch.testing.assert_close(layer(x), shared_moe_forward(x, gate, experts, shared, k=6), atol=1e-5, rtol=1e-4)
+
+
+def test_expert_similarity_single_experts_match_the_analysis_and_blocks_sum_experts() -> None:
+    from moe_course.analysis import expert_output_similarity
+    from moe_course.fine_grained import expert_similarity
+    from moe_course.model import TinyLM
+
+    torch.manual_seed(0)
+    base = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=16, n_experts=8, top_k=2,
+                       expert_hidden=16)
+    model = TinyLM(comparison_configs(base, m=4, n_shared=0)["fine 32 top-8"])
+    data = torch.randint(0, 64, (400,))
+    assert expert_similarity(model, data, n_tokens=64) == pytest.approx(expert_output_similarity(model, data, 64))
+    # group = 32: one block per layer is too few; group = 16: two blocks, each the sum of 16 experts
+    with pytest.raises(ValueError, match="too few for two blocks of group=32"):
+        expert_similarity(model, data, group=32)
+    sims = expert_similarity(model, data, group=16, n_tokens=64)
+    layer = model.moe_layers()[0]
+    inputs = []
+    hook = layer.register_forward_hook(lambda mod, args, out: inputs.append(args[0].reshape(-1, 16)))
+    gen = torch.Generator().manual_seed(1234)
+    starts = torch.randint(len(data) - 16, (4,), generator=gen)
+    with torch.no_grad():
+        model.eval()
+        model(data[starts[:, None] + torch.arange(16)].long())
+        hook.remove()
+        a = sum(layer.experts[e](inputs[0]) for e in range(16))
+        b = sum(layer.experts[e](inputs[0]) for e in range(16, 32))
+    expected = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean()
+    assert sims[0] == pytest.approx(float(expected))
+    model.train()
+    expert_similarity(model, data, group=16, n_tokens=64)
+    assert model.training  # the model's training flag is restored
+    with pytest.raises(ValueError, match="group must be an int >= 1"):
+        expert_similarity(model, data, group=0)

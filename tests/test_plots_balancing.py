@@ -117,3 +117,29 @@ def test_explorer_widget_redraws():
     box.controls["alpha"].value = 0.1
     with pytest.raises(ValueError, match="alpha=0.5 is not on the slider"):
         balancing_explorer(alpha=0.5)
+
+
+def test_toy_records_both_gradients_and_alpha_zero_ignores_the_switch_loss():
+    sim = simulate_collapse(n_experts=8, k=2, alpha=0.0, steps=30, seed=0)
+    assert sim.task_grad.shape == sim.aux_grad.shape == (30,)
+    assert bool((sim.aux_grad > 0).all())  # the Switch loss always has a gradient, even when α = 0 ignores it
+    assert float(sim.task_grad[0]) == 0.0  # identical experts at the start: the task prefers none of them
+
+
+def test_router_gradient_norms_of_a_tinylm():
+    from moe_course.experiments import base_model
+    from moe_course.model import TinyLM
+    from moe_course.plots_balancing import router_gradient_norms
+
+    torch.manual_seed(0)
+    model = TinyLM(base_model("smoke")).eval()
+    x = torch.randint(0, 256, (2, 16))
+    ce, aux = router_gradient_norms(model, x, x)
+    assert ce > 0 and aux > 0
+    assert not model.training  # the training flag is restored
+    # the model's own aux_loss_coef does not change the measured (unweighted) Switch-loss gradient
+    torch.manual_seed(0)
+    weighted = TinyLM(base_model("smoke", aux_loss_coef=0.5))
+    assert router_gradient_norms(weighted, x, x) == pytest.approx((ce, aux))
+    with pytest.raises(ValueError, match="learned top-k routers"):
+        router_gradient_norms(TinyLM(base_model("smoke", router="hash")), x, x)

@@ -59,3 +59,26 @@ def test_type_lift_and_heatmaps() -> None:
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == 2
     np.testing.assert_allclose(images[0].get_array(), np.clip(lift, 0.25, 4.0))
+
+
+def test_heatmap_rows_with_too_few_tokens_are_masked_and_labelled() -> None:
+    table = torch.tensor([[0, 0], [1, 2], [40, 60]])  # a type with no tokens, one with 3, one with 100
+    fig = plot_type_heatmaps([table], ["none", "rare", "common"], min_count=10)
+    ax = fig.axes[0]
+    array = ax.images[0].get_array()
+    assert array.mask[:2].all() and not array.mask[2].any()  # only the measured row is painted
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["none (0)", "rare (3)", "common (100)"]
+    assert len([p for p in ax.patches if p.get_hatch()]) == 2
+    assert "fewer than 10 tokens" in fig._supxlabel.get_text() and "(none, rare)" in fig._supxlabel.get_text()
+    # an expert that no token chose has an undefined lift (0 / 0): its column is masked too
+    unused = torch.tensor([[0, 5, 0], [50, 60, 0]])
+    fig = plot_type_heatmaps([unused], ["a", "b"], min_count=10)
+    mask = fig.axes[0].images[0].get_array().mask
+    assert mask[:, 2].all() and mask[0].all() and not mask[1, :2].any()
+    assert "no token's first choice" in fig._supxlabel.get_text()
+    # the default paints every row, labels unchanged
+    fig = plot_type_heatmaps([table], ["none", "rare", "common"])
+    assert not np.ma.getmaskarray(fig.axes[0].images[0].get_array()).any()
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["none", "rare", "common"]
+    with pytest.raises(ValueError, match="min_count must be an int >= 0"):
+        plot_type_heatmaps([table], ["a", "b", "c"], min_count=-1)
