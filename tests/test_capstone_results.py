@@ -90,14 +90,14 @@ def test_expert_sweep_plot_means_and_labels():
 
 def test_course_table_reads_every_source():
     rows = course_table.course_rows()
-    assert [r.notebook for r in rows] == [f"{i:02d}" for i in range(9)]
+    assert [r.notebook for r in rows] == [f"{i:02d}" for i in range(10)]
     assert all(r.measured and not r.measured.startswith("missing") for r in rows), [r.measured for r in rows]
     # the numbers are the stored ones, not typed in
     aux = load_result("aux_sweep", "cpu")
     assert f"{aux.mean('alpha=0', 'max_vio'):.2f}" in rows[4].measured
     assert "671B total" in rows[0].measured
     text = course_table.format_rows(rows)
-    assert text.count("measured") == 9 and "arXiv:2401.06066" in text
+    assert text.count("measured") == 10 and "arXiv:2401.06066" in text
 
 
 def test_course_table_names_the_missing_source(tmp_path):

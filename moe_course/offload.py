@@ -1,0 +1,318 @@
+"""Expert offloading (notebook 09): only C of a layer's N experts fit in fast memory. Which ones should stay?
+
+A *routing trace* of one MoE layer is a (T, m) tensor of expert ids: row t holds the experts that decoding step t
+needs (the k choices of one token, or the B·k choices of a batch decoded together). A repeat within a row counts
+once: a loaded expert serves every token of its step. Each layer has its own cache of ``capacity`` experts,
+empty at the start of a trace. At each step the layer first knows its whole request (the router runs before the
+experts), so an expert already cached is a hit even if loading the step's misses has to evict something.
+
+=========================  ====================================================================================
+``lru_hit_rate``           the least-recently-used cache of Eliseev & Mazur (2023) on one trace (the exercise)
+``simulate_cache``         LRU, Belady's optimal MIN, a static set of C experts; optionally with prefetching
+``hit_rate_curve``         hits / requests over many traces (sequences), for a list of capacities
+``batch_trace``            B sequences decoded side by side: their choices at each step as one request
+``random_trace``           uniform random routing, the baseline without any reuse (LRU hit rate C/N)
+``record_routing``         run a TinyLM and keep each MoE layer's choices and its speculative guesses
+``prefetch_recall``        the share of a token's experts that a guess of m experts contains
+``offload_seconds_per_token``  transfer time per decoded token for a hit rate, expert size and link bandwidth
+=========================  ====================================================================================
+
+Speculative prefetch (Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with Offloading",
+2023, arXiv:2312.17238, §4.1: "applying the next layer's gating function on current layer activations"): here the
+next layer's router is applied to exactly the normalised hidden states that the current MoE layer's router reads,
+and the experts it ranks highest are loaded while the current layer computes. Each layer adds to the residual
+stream instead of replacing it, so the guess is often right (``prefetch_recall`` measures how often).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "CacheStats",
+    "RoutingRecord",
+    "batch_trace",
+    "hit_rate_curve",
+    "lru_hit_rate",
+    "offload_seconds_per_token",
+    "prefetch_recall",
+    "random_trace",
+    "record_routing",
+    "simulate_cache",
+]
+
+POLICIES = ("lru", "belady", "static")
+
+
+def _check_capacity(capacity: object) -> int:
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1 (experts that fit in fast memory), got {capacity!r}")
+    return capacity
+
+
+def _rows(trace: torch.Tensor, what: str = "trace") -> list[list[int]]:
+    """The requests of a (T, m) trace: each row's distinct expert ids, in order of first appearance."""
+    trace = torch.as_tensor(trace)
+    if trace.dim() != 2:
+        raise ValueError(f"{what} must be a (T, m) tensor of expert ids (one row per decoding step), got shape "
+                         f"{tuple(trace.shape)}")
+    if trace.is_floating_point() or trace.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer expert ids, got {trace.dtype}")
+    if trace.numel() and int(trace.min()) < 0:
+        raise ValueError(f"{what} holds a negative expert id ({int(trace.min())})")
+    return [list(dict.fromkeys(row)) for row in trace.tolist()]
+
+
+def lru_hit_rate(trace: torch.Tensor, capacity: int) -> float:
+    """Hit rate of a least-recently-used cache of ``capacity`` experts on one layer's trace (T, m).
+
+    Per step: count the requested experts already cached (hits), then mark all of them most recently used,
+    loading the misses, and evict the least recently used experts until ``capacity`` remain. Returns
+    hits / requests (requests = distinct experts per step, summed over the steps); 0.0 for an empty trace.
+    """
+    return simulate_cache(trace, capacity, "lru").hit_rate
+
+
+@dataclass
+class CacheStats:
+    """What a simulated expert cache did over one or more traces."""
+
+    hits: int = 0
+    requests: int = 0
+    loads: int = 0  # experts loaded on demand (the misses, which the layer waits for)
+    prefetched: int = 0  # experts loaded ahead of time by prefetching (overlapped with compute)
+
+    @property
+    def hit_rate(self) -> float:
+        """hits / requests (0.0 when nothing was requested)."""
+        return self.hits / self.requests if self.requests else 0.0
+
+    def __add__(self, other: CacheStats) -> CacheStats:
+        return CacheStats(self.hits + other.hits, self.requests + other.requests, self.loads + other.loads,
+                          self.prefetched + other.prefetched)
+
+
+def _next_uses(rows: list[list[int]]) -> list[dict[int, int]]:
+    """For each step t, {expert: the next step after t that requests it} for the experts of step t and before."""
+    upcoming: dict[int, int] = {}
+    out: list[dict[int, int]] = [{} for _ in rows]
+    for t in range(len(rows) - 1, -1, -1):
+        out[t] = dict(upcoming)  # next use strictly after t
+        for e in rows[t]:
+            upcoming[e] = t
+    return out
+
+
+def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", prefetch: torch.Tensor | None = None,
+                   keep: Sequence[int] | None = None) -> CacheStats:
+    """Run one layer's expert cache over a trace (T, m); returns the counts of hits, requests and loads.
+
+    ``policy``: ``"lru"`` evicts the least recently used expert; ``"belady"`` evicts the cached expert whose next
+    request is farthest in the future (Belady's MIN, optimal for a known trace, an upper bound for any policy
+    that does not prefetch); ``"static"`` holds the fixed set ``keep`` (e.g. the C most popular experts) and
+    streams every other expert in for its step without caching it. ``prefetch`` (T, p), LRU only: before step t
+    the experts of row t are loaded into the cache (counted in ``prefetched``), as speculative loading does.
+    """
+    capacity = _check_capacity(capacity)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+    rows = _rows(trace)
+    stats = CacheStats()
+    if policy == "static":
+        if keep is None or len(set(keep)) > capacity:
+            raise ValueError(f"the static policy needs keep=... with at most capacity={capacity} expert ids")
+        kept = set(keep)
+        for row in rows:
+            hits = sum(e in kept for e in row)
+            stats.hits += hits
+            stats.requests += len(row)
+            stats.loads += len(row) - hits
+        return stats
+    guesses = None
+    if prefetch is not None:
+        if policy != "lru":
+            raise ValueError("prefetch is simulated with the lru policy only")
+        guesses = _rows(prefetch, "prefetch")
+        if len(guesses) != len(rows):
+            raise ValueError(f"prefetch has {len(guesses)} rows for a trace of {len(rows)} steps")
+    if policy == "belady":
+        return _belady(rows, capacity)
+    cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
+    for t, row in enumerate(rows):
+        if guesses is not None:
+            for e in guesses[t]:
+                if e not in cache:
+                    stats.prefetched += 1
+                cache[e] = None
+                cache.move_to_end(e)
+            while len(cache) > capacity:
+                cache.popitem(last=False)
+        hits = sum(e in cache for e in row)
+        stats.hits += hits
+        stats.requests += len(row)
+        stats.loads += len(row) - hits
+        for e in row:
+            cache[e] = None
+            cache.move_to_end(e)
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+    return stats
+
+
+def _belady(rows: list[list[int]], capacity: int) -> CacheStats:
+    stats = CacheStats()
+    nxt = _next_uses(rows)
+    cache: set[int] = set()
+    for t, row in enumerate(rows):
+        hits = sum(e in cache for e in row)
+        stats.hits += hits
+        stats.requests += len(row)
+        stats.loads += len(row) - hits
+        need = len(cache) + len(row) - hits - capacity
+        if need > 0:  # make room among the experts this step does not use: drop those needed latest
+            others = sorted(cache - set(row), key=lambda e: (-nxt[t].get(e, math.inf), e))
+            cache.difference_update(others[:need])
+        cache.update(row)
+        if len(cache) > capacity:  # the step alone needs more than the capacity: keep those needed soonest
+            cache = set(sorted(cache, key=lambda e: (nxt[t].get(e, math.inf), e))[:capacity])
+    return stats
+
+
+def hit_rate_curve(traces: torch.Tensor, capacities: Sequence[int], policy: str = "lru",
+                   prefetch: torch.Tensor | None = None, keep: Sequence[Sequence[int]] | None = None) -> list[float]:
+    """Hit rate (all hits / all requests) of each capacity over traces (S, T, m), each starting with an empty cache.
+
+    ``prefetch`` (S, T, p) holds each step's prefetched experts; ``keep[i]`` the static set for ``capacities[i]``.
+    """
+    traces = torch.as_tensor(traces)
+    if traces.dim() != 3:
+        raise ValueError(f"traces must be (S, T, m): S sequences of T steps, got shape {tuple(traces.shape)}")
+    out = []
+    for i, c in enumerate(capacities):
+        total = CacheStats()
+        for s in range(traces.shape[0]):
+            total = total + simulate_cache(traces[s], c, policy, None if prefetch is None else prefetch[s],
+                                           None if keep is None else keep[i])
+        out.append(total.hit_rate)
+    return out
+
+
+def batch_trace(traces: torch.Tensor, batch: int) -> torch.Tensor:
+    """Group S sequences (S, T, k) into S // batch batches decoded side by side: (S // batch, T, batch · k).
+
+    Step t of a group requests the experts of all its sequences' tokens t at once.
+    """
+    traces = torch.as_tensor(traces)
+    if traces.dim() != 3:
+        raise ValueError(f"traces must be (S, T, k), got shape {tuple(traces.shape)}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= traces.shape[0]:
+        raise ValueError(f"batch must be an int between 1 and the number of sequences {traces.shape[0]}, got {batch!r}")
+    s, t, k = traces.shape
+    g = s // batch
+    return traces[:g * batch].reshape(g, batch, t, k).permute(0, 2, 1, 3).reshape(g, t, batch * k)
+
+
+def random_trace(steps: int, n_experts: int, k: int, generator: torch.Generator | None = None,
+                 sequences: int | None = None) -> torch.Tensor:
+    """Uniform random routing: each step picks k distinct experts of N. (steps, k), or (sequences, steps, k)."""
+    if not 1 <= k <= n_experts:
+        raise ValueError(f"k={k} must be between 1 and n_experts={n_experts}")
+    shape = (steps, n_experts) if sequences is None else (sequences, steps, n_experts)
+    return torch.rand(shape, generator=generator).argsort(dim=-1)[..., :k]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing of a real model, and its speculative guesses
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingRecord:
+    """Per MoE layer of a TinyLM, the experts each token chose and the guesses of speculative prefetch."""
+
+    indices: list[torch.Tensor]  # per layer (B, T, k) long: the chosen experts, first choice first
+    guesses: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # ahead -> per layer (B, T, N) long:
+    # the experts layer l's router ranks highest (best first) on the gate input of layer l - ahead (None: no layer)
+
+
+def _choice_scores(router: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The scores a TopKRouter chooses its experts by: score(x W_g) + expert_bias, (T, N)."""
+    routing = router(x)
+    bias = getattr(router, "expert_bias", None)
+    return routing.scores if bias is None else routing.scores + bias
+
+
+@torch.no_grad()
+def record_routing(model: torch.nn.Module, idx: torch.Tensor, ahead: Sequence[int] = (1,)) -> RoutingRecord:
+    """Run ``model`` (a TinyLM, in eval mode for the call) on idx (B, T); keep every MoE layer's routing.
+
+    For each distance a in ``ahead``, layer l's router is also applied to the input of layer l - a's gate (the
+    normalised hidden states that layer's router reads; Eliseev & Mazur 2023, §4.1), giving the ranking that
+    speculative prefetch would load from, a layers early.
+    """
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError("model has no MoE layers: a dense model routes nothing")
+    if any(not hasattr(getattr(layer, "router", None), "gate") for layer in layers):
+        raise ValueError("record_routing needs gated token-choice routers (TopKRouter); hash routing has no gate")
+    inputs: list[torch.Tensor | None] = [None] * len(layers)
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach()))
+             for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(idx)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    b, t = idx.shape
+    record = RoutingRecord([layer.last_routing.indices.reshape(b, t, -1).long().cpu() for layer in layers])
+    for a in ahead:
+        if isinstance(a, bool) or not isinstance(a, int) or a < 1:
+            raise ValueError(f"ahead must hold ints >= 1 (layers ahead), got {a!r}")
+        per_layer: list[torch.Tensor | None] = []
+        for i, layer in enumerate(layers):
+            if i < a:
+                per_layer.append(None)
+                continue
+            x = inputs[i - a]
+            scores = _choice_scores(layer.router, x.reshape(-1, x.shape[-1]))
+            per_layer.append(scores.argsort(dim=-1, descending=True, stable=True).reshape(b, t, -1).cpu())
+        record.guesses[a] = per_layer
+    return record
+
+
+def prefetch_recall(ranking: torch.Tensor, chosen: torch.Tensor, m: int) -> float:
+    """Mean over tokens of |top-m guessed experts ∩ chosen experts| / k (1.0: every expert was prefetched).
+
+    ranking: (..., N) expert ids best first; chosen: (..., k) the experts the layer then used.
+    """
+    if ranking.shape[:-1] != chosen.shape[:-1]:
+        raise ValueError(f"ranking {tuple(ranking.shape)} and chosen {tuple(chosen.shape)} must have the same "
+                         "leading (token) dimensions")
+    if not 1 <= m <= ranking.shape[-1]:
+        raise ValueError(f"m must be between 1 and N={ranking.shape[-1]}, got {m}")
+    guess = ranking[..., :m]
+    found = (chosen.unsqueeze(-1) == guess.unsqueeze(-2)).any(dim=-1)  # (..., k)
+    return float(found.float().mean())
+
+
+def offload_seconds_per_token(hit_rate: float, n_moe_layers: int, k: int, expert_bytes: float,
+                              link_bytes_per_s: float, other_seconds: float = 0.0) -> float:
+    """Seconds per decoded token (batch 1) when each cache miss loads one expert over a link:
+    n_moe_layers · k · (1 − hit_rate) · expert_bytes / link_bytes_per_s + other_seconds.
+
+    A lower bound on the time: it assumes the link runs at ``link_bytes_per_s`` and nothing else waits
+    (``other_seconds`` adds the compute, if known).
+    """
+    if not 0.0 <= hit_rate <= 1.0:
+        raise ValueError(f"hit_rate must be in [0, 1], got {hit_rate}")
+    if link_bytes_per_s <= 0 or expert_bytes < 0:
+        raise ValueError("link_bytes_per_s must be > 0 and expert_bytes >= 0")
+    return n_moe_layers * k * (1.0 - hit_rate) * expert_bytes / link_bytes_per_s + other_seconds

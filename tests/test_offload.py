@@ -1,0 +1,140 @@
+"""moe_course.offload: expert caches (LRU, Belady, static, prefetch) on hand-computed traces, and routing records."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_course.model import ModelConfig, TinyLM
+from moe_course.offload import (
+    batch_trace,
+    hit_rate_curve,
+    lru_hit_rate,
+    offload_seconds_per_token,
+    prefetch_recall,
+    random_trace,
+    record_routing,
+    simulate_cache,
+)
+
+
+def test_lru_by_hand():
+    # C=3: [0,1] 2 misses | [2,3] 2 misses, evict 0 -> {1,2,3} | [0,1]: 1 hit, evict 2 -> {3,0,1}
+    # [0,2]: 0 hits, evict 3 -> {1,0,2} | [1,3]: 1 hit  => 3 hits of 10
+    trace = torch.tensor([[0, 1], [2, 3], [0, 1], [0, 2], [1, 3]])
+    stats = simulate_cache(trace, 3)
+    assert (stats.hits, stats.requests, stats.loads) == (3, 10, 7)
+    assert lru_hit_rate(trace, 3) == 0.3
+    assert lru_hit_rate(trace, 4) == 0.6  # everything fits: only the 4 first uses miss
+    assert lru_hit_rate(trace[:0], 2) == 0.0
+
+
+def test_a_step_knows_its_whole_request_before_loading():
+    # C=2, cache (0 least recent, 1); step (3, 0): 0 is a hit, loading 3 evicts 1 (not 0, which this step uses)
+    assert simulate_cache(torch.tensor([[0, 1], [3, 0], [0, 3]]), 2).hits == 3
+
+
+def test_belady_by_hand_and_never_below_lru():
+    # C=2, requests 0 1 2 0 1: at 2, evict 1 (next used at step 4) rather than 0 (step 3) -> one hit; LRU gets none
+    trace = torch.tensor([[0], [1], [2], [0], [1]])
+    assert simulate_cache(trace, 2, "belady").hits == 1
+    assert simulate_cache(trace, 2, "lru").hits == 0
+    gen = torch.Generator().manual_seed(0)
+    traces = random_trace(80, 8, 2, gen, sequences=4)
+    for c in range(1, 9):
+        assert hit_rate_curve(traces, [c], "belady")[0] >= hit_rate_curve(traces, [c], "lru")[0]
+
+
+def test_static_cache_counts_requests_of_the_kept_set():
+    trace = torch.tensor([[0, 1], [2, 0], [3, 1]])
+    stats = simulate_cache(trace, 2, "static", keep=[0, 3])
+    assert (stats.hits, stats.requests) == (3, 6)
+    with pytest.raises(ValueError, match="at most capacity=1"):
+        simulate_cache(trace, 1, "static", keep=[0, 3])
+
+
+def test_prefetching_the_right_experts_hits_everything():
+    trace = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 1]])
+    stats = simulate_cache(trace, 2, prefetch=trace)
+    assert stats.hit_rate == 1.0 and stats.prefetched == 8 and stats.loads == 0
+    wrong = simulate_cache(trace, 2, prefetch=torch.tensor([[6], [6], [6], [6]]))
+    assert wrong.hits == 0 and wrong.prefetched == 4  # 6 is evicted again by each step's misses
+    with pytest.raises(ValueError, match="lru policy only"):
+        simulate_cache(trace, 2, "belady", prefetch=trace)
+
+
+def test_random_routing_hits_about_c_over_n():
+    gen = torch.Generator().manual_seed(1)
+    trace = random_trace(4000, 8, 2, gen)
+    assert trace.shape == (4000, 2) and bool((trace[:, 0] != trace[:, 1]).all())
+    for c in (2, 4, 6):
+        assert lru_hit_rate(trace, c) == pytest.approx(c / 8, abs=0.02)
+
+
+def test_batch_trace_puts_b_sequences_side_by_side():
+    traces = torch.arange(3 * 2 * 2).reshape(3, 2, 2)  # 3 sequences, 2 steps, k = 2
+    batched = batch_trace(traces, 2)
+    assert batched.shape == (1, 2, 4)
+    assert batched[0, 0].tolist() == [0, 1, 4, 5] and batched[0, 1].tolist() == [2, 3, 6, 7]
+    # a repeat inside a step counts once
+    assert simulate_cache(torch.tensor([[0, 0, 1], [1, 1, 1]]), 2).requests == 3
+
+
+def test_prefetch_recall_by_hand():
+    ranking = torch.tensor([[2, 0, 1, 3], [3, 2, 1, 0]])
+    chosen = torch.tensor([[0, 2], [0, 1]])
+    assert prefetch_recall(ranking, chosen, 1) == 0.25  # token 0 finds 2 of (0, 2), token 1 nothing
+    assert prefetch_recall(ranking, chosen, 2) == 0.5
+    assert prefetch_recall(ranking, chosen, 4) == 1.0
+
+
+def test_offload_seconds_by_hand():
+    # 32 layers x 2 experts x half missing = 32 loads of 100 MB over 25 GB/s = 128 ms, + 10 ms of compute
+    assert offload_seconds_per_token(0.5, 32, 2, 100e6, 25e9, 0.01) == pytest.approx(0.138)
+    with pytest.raises(ValueError, match="hit_rate"):
+        offload_seconds_per_token(1.5, 32, 2, 1.0, 1.0)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+        lru_hit_rate(torch.tensor([[0, 1]]), 0)
+    with pytest.raises(ValueError, match=r"\(T, m\) tensor"):
+        lru_hit_rate(torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="unknown policy"):
+        simulate_cache(torch.tensor([[0]]), 1, "fifo")
+    with pytest.raises(ValueError, match="integer expert ids"):
+        lru_hit_rate(torch.tensor([[0.0, 1.0]]), 1)
+
+
+def test_record_routing_matches_the_forward_pass_and_guesses_from_earlier_layers():
+    torch.manual_seed(0)
+    cfg = ModelConfig(ffn="moe", vocab_size=64, block_size=16, n_layer=3, n_head=2, d_model=16, n_experts=6, top_k=2,
+                      expert_hidden=8, n_shared=1, router_score="sigmoid", aux_loss_coef=0.0, bias_update_rate=1e-3)
+    model = TinyLM(cfg)
+    for layer in model.moe_layers():
+        layer.router.expert_bias.normal_(0, 0.1)
+    idx = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(2))
+    record = record_routing(model, idx, ahead=(1, 2))
+    assert model.training  # mode restored
+    with torch.no_grad():
+        model.eval()(idx)
+    for rec, layer in zip(record.indices, model.moe_layers(), strict=True):
+        assert rec.shape == (2, 16, 2) and torch.equal(rec.reshape(-1, 2), layer.last_routing.indices)
+    assert record.guesses[1][0] is None and record.guesses[2][1] is None
+    guess = record.guesses[1][1]
+    assert guess.shape == (2, 16, 6) and bool((guess.sort(-1).values == torch.arange(6)).all())  # a ranking
+    # the guess for layer 1 is layer 1's router applied to the input of layer 0's router
+    inputs = {}
+    hook = model.moe_layers()[0].register_forward_pre_hook(lambda m, args: inputs.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(idx)
+    hook.remove()
+    router = model.moe_layers()[1].router
+    with torch.no_grad():
+        scores = router(inputs["x"].reshape(-1, 16)).scores + router.expert_bias
+    top = scores.topk(2, dim=-1).indices.sort(-1).values
+    assert torch.equal(guess.reshape(-1, 6)[:, :2].sort(-1).values, top)
+    assert 0.0 <= prefetch_recall(guess, record.indices[1], 2) <= 1.0
+    assert not math.isnan(prefetch_recall(guess, record.indices[1], 6))
