@@ -3,14 +3,18 @@
 One process, interleaved (round-robin), the same random batch for every model: forward, loss, backward,
 gradient clipping and the AdamW step, exactly as :func:`moe_course.train.train` does them. Reported: the
 ratio of the fastest steps (MoE / dense), which other processes on a shared machine disturb least, plus the
-medians; tokens/s; and, on CUDA, model FLOPs utilisation against the GPU's bf16 peak (``--peak-tflops``).
+medians; tokens/s; and, on CUDA, model FLOPs utilisation against the GPU's bf16 peak (looked up from the device
+name in :data:`moe_course.metrics.PEAK_BF16_FLOPS`, or ``--peak-tflops``).
 
-Target on a 2-core CPU: cpu-moe step <= 1.15x cpu-dense. On a GPU: gpu-moe tokens/s >= 0.85x gpu-dense.
+Target on a 2-core CPU: cpu-moe step <= 1.10x cpu-dense. On a GPU: gpu-moe tokens/s >= 0.85x gpu-dense.
 
     .venv/bin/python benchmarks/bench_model_step.py                     # cpu presets on the CPU
     .venv/bin/python benchmarks/bench_model_step.py --device cuda       # gpu presets, bf16 autocast
     .venv/bin/python benchmarks/bench_model_step.py --experts list      # the ModuleList layout, for comparison
     MOE_GROUPED_MM=off .venv/bin/python benchmarks/bench_model_step.py  # the per-expert loop instead of grouped_mm
+
+:func:`measure_steps` does the measurement and returns what the command line prints (the GPU suite,
+``benchmarks/gpu_suite.py``, calls it).
 """
 
 from __future__ import annotations
@@ -20,29 +24,39 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from moe_course.device import pick_device, seed_everything
-from moe_course.model import TinyLM
+from moe_course.metrics import PEAK_BF16_FLOPS
+from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model, train_flops_per_token
 from moe_course.timing import samples_many, synchronize
 from moe_course.train import _autocast, get_preset, optimizer_kernel
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+KINDS = ("dense", "moe", "best")
+CPU_TARGET = 1.10
+"""Step time of cpu-moe and cpu-best over cpu-dense that the CPU layout aims for (one thread)."""
+GPU_TARGET = 0.85
+"""Tokens/s of gpu-moe and gpu-best over gpu-dense that the GPU path aims for (bf16, grouped_mm)."""
 
 
-def train_step(model: TinyLM, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Callable[[], None]:
-    """One optimizer step of ``model`` on the batch (x, y), as the training loop does it."""
+def train_step(model: TinyLM, x: torch.Tensor, y: torch.Tensor, amp: bool,
+               sync: bool = True) -> Callable[[], torch.Tensor]:
+    """One optimizer step of ``model`` on the batch (x, y), as the training loop does it; it returns the loss.
+
+    ``sync=False`` leaves out the final ``synchronize()`` (to check that the step itself never waits for the GPU).
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), **optimizer_kernel(x.device))
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with _autocast(x.device, amp):
             logits, _ = model(x)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)) + model.aux_loss()
@@ -51,9 +65,98 @@ def train_step(model: TinyLM, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Ca
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         model.after_step()
-        synchronize()
+        if sync:
+            synchronize()
+        return loss.detach()
 
     return step
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU called ``device_name`` (``metrics.PEAK_BF16_FLOPS``), or None."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in device_name), None)
+
+
+def preset_configs(size: str, experts: str = "grouped") -> dict[str, tuple[ModelConfig, int]]:
+    """``{kind: (model config, batch size)}`` of the presets ``SIZE-dense``, ``SIZE-moe`` and ``SIZE-best``."""
+    out = {}
+    for kind in KINDS:
+        preset = get_preset(f"{size}-{kind}")
+        cfg = replace(preset.model, experts=experts) if kind != "dense" else preset.model
+        out[kind] = (cfg, preset.train.batch_size)
+    return out
+
+
+def make_batch(cfg: ModelConfig, batch_size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A random (x, y) batch of token ids, the same for every model of one vocabulary and block size."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=gen).to(device)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=gen).to(device)
+    return x, y
+
+
+def measure_steps(
+    configs: Mapping[str, tuple[ModelConfig, int]], device: torch.device, repeats: int, clock: str = "wall",
+    amp: bool | None = None, peak_flops: float | None = None, warmup: int = 3, label: str = "",
+) -> dict:
+    """Time one training step of each model round-robin; return rows and ratios (the first model is the reference).
+
+    ``configs``: ``{name: (ModelConfig, batch size)}``, the dense twin first. ``amp``: bf16 autocast (default:
+    on CUDA). ``peak_flops``: the device's peak for MFU (default: from the device name; None where unknown,
+    and on the CPU). The result is what ``--json`` writes: ``rows[name]`` with parameters, best and median ms,
+    tokens/s, FLOPs per token and MFU; ``ratio_best`` / ``ratio_median`` (step time of the second model over
+    the first) and ``recipe_ratio_*`` (the third over the first).
+    """
+    amp = device.type == "cuda" if amp is None else amp
+    seed_everything(0)
+    models, steps, tokens = {}, {}, {}
+    for name, (cfg, batch_size) in configs.items():
+        model = TinyLM(cfg).to(device).train()
+        x, y = make_batch(cfg, batch_size, device)
+        models[name], steps[name], tokens[name] = model, train_step(model, x, y, amp), x.numel()
+    samples = samples_many(steps, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
+    best = {k: min(v) for k, v in samples.items()}
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if peak_flops is None and device.type == "cuda":
+        peak_flops = peak_bf16_flops(name)
+    result = {"device": name, "torch": torch.__version__, "experts": label, "threads": torch.get_num_threads(),
+              "clock": clock, "repeats": repeats, "amp": amp, "peak_flops": peak_flops, "rows": {}}
+    for kind, model in models.items():
+        total, active = count_model(model)
+        tps = tokens[kind] / best[kind]
+        flops = train_flops_per_token(model)
+        util = tps * flops / peak_flops if peak_flops and device.type == "cuda" else None
+        result["rows"][kind] = {"active": active, "total": total, "tokens": tokens[kind], "best_ms": 1e3 * best[kind],
+                                "median_ms": 1e3 * median[kind], "tokens_per_s": tps,
+                                "tokens_per_s_median": tokens[kind] / median[kind], "flops_per_token": flops,
+                                "mfu": util}
+    names = list(models)
+    if len(names) >= 2:
+        result.update(ratio_best=best[names[1]] / best[names[0]], ratio_median=median[names[1]] / median[names[0]])
+    if len(names) >= 3:
+        result.update(recipe_ratio_best=best[names[2]] / best[names[0]],
+                      recipe_ratio_median=median[names[2]] / median[names[0]])
+    return result
+
+
+def format_result(result: dict, size: str) -> str:
+    """The table and the two ratio lines the command line prints."""
+    cpu = result["device"] == "cpu"
+    lines = [f"device {result['device']}, {result['threads']} threads, torch {result['torch']}, "
+             f"experts {result['experts']}",
+             f"{'preset':<12} {'active':>10} {'total':>10} {'best ms':>9} {'median ms':>10} {'tokens/s':>10}"
+             + ("" if cpu else "  MFU")]
+    for kind, row in result["rows"].items():
+        util = "" if cpu else ("  n/a" if row["mfu"] is None else f"  {row['mfu']:.1%}")
+        lines.append(f"{size + '-' + kind:<12} {row['active']:>10,} {row['total']:>10,} {row['best_ms']:>9.1f} "
+                     f"{row['median_ms']:>10.1f} {row['tokens_per_s']:>10,.0f}" + util)
+    target = CPU_TARGET if cpu else 1 / GPU_TARGET
+    for key, what in (("ratio", "moe"), ("recipe_ratio", "best")):
+        ratio, ratio_median = result[f"{key}_best"], result[f"{key}_median"]
+        lines.append(f"{what} / dense step time = {ratio:.2f} from the fastest steps (median {ratio_median:.2f}); "
+                     f"target <= {target:.2f}: {'met' if ratio <= target else 'MISSED'}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall-clock, or this process's CPU time (steadier on a shared machine; use --threads 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="bf16 dense peak of the GPU (default: from the device name, e.g. 989 for an H100 SXM)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -73,46 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     size = args.size or ("gpu" if device.type == "cuda" else "cpu")
     repeats = args.repeats or (30 if device.type == "cuda" else 12)
-    amp = device.type == "cuda"
-
-    seed_everything(0)
-    models, steps, tokens = {}, {}, 0
-    kinds = ("dense", "moe", "best")
-    for kind in kinds:
-        preset = get_preset(f"{size}-{kind}")
-        cfg = replace(preset.model, experts=args.experts) if kind != "dense" else preset.model
-        model = TinyLM(cfg).to(device).train()
-        gen = torch.Generator().manual_seed(0)
-        b, t = preset.train.batch_size, cfg.block_size
-        x = torch.randint(0, cfg.vocab_size, (b, t), generator=gen).to(device)
-        y = torch.randint(0, cfg.vocab_size, (b, t), generator=gen).to(device)
-        models[kind], steps[kind], tokens = model, train_step(model, x, y, amp), b * t
-    samples = samples_many(steps, repeats=repeats, warmup=3, clock=CLOCKS[args.clock])
-
-    best = {k: min(v) for k, v in samples.items()}
-    median = {k: statistics.median(v) for k, v in samples.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}"
-    print(f"device {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, experts {args.experts}")
-    print(f"{'preset':<12} {'active':>10} {'total':>10} {'best ms':>9} {'median ms':>10} {'tokens/s':>10}"
-          + ("  MFU" if amp else ""))
-    result = {"device": name, "torch": torch.__version__, "experts": args.experts, "size": size, "rows": {}}
-    for kind in kinds:
-        total, active = count_model(models[kind])
-        tps = tokens / best[kind]
-        mfu = tps * train_flops_per_token(models[kind]) / (args.peak_tflops * 1e12)
-        print(f"{size + '-' + kind:<12} {active:>10,} {total:>10,} {1e3 * best[kind]:>9.1f} "
-              f"{1e3 * median[kind]:>10.1f} {tps:>10,.0f}" + (f"  {mfu:.1%}" if amp else ""))
-        result["rows"][kind] = {"active": active, "total": total, "best_ms": 1e3 * best[kind],
-                                "median_ms": 1e3 * median[kind], "tokens_per_s": tps, "mfu": mfu if amp else None}
-    ratio, ratio_median = best["moe"] / best["dense"], median["moe"] / median["dense"]
-    target = 1.15 if device.type == "cpu" else 1 / 0.85
-    print(f"moe / dense step time = {ratio:.2f} from the fastest steps (median {ratio_median:.2f}); "
-          f"target <= {target:.2f}: {'met' if ratio <= target else 'MISSED'}")
-    best_ratio, best_ratio_median = best["best"] / best["dense"], median["best"] / median["dense"]
-    print(f"best / dense step time = {best_ratio:.2f} from the fastest steps (median {best_ratio_median:.2f}): "
-          "the recipe of notebook 08 (its equal-time dense run trains this many times the steps)")
-    result.update(ratio_best=ratio, ratio_median=ratio_median, recipe_ratio_best=best_ratio,
-                  recipe_ratio_median=best_ratio_median)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    result = measure_steps(preset_configs(size, args.experts), device, repeats, args.clock, peak_flops=peak,
+                           label=args.experts)
+    result["size"] = size
+    print(format_result(result, size))
+    print("(best: the recipe of notebook 08; its equal-time dense run trains this many times the steps)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

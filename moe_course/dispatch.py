@@ -39,7 +39,10 @@ def _check(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_expe
             f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be (T, k) "
             f"with T = {x.shape[0]} tokens"
         )
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts):
+    # The values are checked on the CPU only: on a GPU, reading them would make the host wait (a sync) in every
+    # layer; an out-of-range id there trips the device-side bounds check of the gather instead.
+    if indices.device.type == "cpu" and indices.numel() and (int(indices.min()) < 0 or
+                                                              int(indices.max()) >= n_experts):
         raise ValueError(f"expert indices must lie in [0, {n_experts}), got {indices.min()}..{indices.max()}")
 
 
@@ -85,7 +88,17 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     """
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
-    return order, order // indices.shape[1], torch.bincount(flat, minlength=n_experts)
+    return order, order // indices.shape[1], count_per_expert(flat, n_experts)
+
+
+def count_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(N,) long: how many entries of ``expert_ids`` name each expert (``torch.bincount`` with minlength N).
+
+    Added up with ``scatter_add_`` into N zeros rather than with ``bincount``, which on a GPU first copies the
+    largest id to the host to size its output: a sync in every layer. The counts are the same integers.
+    """
+    ids = expert_ids.reshape(-1).long()  # scatter_add_ indexes with int64
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.Module) -> torch.Tensor:
@@ -93,7 +106,7 @@ def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     _check(x, weights, indices, len(experts))
     order, token_of, counts = sort_by_expert(indices, len(experts))
     xs = x.index_select(0, token_of)  # (T*k, d); backward is one index_add (4x faster than x[token_of] on CPU)
-    return combine(experts(xs, counts), weights.reshape(-1)[order], token_of, x.shape[0])
+    return combine(experts(xs, counts), weights.reshape(-1).index_select(0, order), token_of, x.shape[0])
 
 
 def combine(ys: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -102,7 +115,7 @@ def combine(ys: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, n_token
     Accumulates in the routing weights' precision (fp32), also when the experts ran in bf16 on a GPU.
     """
     ys = ys.to(weight.dtype) * weight.unsqueeze(-1)
-    return ys.new_zeros(n_tokens, ys.shape[-1]).index_add(0, token, ys)
+    return ys.new_zeros(n_tokens, ys.shape[-1]).index_add_(0, token, ys)  # in place: no second (T, d) buffer
 
 
 DISPATCHERS: dict[str, Callable[..., torch.Tensor]] = {

@@ -636,7 +636,7 @@ def compare_with_single_process(scenarios: Sequence[dict[str, Any]]) -> list[dic
             errors["grad_shared"] = max(err(_all_reduce(a.grad, None), b.grad)
                                         for a, b in zip(ep.shared.parameters(), moe.shared.parameters(), strict=True))
         if sc.get("train", False):
-            errors["aux_loss"] = abs(ep.aux_loss_total - float(moe.aux_loss))
+            errors["aux_loss"] = abs(ep.aux_loss_total - float(moe.aux_loss.detach()))
             moe.after_step()
             ep.after_step()
             errors["bias"] = err(ep.router.expert_bias, moe.router.expert_bias)

@@ -100,3 +100,81 @@ def test_capacity_mask_keeps_exactly_capacity_per_expert():
     keep = capacity_mask(idx, 4, capacity=20)
     for e in range(4):
         assert int(((idx == e) & keep).sum()) == min(20, int((idx == e).sum()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The production path (dispatch_grouped on GroupedExperts) against the plain computation, bit for bit
+
+
+def _plain_grouped(x, weights, indices, experts):
+    """dispatch_grouped as first written: bincount, weights[order], an out-of-place index_add."""
+    import torch.nn.functional as F
+
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    token_of, counts = order // indices.shape[1], torch.bincount(flat, minlength=len(experts))
+    xs = x.index_select(0, token_of)
+    offsets = counts.cumsum(0).to(torch.int32)
+    hidden = F.silu(F.grouped_mm(xs, experts.w_gate, offs=offsets)) * F.grouped_mm(xs, experts.w_up, offs=offsets)
+    ys = F.grouped_mm(hidden, experts.w_down, offs=offsets) * weights.reshape(-1)[order].unsqueeze(-1)
+    return ys.new_zeros(x.shape[0], ys.shape[-1]).index_add(0, token_of, ys)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_grouped_fast_path_equals_the_plain_computation_bit_for_bit(k):
+    from moe_course.dispatch import dispatch_grouped
+    from moe_course.experts import GroupedExperts, use_grouped_mm
+
+    torch.manual_seed(k)
+    experts = GroupedExperts(6, 8, 16)
+    assert use_grouped_mm(torch.float32, torch.device("cpu"), experts.w_gate)
+    x = torch.randn(40, 8)
+    logits = torch.randn(40, 6)
+    logits[:, 5] = -10.0  # expert 5 gets no tokens: an empty group
+    w, idx = logits.softmax(-1).topk(k, dim=-1)
+    fast = _grads(dispatch_grouped, x, w, idx, experts)
+    plain = _grads(_plain_grouped, x, w, idx, experts)
+    for a, b in zip(fast[:3], plain[:3], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(fast[3], plain[3], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_count_per_expert_is_bincount_without_reading_the_ids():
+    from moe_course.dispatch import count_per_expert, sort_by_expert
+
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3]])
+    assert torch.equal(count_per_expert(ids, 5), torch.bincount(ids.reshape(-1), minlength=5))
+    assert count_per_expert(ids, 5).dtype == torch.long
+    assert count_per_expert(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]
+    assert torch.equal(sort_by_expert(ids, 5)[2], count_per_expert(ids, 5))
+    # shapes only, no values: what a GPU can do without waiting (bincount must read the largest id first)
+    meta = torch.empty(6, 2, dtype=torch.long, device="meta")
+    assert count_per_expert(meta, 4).shape == (4,)
+
+
+def test_dispatch_check_reads_expert_ids_on_the_cpu_only():
+    from moe_course.dispatch import _check
+
+    with pytest.raises(ValueError, match="must lie in"):
+        _check(torch.zeros(2, 4), torch.ones(2, 1), torch.tensor([[0], [7]]), 3)
+    meta = dict(device="meta")  # like CUDA: the values are not read back (no sync); shapes are still checked
+    _check(torch.empty(2, 4, **meta), torch.empty(2, 1, **meta), torch.empty(2, 1, dtype=torch.long, **meta), 3)
+    with pytest.raises(ValueError, match="must both be"):
+        _check(torch.empty(2, 4, **meta), torch.empty(2, 2, **meta), torch.empty(2, 1, dtype=torch.long, **meta), 3)
+
+
+def test_moe_bias_counts_equal_the_routing_counts():
+    from moe_course.moe import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(8, 8, 6, 2, score="sigmoid", bias_update_rate=1e-3).train()
+    layer(torch.randn(3, 10, 8))
+    assert torch.equal(layer.step_counts, layer.last_routing.counts(6))
+
+
+def test_count_per_expert_takes_int32_ids_like_bincount():
+    from moe_course.dispatch import count_per_expert
+
+    ids = torch.tensor([2, 2, 0], dtype=torch.int32)
+    assert count_per_expert(ids, 3).tolist() == torch.bincount(ids, minlength=3).tolist() == [1, 0, 2]
