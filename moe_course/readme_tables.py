@@ -33,8 +33,9 @@ from moe_course.metrics import mean_std
 from moe_course.notebooks import NOTEBOOK_TIMES
 
 __all__ = [
-    "PAGES", "TABLES", "capstone_table", "describe", "experts_table", "fine_grained_table", "learner_minutes",
-    "loss_free_table", "main", "notebook_table", "render", "timings_table",
+    "PAGES", "TABLES", "bench_table", "capstone_table", "describe", "experts_table", "fine_grained_table",
+    "gpu_table", "learner_minutes", "loss_free_table", "main", "notebook_table", "render", "schedule_table",
+    "timings_table",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +280,43 @@ def experts_table(results_dir: str | Path | None = None) -> str:
     return "\n".join(lines)
 
 
+BENCH_STEP = ROOT / "data" / "results" / "bench_model_step-cpu.json"
+"""``benchmarks/bench_model_step.py --threads 1 --clock cpu --json`` on the CPU, with the AVX2 kernels."""
+STEP_TARGET = 1.10
+"""Issue 19's target for the CPU training step of an MoE preset against its dense twin."""
+
+
+def bench_table(_: str | Path | None = None) -> str:
+    """RESULTS.md's training-step benchmark: each cpu preset's step time and the MoE / dense ratios."""
+    data = json.loads(BENCH_STEP.read_text(encoding="utf-8"))
+    lines = [f"`ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_model_step.py --threads {data['threads']} --clock "
+             f"{data['clock']} --json data/results/{BENCH_STEP.name}`: forward, loss, backward, clipping and the "
+             f"AdamW step of each `cpu-*` preset on one batch, {data['repeats']} interleaved repeats, "
+             f"{data['threads']} thread, the process's CPU time (PyTorch {data['torch'].split('+')[0]}).", "",
+             "| preset | active params | total params | fastest step | median step | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for kind, row in data["rows"].items():
+        lines.append(f"| cpu-{kind} | {row['active'] / 1e6:.2f} M | {row['total'] / 1e6:.2f} M | "
+                     f"{row['best_ms']:.1f} ms | {row['median_ms']:.1f} ms | {row['tokens_per_s']:,.0f} |")
+    lines += ["", f"Step time against the dense twin: cpu-moe {data['ratio_best']:.2f} (median "
+              f"{data['ratio_median']:.2f}), cpu-best {data['recipe_ratio_best']:.2f} (median "
+              f"{data['recipe_ratio_median']:.2f}); the target of at most {STEP_TARGET:.2f} is "
+              f"{'met' if max(data['ratio_best'], data['recipe_ratio_best']) <= STEP_TARGET else 'not met'}."]
+    return "\n".join(lines)
+
+
+def gpu_table(results_dir: str | Path | None = None) -> str:
+    """RESULTS.md's GPU section: the suite's stored capstone at GPU size, or how to produce it."""
+    from moe_course.gpu_results import format_gpu_summary, load_gpu_capstone
+
+    result = load_gpu_capstone(results_dir)
+    if result is None:
+        return ("Not measured yet: no `data/results/capstone-gpu.json` is stored. On a machine with an NVIDIA GPU, "
+                "`PYTHONPATH=. python benchmarks/gpu_suite.py --out gpu-out --budget-s 480` measures it; copy "
+                "`gpu-out/capstone-gpu.json` into `data/results/` and run `python -m moe_course.readme_tables`.")
+    return format_gpu_summary(result)
+
+
 WORKSHOP_DAYS = {
     "one day": [("morning", ["00_welcome", "02_moe_layer"]), ("afternoon", ["03_topk_routing", "04_load_balancing"]),
                 ("homework", ["05_shared_fine_grained", "06_aux_loss_free", "08_capstone"])],
@@ -361,6 +399,7 @@ def fine_grained_table(results_dir: str | Path | None = None) -> str:
 TABLES: dict[str, Callable[[str | Path | None], str]] = {
     "capstone": capstone_table, "loss_free": loss_free_table, "fine_grained": fine_grained_table,
     "notebooks": notebook_table, "timings": timings_table, "experts": experts_table, "schedule": schedule_table,
+    "bench_step": bench_table, "gpu": gpu_table,
 }
 _BLOCK = re.compile(r"(<!-- generated: (\w+) -->)\n(.*?)\n?(<!-- end generated: \2 -->)", re.S)
 
