@@ -23,6 +23,7 @@ import torch
 
 from moe_course.routing import TopKRouter
 from moe_course.train import evaluate
+from moe_course.validate import check_int
 
 __all__ = [
     "expert_output_similarity",
@@ -36,13 +37,6 @@ __all__ = [
     "specialisation",
     "type_expert_table",
 ]
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
 
 
 def _check_data(data: torch.Tensor, block_size: int, types: torch.Tensor | None = None) -> None:
@@ -65,7 +59,7 @@ def _routers(model: torch.nn.Module) -> list[TopKRouter]:
 @contextlib.contextmanager
 def mask_top_experts(model: torch.nn.Module, m: int) -> Iterator[torch.nn.Module]:
     """Within the block, every top-k router of ``model`` skips each token's ``m`` best experts."""
-    _check_int("m", m, 0)
+    check_int("m", m, 0)
     routers = _routers(model)
     if m and not routers:
         raise ValueError("mask_top_experts needs a model with top-k routers (a dense model has none)")
@@ -90,9 +84,9 @@ def redundancy(model: torch.nn.Module, data: torch.Tensor, masks: tuple[int, ...
     Masks that a layer cannot take (m > N − k: too few experts left to choose k) are left out.
     """
     for m in masks:
-        _check_int("masks", m, 0)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("n_batches", n_batches, 1)
+        check_int("masks", m, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("n_batches", n_batches, 1)
     _check_data(data, model.cfg.block_size)
     out = {"base": evaluate(model, data, batch_size, n_batches, seed)}
     spare = min((r.n_experts - r.k for r in _routers(model)), default=0)
@@ -118,8 +112,8 @@ def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, 
     choice. With ``first_choice_only=False`` each of the k choices counts once. Types or experts that never
     occur keep their (zero) row or column, so tables of different batches add up.
     """
-    _check_int("n_types", n_types, 1)
-    _check_int("n_experts", n_experts, 1)
+    check_int("n_types", n_types, 1)
+    check_int("n_experts", n_experts, 1)
     for name, t in (("types", types), ("indices", indices)):
         if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
@@ -142,9 +136,9 @@ def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, 
 def routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, n_types: int,
                    batch_size: int = 16, n_batches: int = 4, seed: int = 1234) -> list[torch.Tensor]:
     """Per MoE layer, a (n_types, N) count table: tokens of each type whose *first choice* is each expert."""
-    _check_int("n_types", n_types, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("n_batches", n_batches, 1)
+    check_int("n_types", n_types, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("n_batches", n_batches, 1)
     _check_data(data, model.cfg.block_size, types)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -226,7 +220,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def _layer_inputs(model: torch.nn.Module, data: torch.Tensor, n_tokens: int, seed: int) -> list[torch.Tensor]:
     """The (T, d) input of every MoE layer on fixed random windows of ``data`` (about ``n_tokens`` tokens)."""
     block = model.cfg.block_size
-    _check_int("n_tokens", n_tokens, 1)
+    check_int("n_tokens", n_tokens, 1)
     _check_data(data, block)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
@@ -288,7 +282,7 @@ def probe(model: torch.nn.Module, corpus: Any, masks: tuple[int, ...] = (1,), n_
     """Everything notebook 05 measures on a trained model: masking losses, similarity, specialisation, shared share."""
     from moe_course.corpus import TOKEN_TYPE_NAMES
 
-    _check_int("n_batches", n_batches, 2)  # the type tables use n_batches // 2 >= 1 of them
+    check_int("n_batches", n_batches, 2)  # the type tables use n_batches // 2 >= 1 of them
     if not model.moe_layers():
         return {}
     out: dict[str, Any] = {"redundancy": redundancy(model, corpus.val, masks, batch_size, n_batches)}

@@ -33,6 +33,7 @@ from moe_course.corpus import get_batch
 from moe_course.metrics import max_violation
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.train import TrainConfig
+from moe_course.validate import check_int
 
 __all__ = [
     "LOG_EVERY",
@@ -79,13 +80,6 @@ class GradientInterference:
     def ratio(self, alpha: float) -> float:
         """‖∇(α·L_aux)‖ / ‖∇L_LM‖ on the router weights."""
         return alpha * self.aux_norm / self.lm_norm if self.lm_norm > 0 else math.inf
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
 
 
 def _check_number(name: str, value: object) -> None:
@@ -157,8 +151,8 @@ def global_counts(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_bat
 
     Uses the same windows as :func:`moe_course.train.evaluate` (same seed), in eval mode.
     """
-    _check_int("batch_size", batch_size, 1)
-    _check_int("n_batches", n_batches, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("n_batches", n_batches, 1)
     device = device or next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     layers = model.moe_layers()
@@ -191,8 +185,8 @@ class LossFreeRecorder:
 
     def __init__(self, log_every: int, cfg: TrainConfig, val_data: torch.Tensor,
                  probe: tuple[torch.Tensor, torch.Tensor] | None = None, probe_batch: int = 0) -> None:
-        _check_int("log_every", log_every, 1)
-        _check_int("probe_batch", probe_batch, 0)
+        check_int("log_every", log_every, 1)
+        check_int("probe_batch", probe_batch, 0)
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be the run's TrainConfig, got {type(cfg).__name__}")
         if probe is not None:
@@ -280,12 +274,12 @@ def simulate_bias(n_experts: int = 8, k: int = 2, rate: float = 1e-3, skew: floa
     Each step chooses the top-k of ``sigmoid(logits) + bias`` and then applies bᵢ ← bᵢ + u·sign(c̄ − cᵢ) with
     that step's counts: the update rule alone, without any learning of the router.
     """
-    _check_int("n_experts", n_experts, 1)
-    _check_int("k", k, 1)
+    check_int("n_experts", n_experts, 1)
+    check_int("k", k, 1)
     _check_number("rate", rate)
     _check_number("skew", skew)
-    _check_int("steps", steps, 1)
-    _check_int("n_tokens", n_tokens, 1)
+    check_int("steps", steps, 1)
+    check_int("n_tokens", n_tokens, 1)
     if not 1 <= k <= n_experts:
         raise ValueError(f"k must be between 1 and n_experts={n_experts}, got {k}")
     if not (math.isfinite(rate) and rate >= 0):

@@ -46,6 +46,7 @@ from moe_course.dispatch import capacity_mask, combine, expert_capacity, sort_by
 from moe_course.experts import GroupedExperts
 from moe_course.moe import MoE
 from moe_course.routing import ExpertChoiceRouter, Routing
+from moe_course.validate import check_int
 
 __all__ = [
     "ExpertParallelMoE",
@@ -70,13 +71,6 @@ PHASES = ("router", "dispatch", "experts", "combine")
 # placement and the send-side permutation (pure functions: the notebook's exercises)
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-
-
 def _check_rank(rank: object, world: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
@@ -86,7 +80,7 @@ def _check_rank(rank: object, world: int) -> None:
 
 def experts_per_rank(n_experts: int, world: int) -> int:
     """E / W, the experts each rank holds; W must divide E."""
-    _check_int("n_experts", n_experts, 1)
+    check_int("n_experts", n_experts, 1)
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int (the number of ranks), got {world!r}")
     if n_experts % world:
@@ -148,8 +142,8 @@ def dispatch_bytes(indices: torch.Tensor, n_experts: int, world: int, rank: int,
     """Bytes of token rows this rank sends to other ranks in one dispatch all-to-all (own rows stay home)."""
     experts_per_rank(n_experts, world)
     _check_rank(rank, world)
-    _check_int("d_model", d_model, 1)
-    _check_int("bytes_per_element", bytes_per_element, 1)
+    check_int("d_model", d_model, 1)
+    check_int("bytes_per_element", bytes_per_element, 1)
     counts = send_counts(indices, n_experts, world)
     return int(counts.sum() - counts[rank]) * d_model * bytes_per_element
 
@@ -424,7 +418,7 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo"
         raise ValueError(f"world must be a positive int, got {world!r}")
     if not callable(fn):
         raise TypeError(f"fn must be a module-level function to run on every rank, got {type(fn).__name__}")
-    _check_int("threads", threads, 1)
+    check_int("threads", threads, 1)
     for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
         if not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -653,9 +647,9 @@ def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 
     Phase times (forward) and ``step`` (forward + backward) are the fastest of ``repeats`` runs after
     ``warmup`` untimed ones (other programs can only make a run slower, so the fastest is the least disturbed).
     """
-    _check_int("tokens_per_rank", tokens_per_rank, 1)
-    _check_int("repeats", repeats, 1)
-    _check_int("warmup", warmup, 0)
+    check_int("tokens_per_rank", tokens_per_rank, 1)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
     if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype) \
             or not getattr(torch, dtype).is_floating_point:
         raise ValueError(f"dtype must name a torch floating-point dtype, e.g. 'float32' or 'bfloat16', got {dtype!r}")
@@ -692,8 +686,8 @@ def balance_with_bias(moe_kwargs: dict[str, Any], tokens_per_rank: int, bias: Se
                       seed: int = 0) -> list[int]:
     """On every rank: start from a skewed routing bias and apply the bias update (global counts) ``steps``
     times, each after a forward pass on fresh tokens; return the rows this rank received at each step."""
-    _check_int("tokens_per_rank", tokens_per_rank, 1)
-    _check_int("steps", steps, 0)
+    check_int("tokens_per_rank", tokens_per_rank, 1)
+    check_int("steps", steps, 0)
     _check_layer_bias(bias, moe_kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
     moe = _reference_layer(moe_kwargs, seed)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_course.validate import check_int
+
 
 @dataclass
 class Assignments:
@@ -92,13 +94,6 @@ def _check_k(k: int, n_experts: int) -> None:
         )
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-
-
 def _check_2d(name: str, t: object) -> None:
     """Scores, logits and the like are (T, N): one row per token, one column per expert."""
     if not isinstance(t, torch.Tensor):
@@ -119,8 +114,8 @@ def _check_bias(bias: object, scores: torch.Tensor) -> None:
 
 def _check_groups(n_experts: int, k: int, n_groups: object, topk_groups: object) -> None:
     """Group-limited routing: n_groups divides N, 1 <= topk_groups <= n_groups, and k fits in the kept groups."""
-    _check_int("n_groups", n_groups, 1)
-    _check_int("topk_groups", topk_groups, 1)
+    check_int("n_groups", n_groups, 1)
+    check_int("topk_groups", topk_groups, 1)
     if n_experts % n_groups:
         raise ValueError(f"n_groups={n_groups} must divide the number of experts {n_experts}; pick a divisor")
     if topk_groups > n_groups:
@@ -175,8 +170,8 @@ def group_limited_mask(choice: torch.Tensor, n_groups: int, topk_groups: int, bi
     (biased) scores, or its single highest score when there is no bias, as in DeepSeek-V3's reference ``Gate``.
     """
     _check_2d("choice", choice)
-    _check_int("n_groups", n_groups, 1)
-    _check_int("topk_groups", topk_groups, 1)
+    check_int("n_groups", n_groups, 1)
+    check_int("topk_groups", topk_groups, 1)
     t, n = choice.shape
     if n % n_groups:
         raise ValueError(f"n_groups={n_groups} must divide the number of experts {n}")
@@ -252,11 +247,11 @@ class TopKRouter(nn.Module):
         topk_groups: int = 1,
     ) -> None:
         super().__init__()
-        _check_int("d_model", d_model, 1)
-        _check_int("n_experts", n_experts, 1)
+        check_int("d_model", d_model, 1)
+        check_int("n_experts", n_experts, 1)
         _check_k(k, n_experts)
-        _check_int("n_groups", n_groups, 1)
-        _check_int("topk_groups", topk_groups, 1)
+        check_int("n_groups", n_groups, 1)
+        check_int("topk_groups", topk_groups, 1)
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"unknown router score {score!r}; use 'softmax' or 'sigmoid'")
         if n_groups < 1 or n_experts % n_groups:
@@ -327,8 +322,8 @@ def _check_capacity_factor(capacity_factor: object) -> None:
 
 def expert_choice_capacity(n_tokens: int, n_experts: int, capacity_factor: float) -> int:
     """Tokens per expert in expert choice: c = ceil(T · cf / N), at least 1 and at most T."""
-    _check_int("n_tokens", n_tokens, 1)
-    _check_int("n_experts", n_experts, 1)
+    check_int("n_tokens", n_tokens, 1)
+    check_int("n_experts", n_experts, 1)
     _check_capacity_factor(capacity_factor)
     return max(1, min(n_tokens, math.ceil(n_tokens * capacity_factor / n_experts)))
 
@@ -343,8 +338,8 @@ class ExpertChoiceRouter(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, capacity_factor: float = 2.0) -> None:
         super().__init__()
-        _check_int("d_model", d_model, 1)
-        _check_int("n_experts", n_experts, 1)
+        check_int("d_model", d_model, 1)
+        check_int("n_experts", n_experts, 1)
         _check_capacity_factor(capacity_factor)
         self.n_experts, self.capacity_factor = n_experts, capacity_factor
         self.gate = nn.Linear(d_model, n_experts, bias=False)
@@ -370,9 +365,9 @@ class HashRouter(nn.Module):
 
     def __init__(self, n_experts: int, vocab_size: int, k: int = 1, seed: int = 0) -> None:
         super().__init__()
-        _check_int("n_experts", n_experts, 1)
+        check_int("n_experts", n_experts, 1)
         _check_k(k, n_experts)
-        _check_int("vocab_size", vocab_size, 1)
+        check_int("vocab_size", vocab_size, 1)
         self.n_experts, self.k = n_experts, k
         gen = torch.Generator().manual_seed(seed)
         table = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(vocab_size)])
