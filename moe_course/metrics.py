@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -114,6 +115,31 @@ def mfu(tokens_per_s: float, flops_per_token: float, device_name: str) -> float 
     """Model FLOPs utilisation: achieved training FLOP/s over the device's bf16 peak; None for an unknown device."""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
     return None if peak is None else tokens_per_s * flops_per_token / peak
+
+
+@dataclass(frozen=True)
+class PairedGaps:
+    """Two models compared seed by seed: gaps a − b (positive: b is better), their mean ± std, and the margin test."""
+
+    gaps: list[float]
+    mean: float
+    std: float
+    margin: float  # worst of b against best of a: min(a) − max(b); positive when b wins on every pairing
+    spread: float  # the larger of the two models' seed spreads, max − min
+
+    @property
+    def clear(self) -> bool:
+        """Whether b's lead exceeds the seed noise: the worst-against-best margin is larger than the spread."""
+        return self.margin > self.spread
+
+
+def paired_gaps(a: Sequence[float], b: Sequence[float]) -> PairedGaps:
+    """Compare per-seed results of two models (the same seeds in the same order), as notebook 08 and RESULTS.md do."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a and b must hold one result per seed each, the same seeds; got {len(a)} and {len(b)}")
+    gaps = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    m, s = mean_std(gaps)
+    return PairedGaps(gaps, m, s, min(a) - max(b), max(max(a) - min(a), max(b) - min(b)))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

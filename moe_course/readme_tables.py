@@ -29,7 +29,7 @@ from moe_course.experiments import (
     load_result,
     tuning_choice,
 )
-from moe_course.metrics import mean_std
+from moe_course.metrics import mean_std, paired_gaps
 from moe_course.notebooks import NOTEBOOK_TIMES
 
 __all__ = [
@@ -119,11 +119,10 @@ def capstone_table(results_dir: str | Path | None = None) -> str:
               "next to the largest seed spread:", ""]
     for a, b in (("dense", "MoE top-2"), ("dense", "MoE recipe"), ("MoE top-2", "MoE recipe"),
                  ("dense, equal time", "MoE recipe")):
-        gaps = [x - y for x, y in zip(final[a], final[b], strict=True)]
-        margin = min(final[a]) - max(final[b])
-        spread = max(max(final[k]) - min(final[k]) for k in (a, b))
-        lines.append(f"- {a} − {b}: {', '.join(f'{g:+.3f}' for g in gaps)} (mean {_pm(gaps)}); margin "
-                     f"{margin:+.3f} against spread {spread:.3f}{'' if margin > spread else ': within the noise'}")
+        pg = paired_gaps(final[a], final[b])
+        gaps = ", ".join(f"{g:+.3f}" for g in pg.gaps)
+        lines.append(f"- {a} − {b}: {gaps} (mean {pg.mean:.3f} ± {pg.std:.3f}); margin {pg.margin:+.3f} against "
+                     f"spread {pg.spread:.3f}{'' if pg.clear else ': within the noise'}")
     per_step = {label: mean_std([r.seconds / runs[label]["train"]["steps"] for r in race.records_of(label)])[0]
                 for label in ("dense", "MoE recipe")}
     lines += ["", f"Seconds per step measured in the same runs (two sharing the 2-core machine): the recipe "

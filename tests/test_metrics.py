@@ -112,3 +112,15 @@ def test_mean_std_is_the_sample_std_of_seeds():
     assert mean == 2.5 and math.isnan(std)
     with pytest.raises(ValueError, match="values is empty"):
         mean_std([])
+
+
+def test_paired_gaps_by_hand():
+    from moe_course.metrics import paired_gaps
+
+    pg = paired_gaps([1.56, 1.55, 1.57], [1.50, 1.52, 1.49])
+    assert [round(g, 6) for g in pg.gaps] == [0.06, 0.03, 0.08]
+    assert abs(pg.mean - 17 / 300) < 1e-12 and abs(pg.margin - (1.55 - 1.52)) < 1e-12
+    assert abs(pg.spread - 0.03) < 1e-12 and not pg.clear  # margin 0.03 is not larger than spread 0.03
+    assert paired_gaps([2.0, 2.1], [1.0, 1.05]).clear
+    with pytest.raises(ValueError, match="one result per seed"):
+        paired_gaps([1.0, 2.0], [1.0])
