@@ -243,20 +243,29 @@ def _capture_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tenso
 
 @torch.no_grad()
 def expert_output_similarity(model: torch.nn.Module, data: torch.Tensor, n_tokens: int = 512,
-                             seed: int = 1234) -> list[float]:
-    """Per MoE layer: mean cosine similarity of two different routed experts' outputs on the same inputs."""
-    few = [layer.n_experts for layer in model.moe_layers() if layer.n_experts < 2]
-    if few:
+                             seed: int = 1234, group: int = 1) -> list[float]:
+    """Per MoE layer: mean cosine similarity of two different routed experts' (or blocks') outputs on the same inputs.
+
+    ``group > 1`` sums the outputs of consecutive blocks of ``group`` experts first (left-over experts unused) and
+    compares the blocks: :func:`moe_course.fine_grained.expert_similarity` defines the metric.
+    """
+    check_int("group", group, 1)
+    few = [layer.n_experts for layer in model.moe_layers() if layer.n_experts // group < 2]
+    if few and group == 1:
         raise ValueError(f"model has an MoE layer with {few[0]} routed expert: a similarity needs pairs of experts "
                          "(n_experts >= 2)")
+    if few:
+        raise ValueError(f"a layer has {few[0]} routed experts: too few for two blocks of group={group}; use a "
+                         "smaller group")
     with _eval_mode(model):
         inputs = _layer_inputs(model, data, n_tokens, seed)
     sims = []
     for layer, h in zip(model.moe_layers(), inputs, strict=True):
         outs = torch.stack([expert(h) for expert in layer.experts])  # (N, T, d)
+        n = outs.shape[0] // group
+        outs = outs[: n * group].reshape(n, group, *outs.shape[1:]).sum(dim=1)  # (B, T, d) one output per block
         unit = torch.nn.functional.normalize(outs.double(), dim=-1)
-        cos = torch.einsum("atd,btd->abt", unit, unit).mean(dim=-1)  # (N, N) mean over tokens
-        n = cos.shape[0]
+        cos = torch.einsum("atd,btd->abt", unit, unit).mean(dim=-1)  # (B, B) mean over tokens
         sims.append(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))))
     return sims
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from moe_course.parallel import launch
 
-__all__ = ["expected_received", "exchange_inputs", "received_by_rank", "run", "send_tokens"]
+__all__ = ["expected_received", "exchange_inputs", "row_origins", "run", "send_tokens"]
 
 
 def send_tokens(x: torch.Tensor, dest: torch.Tensor, world: int) -> torch.Tensor:
@@ -97,6 +97,6 @@ def expected_received(inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[t
     return [torch.cat([x[dest == r] for x, dest in inputs]) for r in range(world)]
 
 
-def received_by_rank(inputs: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor) -> list[tuple[int, int]]:
+def row_origins(out: torch.Tensor) -> list[tuple[int, int]]:
     """Decode received rows back to (source rank, row index) from their values (100·rank + row)."""
     return [(int(v) // 100, int(v) % 100) for v in out[:, 0].round().tolist()]

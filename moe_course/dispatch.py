@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_course.routing import count_per_expert
+
 Experts = Sequence[nn.Module]
 
 
@@ -89,16 +91,6 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
     return order, order // indices.shape[1], count_per_expert(flat, n_experts)
-
-
-def count_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(N,) long: how many entries of ``expert_ids`` name each expert (``torch.bincount`` with minlength N).
-
-    Added up with ``scatter_add_`` into N zeros rather than with ``bincount``, which on a GPU first copies the
-    largest id to the host to size its output: a sync in every layer. The counts are the same integers.
-    """
-    ids = expert_ids.reshape(-1).long()  # scatter_add_ indexes with int64
-    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.Module) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_course.analysis import expert_output_similarity
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
 
@@ -174,40 +175,12 @@ def expert_similarity(model: nn.Module, data: torch.Tensor, group: int = 1, n_to
         sim = 1 / (B (B - 1)) · Σ_{a ≠ b} (1/T) Σ_t cos(Y_a(u_t), Y_b(u_t))
 
     over the B blocks. 0: unrelated outputs (as at a random initialisation); 1: the same direction on every
-    token. ``group=1`` compares single experts, as :func:`moe_course.analysis.expert_output_similarity` does.
+    token. ``group=1`` compares single experts; :func:`moe_course.analysis.expert_output_similarity` computes it.
     """
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be an int >= 1, got {group!r}")
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
-    layers = model.moe_layers()
-    if not layers:
+    if not model.moe_layers():
         raise ValueError("expert_similarity needs a model with MoE layers (a dense model has no experts)")
-    for layer in layers:
-        if len(layer.experts) // group < 2:
-            raise ValueError(f"a layer has {len(layer.experts)} routed experts: too few for two blocks of "
-                             f"group={group}; use a smaller group")
-    block = model.cfg.block_size
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(data) - block, (max(1, n_tokens // block),), generator=gen)
-    x = data[starts[:, None] + torch.arange(block)].long().to(next(model.parameters()).device)
-    inputs: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda mod, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
-             for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    sims = []
-    for layer, h in zip(layers, inputs, strict=True):
-        outs = torch.stack([expert(h) for expert in layer.experts])  # (N, T, d)
-        n = outs.shape[0] // group
-        outs = outs[: n * group].reshape(n, group, *outs.shape[1:]).sum(dim=1)  # (B, T, d)
-        unit = torch.nn.functional.normalize(outs.double(), dim=-1)
-        cos = torch.einsum("atd,btd->abt", unit, unit).mean(dim=-1)  # (B, B), mean over tokens
-        sims.append(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))))
-    return sims
+    return expert_output_similarity(model, data, n_tokens, seed, group=group)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from moe_course.balancing import BalancingPolicy, BiasUpdate, RouterZLoss, SequenceAuxLoss, SwitchAuxLoss
-from moe_course.dispatch import DISPATCHERS, capacity_mask, combine, count_per_expert, expert_capacity, get_dispatcher
+from moe_course.dispatch import DISPATCHERS, capacity_mask, combine, expert_capacity, get_dispatcher
 from moe_course.experts import GroupedExperts, SwiGLU, make_experts
 from moe_course.routing import ExpertChoiceRouter, ExpertChoiceRouting, HashRouter, Routing, TopKRouter
 
@@ -197,8 +197,7 @@ class MoE(nn.Module):
                 if term is not None:
                     aux = aux + term
             if any(isinstance(p, BiasUpdate) for p in self.balancing):
-                counts = routing.counts(self.n_experts) if isinstance(routing, ExpertChoiceRouting) else \
-                    count_per_expert(routing.indices, self.n_experts)  # (N,), without a host sync on a GPU
+                counts = routing.counts(self.n_experts).detach()  # (N,), without a host sync on a GPU
                 self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         self.aux_loss = aux
         return y.reshape(shape)

@@ -221,7 +221,8 @@ def notebook_table(_: str | Path | None = None) -> str:
     times = _timings()["notebooks"]
     lines = ["| # | notebook | topic | learner time | run time (CPU) | needs |", "|---|---|---|---|---|---|"]
     total_min, total_s = 0, 0.0
-    for path in _notebook_paths():
+    paths = _notebook_paths()
+    for path in paths:
         stem = path.stem
         minutes = learner_minutes(path)
         seconds = times.get(path.name, {}).get("seconds")
@@ -230,8 +231,8 @@ def notebook_table(_: str | Path | None = None) -> str:
         run = _duration(seconds) if seconds is not None else "not measured"
         lines.append(f"| {stem[:2]} | [`{stem}`](notebooks/{path.name}) {colab_badge(f'notebooks/{path.name}')} | "
                      f"{TOPICS.get(stem, '')} | about {minutes} min | {run} | {HARDWARE.get(stem, 'CPU')} |")
-    complete = all(p.name in times for p in _notebook_paths())
-    lines.append(f"| | **all {len(_notebook_paths())}** | | **about {total_min / 60:.0f} hours** | "
+    complete = all(p.name in times for p in paths)
+    lines.append(f"| | **all {len(paths)}** | | **about {total_min / 60:.0f} hours** | "
                  f"**{_duration(total_s) if complete else 'not measured'}** | |")
     return "\n".join(lines)
 

@@ -29,6 +29,16 @@ from torch import nn
 from moe_course.validate import check_int
 
 
+def count_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(N,) long: how many entries of ``expert_ids`` name each expert (``torch.bincount`` with minlength N).
+
+    Added up with ``scatter_add_`` into N zeros rather than with ``bincount``, which on a GPU first copies the
+    largest id to the host to size its output: a sync in every layer. The counts are the same integers.
+    """
+    ids = expert_ids.reshape(-1).long()  # scatter_add_ indexes with int64
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 @dataclass
 class Assignments:
     """(token, expert, weight) triples sorted by expert: the layout grouped GEMM and all-to-all use."""
@@ -48,8 +58,8 @@ class Routing:
     scores: torch.Tensor  # (T, N) per-expert probabilities/affinities (for balancing losses, metrics)
 
     def counts(self, n_experts: int) -> torch.Tensor:
-        """Assignments per expert (N,), counting each of a token's k choices."""
-        return torch.bincount(self.indices.reshape(-1), minlength=n_experts)
+        """Assignments per expert (N,), counting each of a token's k choices (no host sync on a GPU)."""
+        return count_per_expert(self.indices, n_experts)
 
     def detach(self) -> Routing:
         """A copy without autograd history, for logging."""

@@ -36,7 +36,7 @@ def test_send_tokens_delivers_rows_grouped_by_source_in_order():
         if skip is not None:
             assert got[skip].shape == (0, 2)
         # every row arrives exactly once, at the rank it was sent to
-        arrived = sorted(p for out in got for p in collectives.received_by_rank(inputs, out))
+        arrived = sorted(p for out in got for p in collectives.row_origins(out))
         assert arrived == sorted((r, i) for r, (x, _) in enumerate(inputs) for i in range(x.shape[0]))
 
 

@@ -151,6 +151,11 @@ def test_count_per_expert_is_bincount_without_reading_the_ids():
     # shapes only, no values: what a GPU can do without waiting (bincount must read the largest id first)
     meta = torch.empty(6, 2, dtype=torch.long, device="meta")
     assert count_per_expert(meta, 4).shape == (4,)
+    # Routing.counts (the training loop's and the bias update's counts) goes the same sync-free way
+    from moe_course.routing import Routing
+
+    w = torch.ones(6, 2, device="meta")
+    assert Routing(w, meta, torch.empty(6, 4, device="meta"), torch.empty(6, 4, device="meta")).counts(4).shape == (4,)
 
 
 def test_dispatch_check_reads_expert_ids_on_the_cpu_only():

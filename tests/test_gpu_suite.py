@@ -197,7 +197,7 @@ def test_the_sync_check_records_where_a_step_would_wait(monkeypatch):
     sys.path.insert(0, str(SUITE.parent))
     import gpu_suite
 
-    from moe_course import dispatch, moe
+    from moe_course import dispatch, routing
 
     mode = {"now": 0}
     count = dispatch.count_per_expert
@@ -208,7 +208,7 @@ def test_the_sync_check_records_where_a_step_would_wait(monkeypatch):
         return count(ids, n)
 
     monkeypatch.setattr(dispatch, "count_per_expert", noisy_count)  # sort_by_expert's count
-    monkeypatch.setattr(moe, "count_per_expert", noisy_count)  # the recipe's count for its bias update
+    monkeypatch.setattr(routing, "count_per_expert", noisy_count)  # Routing.counts: the recipe's bias update
     result = gpu_suite.check_sync_free(torch.device("cpu"), "smoke", 2, set_mode=lambda m: mode.update(now=m))
     assert mode["now"] == 0  # switched back off
     models = result["models"]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from moe_course.check._core import CheckError, fail, ok
-from moe_course.collectives import _call_source, _source, exchange_inputs, expected_received, received_by_rank
+from moe_course.collectives import _call_source, _source, exchange_inputs, expected_received, row_origins
 from moe_course.parallel import RankFailed, launch
 
 __all__ = ["send_tokens"]
@@ -71,7 +71,7 @@ def _diagnose(what: str, rank: int, got: torch.Tensor, want: torch.Tensor, input
              f"expected {tuple(want.shape[1:])}")
     if torch.equal(got, want):
         return
-    pairs, wanted = received_by_rank(inputs, got), received_by_rank(inputs, want)
+    pairs, wanted = row_origins(got), row_origins(want)
     for i, ((src, row), (wsrc, wrow)) in enumerate(zip(pairs, wanted, strict=True)):
         if (src, row) == (wsrc, wrow):
             continue

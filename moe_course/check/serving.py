@@ -51,6 +51,22 @@ def _diagnose(results: list[tuple[Any, Any, list[tuple[str, Any]]]]) -> int | st
     return None
 
 
+def _fail_first_wrong(shown: list[tuple[str, str]], results: list[tuple[Any, Any, list[tuple[str, Any]]]],
+                      extra: Callable[[], str | None] | None = None) -> None:
+    """Fail on the first case whose answer differs from the reference: name the mistake that explains every case
+    (:func:`_diagnose`), else ``extra()``'s note, else the case's own explanation. ``shown``: (text, explanation)."""
+    for (text, explanation), (got, ref, _) in zip(shown, results, strict=True):
+        if _same(got, ref):
+            continue
+        hint = _diagnose(results)
+        if hint is not None:
+            fail(f"{text}: it looks like you {hint}")
+        note = extra() if extra is not None else None
+        if note is not None:
+            fail(f"{text}: {note}")
+        fail(f"{text}{explanation}")
+
+
 def _requires_value_error(fn: Callable[..., Any], args: tuple[Any, ...], what: str, why: str) -> None:
     try:
         got = fn(*args)
@@ -119,16 +135,11 @@ def expected_distinct_experts(fn: Callable[[int, int, torch.Tensor], Any]) -> No
                  "batch size (compute with tensor operations on batch, not a Python loop that keeps one value)")
         results.append((got.double(), ref, _distinct_mistakes(n, k, batch)))
         whats.append(what)
-    for what, (got, ref, _) in zip(whats, results, strict=True):
-        if _same(got, ref):
-            continue
-        shown = f"{what} returned {[round(v, 3) for v in got.tolist()]}, expected {[round(v, 3) for v in ref.tolist()]}"
-        hint = _diagnose(results)
-        if hint is not None:
-            fail(f"{shown}: it looks like you {hint}")
-        if all(_same(g, r.round()) or _same(g, r.floor()) for g, r, _ in results):
-            fail(f"{shown}: an *expected* count is a real number, do not round it")
-        fail(f"{shown} = N·(1 − (1 − k/N)^B)")
+    shown = [(f"{what} returned {[round(v, 3) for v in got.tolist()]}, expected {[round(v, 3) for v in ref.tolist()]}",
+              " = N·(1 − (1 − k/N)^B)") for what, (got, ref, _) in zip(whats, results, strict=True)]
+    rounded = all(_same(g, r.round()) or _same(g, r.floor()) for g, r, _ in results)
+    _fail_first_wrong(shown, results,
+                      lambda: "an *expected* count is a real number, do not round it" if rounded else None)
     _requires_value_error(fn, (4, 5, torch.tensor([1, 2])), "fn(4, 5, torch.tensor([1, 2]))",
                           "a token cannot use k=5 distinct experts out of n_experts=4")
     ex = ref_distinct(256, 8, torch.tensor([1, 32, 256]))
@@ -244,16 +255,10 @@ def lru_hit_rate(fn: Callable[[torch.Tensor, int], Any]) -> None:
         mistakes = [("returned the number of hits; return the hit rate, hits / requests", float(hits)),
                     *_lru_mistakes(rows, capacity)]
         results.append((got, ref, mistakes))
-        shown.append(f"{what} returned {got:.4f}, expected {ref:.4f}"
-                     + (f" (trace {rows})" if len(rows) <= 9 else ""))
-    for text, (got, ref, _) in zip(shown, results, strict=True):
-        if _same(got, ref):
-            continue
-        hint = _diagnose(results)
-        if hint is not None:
-            fail(f"{text}: it looks like you {hint}")
-        fail(f"{text}. Per step: count the requested experts already cached, then mark them all most recently used "
-             "(loading the misses) and evict least recently used experts until `capacity` remain")
+        shown.append((f"{what} returned {got:.4f}, expected {ref:.4f}" + (f" (trace {rows})" if len(rows) <= 9 else ""),
+                      ". Per step: count the requested experts already cached, then mark them all most recently used "
+                      "(loading the misses) and evict least recently used experts until `capacity` remain"))
+    _fail_first_wrong(shown, results)
     _requires_value_error(fn, (torch.tensor([[0, 1]]), 0), "fn(trace, capacity=0)",
                           "a cache must hold at least one expert")
     ok("lru_hit_rate", f"e.g. {ref_lru(torch.tensor(random_rows), 3):.3f} at C=3 and "
@@ -311,15 +316,10 @@ def bytes_per_token(fn: Callable[[list[torch.Tensor], float, float], Any]) -> No
             fail(f"{what} changed the routing it was given (the list or its tensors): read it without writing to it")
         ref = ref_bytes(indices, expert, other)
         results.append((got, ref, _bytes_mistakes(layers, expert, other)))
-        shown.append(f"{what} returned {got:.4g}, expected {ref:.4g}")
-    for (_name, layers, _, _), text, (got, ref, _) in zip(BYTES_CASES, shown, results, strict=True):
-        if _same(got, ref):
-            continue
-        hint = _diagnose(results)
-        if hint is not None:
-            fail(f"{text}: it looks like you {hint}")
-        fail(f"{text} = (other_bytes + Σ over layers of the layer's distinct experts · expert_bytes) / B, with "
-             f"routing {layers}")
+        shown.append((f"{what} returned {got:.4g}, expected {ref:.4g}",
+                      f" = (other_bytes + Σ over layers of the layer's distinct experts · expert_bytes) / B, with "
+                      f"routing {layers}"))
+    _fail_first_wrong(shown, results)
     _requires_value_error(fn, ([torch.zeros(0, 2, dtype=torch.long)], 10.0, 100.0),
                           "fn([an empty (0, 2) batch], 10, 100)",
                           "no token was decoded, so there is no cost per token")
