@@ -24,8 +24,10 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +74,86 @@ def train_step(model: TinyLM, x: torch.Tensor, y: torch.Tensor, amp: bool,
     return step
 
 
+CATEGORIES = (  # (category, substrings of op names), first match wins
+    ("grouped GEMM", ("_grouped_mm",)),
+    ("attention", ("attention", "_flash_", "_efficient_")),
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("routing", ("softmax", "sigmoid", "topk", "gather", "logsumexp")),
+    ("sort / count", ("sort", "bincount", "cumsum", "histc")),
+    ("gather / scatter", ("index_select", "index_add", "aten::index", "index_put", "scatter", "embedding")),
+    ("norms", ("rms_norm", "layer_norm")),
+    ("optimizer", ("adam", "_foreach", "vector_norm", "clamp")),
+    ("copies / casts", ("copy_", "_to_copy", "contiguous", "clone")),
+)
+"""Op categories of the profile breakdown, as ``(category, substrings of aten op names)``; the first match wins."""
+IN_GROUPED = " (in _grouped_mm)"
+"""Suffix of an op that ran inside ``aten::_grouped_mm``: on the CPU its per-expert ``aten::mm`` calls."""
+
+
+def categorise(name: str) -> str:
+    """The category of an aten op name (an op inside ``_grouped_mm`` counts as grouped GEMM)."""
+    if name.endswith(IN_GROUPED):
+        return "grouped GEMM"
+    lower = name.lower()
+    for category, keys in CATEGORIES:
+        if any(key.lower() in lower for key in keys):
+            return category
+    return "elementwise / other"
+
+
+def _inside_grouped_mm(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == "aten::_grouped_mm":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def profile_step(step: Callable[[], Any], device: torch.device, steps: int) -> dict[str, Any]:
+    """Per-step self time of each category of ops, and the top ops, from ``torch.profiler`` over ``steps`` steps.
+
+    On CUDA: device (kernel) time of each op. On the CPU: CPU self time, with the per-expert matrix multiplies
+    that ``_grouped_mm`` runs there counted as grouped GEMM rather than as plain GEMM. The profiler's own
+    overhead per op makes the CPU total larger than an unprofiled step, most for models with many small ops.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize()
+    micros: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    if device.type == "cuda":
+        for avg in prof.key_averages():
+            if avg.device_type != DeviceType.CPU:
+                continue  # kernel rows: their time is already in the op that launched them
+            value = getattr(avg, "self_device_time_total", None)
+            micros[avg.key] += value if value is not None else getattr(avg, "self_cuda_time_total", 0.0)
+            calls[avg.key] += avg.count
+    else:
+        for event in prof.events():
+            if event.device_type != DeviceType.CPU:
+                continue
+            name = event.name + (IN_GROUPED if _inside_grouped_mm(event) else "")
+            micros[name] += event.self_cpu_time_total
+            calls[name] += 1
+    rows = sorted(((name, us / steps / 1e3, calls[name] / steps) for name, us in micros.items() if us),
+                  key=lambda r: -r[1])
+    by_category: Counter[str] = Counter()
+    for name, ms, _ in rows:
+        by_category[categorise(name)] += ms
+    return {"clock": "device (CUDA kernels)" if device.type == "cuda" else "CPU", "steps": steps,
+            "ms_per_step": sum(by_category.values()),
+            "categories_ms": {k: round(v, 3) for k, v in by_category.most_common()},
+            "top_ops": [{"op": n, "ms": round(ms, 3), "calls": round(c, 1)} for n, ms, c in rows[:15]]}
+
+
 def peak_bf16_flops(device_name: str) -> float | None:
     """Dense bf16 peak FLOP/s of the GPU called ``device_name`` (``metrics.PEAK_BF16_FLOPS``), or None."""
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in device_name), None)
@@ -84,6 +166,20 @@ def preset_configs(size: str, experts: str = "grouped") -> dict[str, tuple[Model
         preset = get_preset(f"{size}-{kind}")
         cfg = replace(preset.model, experts=experts) if kind != "dense" else preset.model
         out[kind] = (cfg, preset.train.batch_size)
+    return out
+
+
+def variant_configs(moe: ModelConfig) -> dict[str, ModelConfig]:
+    """Other layouts of the ``moe`` preset at the same active expert width (``top_k · expert_hidden``).
+
+    Half and twice the experts, top-1 with experts twice as wide, twice the experts at half the width with top-2k,
+    and the ModuleList teaching layout: whether any of them is much closer to the dense twin's step time.
+    """
+    n, k, h = moe.n_experts, moe.top_k, moe.expert_hidden
+    shapes = [(n // 2, k, h), (2 * n, k, h), (n, 1, k * h), (2 * n, 2 * k, h // 2)]
+    out = {f"{e} experts, top-{top}, width {width}": replace(moe, n_experts=e, top_k=top, expert_hidden=width)
+           for e, top, width in shapes if e >= top >= 1 and width >= 1}
+    out[f"{n} experts, top-{k}, width {h}, ModuleList"] = replace(moe, experts="list")
     return out
 
 
@@ -140,6 +236,27 @@ def measure_steps(
     return result
 
 
+def profile_presets(configs: Mapping[str, tuple[ModelConfig, int]], device: torch.device, steps: int,
+                    amp: bool | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`profile_step` of each model's training step, on the same batch as :func:`measure_steps` uses."""
+    amp = device.type == "cuda" if amp is None else amp
+    out = {}
+    for name, (cfg, batch_size) in configs.items():
+        seed_everything(0)
+        model = TinyLM(cfg).to(device).train()
+        x, y = make_batch(cfg, batch_size, device)
+        out[name] = profile_step(train_step(model, x, y, amp), device, steps)
+    return out
+
+
+def extra_time(profiles: Mapping[str, Mapping[str, Any]], reference: str = "dense") -> dict[str, dict[str, float]]:
+    """``{model: {category: ms}}``: each model's profiled time per category minus the reference model's."""
+    base = profiles[reference]["categories_ms"]
+    return {name: {cat: prof["categories_ms"].get(cat, 0.0) - base.get(cat, 0.0)
+                   for cat in dict.fromkeys([*prof["categories_ms"], *base])}
+            for name, prof in profiles.items() if name != reference}
+
+
 def format_result(result: dict, size: str) -> str:
     """The table and the two ratio lines the command line prints."""
     cpu = result["device"] == "cpu"
@@ -156,6 +273,17 @@ def format_result(result: dict, size: str) -> str:
         ratio, ratio_median = result[f"{key}_best"], result[f"{key}_median"]
         lines.append(f"{what} / dense step time = {ratio:.2f} from the fastest steps (median {ratio_median:.2f}); "
                      f"target <= {target:.2f}: {'met' if ratio <= target else 'MISSED'}")
+    for name, row in result.get("variants", {}).items():
+        lines.append(f"  variant {name:<36} {row['best_ms']:>7.1f} ms  {row['ratio_best']:.2f}x dense "
+                     f"(median {row['ratio_median']:.2f})")
+    if "profile" in result:
+        extra = extra_time(result["profile"])
+        for by_cat in extra.values():
+            by_cat["all matrix multiplies"] = by_cat.get("GEMM", 0.0) + by_cat.get("grouped GEMM", 0.0)
+        first = next(iter(extra.values()))
+        lines.append(f"profile, ms per step ({result['profile']['dense']['clock']} self time), minus the dense twin:")
+        for cat in sorted(first, key=lambda c: -abs(first[c])):
+            lines.append(f"  {cat:<22}" + "".join(f" {name} {by_cat[cat]:+7.2f}" for name, by_cat in extra.items()))
     return "\n".join(lines)
 
 
@@ -170,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="bf16 dense peak of the GPU (default: from the device name, e.g. 989 for an H100 SXM)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time other expert layouts at the same active width (variant_configs)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps of each preset (torch.profiler): time per op category")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -178,9 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ("gpu" if device.type == "cuda" else "cpu")
     repeats = args.repeats or (30 if device.type == "cuda" else 12)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    result = measure_steps(preset_configs(size, args.experts), device, repeats, args.clock, peak_flops=peak,
-                           label=args.experts)
+    configs = preset_configs(size, args.experts)
+    variants = variant_configs(configs["moe"][0]) if args.variants else {}
+    batch = configs["moe"][1]
+    result = measure_steps({**configs, **{name: (cfg, batch) for name, cfg in variants.items()}}, device, repeats,
+                           args.clock, peak_flops=peak, label=args.experts)
     result["size"] = size
+    if variants:
+        dense = result["rows"]["dense"]
+        result["variants"] = {name: {**result["rows"].pop(name), "ratio_best": 0.0, "ratio_median": 0.0}
+                              for name in variants}
+        for row in result["variants"].values():
+            row.update(ratio_best=row["best_ms"] / dense["best_ms"], ratio_median=row["median_ms"] / dense["median_ms"])
+    if args.profile:
+        result["profile"] = profile_presets(configs, device, args.profile)
     print(format_result(result, size))
     print("(best: the recipe of notebook 08; its equal-time dense run trains this many times the steps)")
     if args.json:

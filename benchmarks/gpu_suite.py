@@ -574,62 +574,8 @@ def stage_correctness(suite: Suite) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ stage 3
 
-CATEGORIES = (  # (category, substrings of op names), first match wins
-    ("grouped GEMM", ("_grouped_mm",)),
-    ("attention", ("attention", "_flash_", "_efficient_")),
-    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
-    ("routing", ("softmax", "sigmoid", "topk", "gather", "logsumexp")),
-    ("sort / count", ("sort", "bincount", "cumsum", "histc")),
-    ("gather / scatter", ("index_select", "index_add", "aten::index", "index_put", "scatter", "embedding")),
-    ("norms", ("rms_norm", "layer_norm")),
-    ("optimizer", ("adam", "_foreach", "vector_norm", "clamp")),
-    ("copies / casts", ("copy_", "_to_copy", "contiguous", "clone")),
-)
-
-
-def categorise(name: str) -> str:
-    """The category of an aten op name for the profile breakdown."""
-    lower = name.lower()
-    for category, keys in CATEGORIES:
-        if any(key.lower() in lower for key in keys):
-            return category
-    return "elementwise / other"
-
-
-def profile_step(step: Callable[[], Any], device: torch.device, steps: int) -> dict[str, Any]:
-    """Per-step time of each category of ops (self time: device time on CUDA, CPU time on the CPU), and the top ops."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    step()
-    _sync(device)
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = []
-    for avg in prof.key_averages():
-        if device.type == "cuda" and avg.device_type != DeviceType.CPU:
-            continue  # kernel rows: their time is already in the op that launched them
-        micros = getattr(avg, key, None)
-        if micros is None and device.type == "cuda":
-            micros = getattr(avg, "self_cuda_time_total", 0.0)
-        if micros:
-            rows.append((avg.key, micros / steps / 1e3, avg.count / steps))
-    by_category: Counter[str] = Counter()
-    for name, ms, _ in rows:
-        by_category[categorise(name)] += ms
-    rows.sort(key=lambda r: -r[1])
-    total = sum(by_category.values())
-    return {"clock": "device (CUDA kernels)" if device.type == "cuda" else "CPU", "ms_per_step": total,
-            "categories_ms": {k: round(v, 3) for k, v in by_category.most_common()},
-            "top_ops": [{"op": n, "ms": round(ms, 3), "calls": round(c, 1)} for n, ms, c in rows[:15]]}
-
-
 def stage_bench(suite: Suite) -> dict[str, Any]:
-    from bench_model_step import GPU_TARGET, make_batch, measure_steps, peak_bf16_flops, train_step
+    from bench_model_step import GPU_TARGET, make_batch, measure_steps, peak_bf16_flops, profile_step, train_step
     from bench_moe_layer import measure_layers
 
     from moe_course.model import TinyLM

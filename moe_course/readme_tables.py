@@ -287,11 +287,13 @@ STEP_TARGET = 1.10
 
 
 def bench_table(_: str | Path | None = None) -> str:
-    """RESULTS.md's training-step benchmark: each cpu preset's step time and the MoE / dense ratios."""
+    """RESULTS.md's training-step benchmark: step times, MoE / dense ratios, the profile and other layouts."""
     data = json.loads(BENCH_STEP.read_text(encoding="utf-8"))
+    flags = (" --variants" if "variants" in data else "") + \
+        (f" --profile {data['profile']['dense']['steps']}" if "profile" in data else "")
     lines = [f"`ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_model_step.py --threads {data['threads']} --clock "
-             f"{data['clock']} --json data/results/{BENCH_STEP.name}`: forward, loss, backward, clipping and the "
-             f"AdamW step of each `cpu-*` preset on one batch, {data['repeats']} interleaved repeats, "
+             f"{data['clock']}{flags} --json data/results/{BENCH_STEP.name}`: forward, loss, backward, clipping and "
+             f"the AdamW step of each `cpu-*` preset on one batch, {data['repeats']} interleaved repeats, "
              f"{data['threads']} thread, the process's CPU time (PyTorch {data['torch'].split('+')[0]}).", "",
              "| preset | active params | total params | fastest step | median step | tokens/s |",
              "|---|---|---|---|---|---|"]
@@ -302,7 +304,53 @@ def bench_table(_: str | Path | None = None) -> str:
               f"{data['ratio_median']:.2f}), cpu-best {data['recipe_ratio_best']:.2f} (median "
               f"{data['recipe_ratio_median']:.2f}); the target of at most {STEP_TARGET:.2f} is "
               f"{'met' if max(data['ratio_best'], data['recipe_ratio_best']) <= STEP_TARGET else 'not met'}."]
+    if "profile" in data:
+        lines += ["", *_profile_lines(data["profile"])]
+    if "variants" in data:
+        lines += ["", *_variant_lines(data)]
     return "\n".join(lines)
+
+
+PROFILE_ROWS = {"all matrix multiplies": "all matrix multiplies",
+                "grouped GEMM": "of which per expert (`grouped_mm`)",
+                "GEMM": "of which plain (attention projections, dense or shared FFN, router, output)"}
+"""The first rows of RESULTS.md's profile table: category -> row label; the other categories follow by extra time."""
+
+
+def _profile_lines(profile: dict) -> list[str]:
+    """The per-category profile of each cpu preset and what the MoE presets spend beyond the dense twin."""
+    cats = {kind: dict(p["categories_ms"]) for kind, p in profile.items()}
+    for by_cat in cats.values():  # the grouped (per-expert) multiplies and the plain ones, together
+        by_cat["all matrix multiplies"] = by_cat.get("GEMM", 0.0) + by_cat.get("grouped GEMM", 0.0)
+    rest = sorted({c for by_cat in cats.values() for c in by_cat} - set(PROFILE_ROWS),
+                  key=lambda c: -(cats["moe"].get(c, 0.0) - cats["dense"].get(c, 0.0)))
+    totals = ", ".join(f"cpu-{kind} {p['ms_per_step']:.1f} ms" for kind, p in profile.items())
+    lines = [f"Where the time goes: `torch.profiler`, self CPU time per step over {profile['dense']['steps']} steps "
+             f"(the profiler's own cost per op raises the totals: {totals}).", "",
+             "| ops | cpu-dense | cpu-moe | cpu-best | moe − dense | best − dense |", "|---|---|---|---|---|---|"]
+    for cat in [*PROFILE_ROWS, *rest]:
+        d, m, b = (cats[kind].get(cat, 0.0) for kind in ("dense", "moe", "best"))
+        lines.append(f"| {PROFILE_ROWS.get(cat, cat)} | {d:.1f} ms | {m:.1f} ms | {b:.1f} ms | "
+                     f"{round(m - d, 1) + 0.0:+.1f} ms | {round(b - d, 1) + 0.0:+.1f} ms |")  # + 0.0: no "-0.0"
+    return lines
+
+
+def _variant_lines(data: dict) -> list[str]:
+    """Other layouts of cpu-moe at the same active width, from the same interleaved run."""
+    variants = data["variants"]
+    lines = ["Other layouts of cpu-moe's experts at the same active width (top-k times expert width), timed in the "
+             "same interleaved run:", "", "| experts | total params | fastest step | against cpu-dense |",
+             "|---|---|---|---|",
+             f"| cpu-moe's own | {data['rows']['moe']['total'] / 1e6:.2f} M | {data['rows']['moe']['best_ms']:.1f} ms "
+             f"| {data['ratio_best']:.2f} |"]
+    for name, row in variants.items():
+        lines.append(f"| {name} | {row['total'] / 1e6:.2f} M | {row['best_ms']:.1f} ms | {row['ratio_best']:.2f} |")
+    closest = min(variants, key=lambda n: variants[n]["ratio_best"])
+    met = [n for n, row in variants.items() if row["ratio_best"] <= STEP_TARGET]
+    lines += ["", f"Closest to the dense twin: {closest} at {variants[closest]['ratio_best']:.2f}; "
+              + (f"within {STEP_TARGET:.2f}: {', '.join(met)}." if met else
+                 f"none of the layouts reaches {STEP_TARGET:.2f}.")]
+    return lines
 
 
 def gpu_table(results_dir: str | Path | None = None) -> str:

@@ -157,14 +157,17 @@ def test_the_capstone_stops_before_a_seed_that_would_not_fit(tmp_path):
 def test_profile_categories_and_the_tqdm_stand_in(monkeypatch):
     sys.path.insert(0, str(SUITE.parent))
     import gpu_suite
+    from bench_model_step import IN_GROUPED, categorise
 
-    assert gpu_suite.categorise("aten::_grouped_mm") == "grouped GEMM"
-    assert gpu_suite.categorise("aten::mm") == "GEMM"
-    assert gpu_suite.categorise("aten::topk") == "routing"
-    assert gpu_suite.categorise("aten::index_add_") == "gather / scatter"
-    assert gpu_suite.categorise("aten::argsort") == "sort / count"
-    assert gpu_suite.categorise("aten::_fused_adamw_") == "optimizer"
-    assert gpu_suite.categorise("aten::mul") == "elementwise / other"
+    assert categorise("aten::_grouped_mm") == "grouped GEMM"
+    assert categorise("aten::mm") == "GEMM"
+    assert categorise("aten::mm" + IN_GROUPED) == "grouped GEMM"  # a per-expert multiply of the CPU's grouped_mm
+    assert categorise("aten::item" + IN_GROUPED) == "grouped GEMM"  # and its bookkeeping
+    assert categorise("aten::topk") == "routing"
+    assert categorise("aten::index_add_") == "gather / scatter"
+    assert categorise("aten::argsort") == "sort / count"
+    assert categorise("aten::_fused_adamw_") == "optimizer"
+    assert categorise("aten::mul") == "elementwise / other"
     monkeypatch.setitem(sys.modules, "tqdm", None)
     monkeypatch.delitem(sys.modules, "tqdm.auto", raising=False)
     assert gpu_suite.ensure_tqdm() is True

@@ -95,3 +95,28 @@ def test_fine_grained_table_reads_the_stored_result():
     table = readme_tables.fine_grained_table()
     assert f"| GShard-style, 8 experts top-2 | {m:.3f} ± {s:.3f} |" in table
     assert "trained on DeepSeek's own corpus, evaluated on the Pile" in table
+
+
+def test_bench_profile_rows_put_the_multiplies_first_then_the_largest_extra_time():
+    prof = {"dense": {"steps": 5, "ms_per_step": 20.0, "categories_ms": {"GEMM": 10.0, "norms": 1.0, "optimizer": 1.0}},
+            "moe": {"steps": 5, "ms_per_step": 25.0,
+                    "categories_ms": {"GEMM": 4.0, "grouped GEMM": 8.0, "routing": 2.0, "optimizer": 1.5,
+                                      "norms": 0.96}},
+            "best": {"steps": 5, "ms_per_step": 26.0, "categories_ms": {"GEMM": 6.0, "grouped GEMM": 7.0}}}
+    lines = readme_tables._profile_lines(prof)
+    rows = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["all matrix multiplies", *list(readme_tables.PROFILE_ROWS.values())[1:], "routing", "optimizer",
+                    "norms"]
+    assert "| all matrix multiplies | 10.0 ms | 12.0 ms | 13.0 ms | +2.0 ms | +3.0 ms |" in lines
+    assert "| norms | 1.0 ms | 1.0 ms | 0.0 ms | +0.0 ms | -1.0 ms |" in lines  # -0.04 prints as +0.0, not -0.0
+    assert "cpu-moe 25.0 ms" in lines[0] and "over 5 steps" in lines[0]
+
+
+def test_bench_variant_lines_name_the_closest_layout_and_whether_any_meets_the_target():
+    data = {"ratio_best": 1.14, "rows": {"moe": {"total": 1.9e6, "best_ms": 180.0}},
+            "variants": {"a": {"total": 1e6, "best_ms": 178.0, "ratio_best": 1.12},
+                         "b": {"total": 3e6, "best_ms": 175.0, "ratio_best": 1.11}}}
+    assert readme_tables._variant_lines(data)[-1] == ("Closest to the dense twin: b at 1.11; none of the layouts "
+                                                      "reaches 1.10.")
+    data["variants"]["b"]["ratio_best"] = 1.09
+    assert readme_tables._variant_lines(data)[-1].endswith("at 1.09; within 1.10: b.")
