@@ -183,6 +183,23 @@ def variant_configs(moe: ModelConfig) -> dict[str, ModelConfig]:
     return out
 
 
+def widened_configs(configs: Mapping[str, tuple[ModelConfig, int]], d_model: int) -> dict[str, tuple[ModelConfig, int]]:
+    """The same presets at token width ``d_model``, every FFN and expert width scaled by the same factor.
+
+    Dense and MoE keep equal active parameters per token, and layers, heads, tokens and expert counts stay; only
+    the width grows, so the overhead of routing a token can be compared with the multiply-adds it buys.
+    """
+    out = {}
+    for name, (cfg, batch_size) in configs.items():
+        scale = (d_model * cfg.d_hidden, d_model * cfg.expert_hidden)
+        if d_model % cfg.n_head or any(x % cfg.d_model for x in scale):
+            raise ValueError(f"d_model={d_model} must be a multiple of n_head={cfg.n_head} and scale the widths "
+                             f"of d_model={cfg.d_model} to whole numbers; try a multiple of {cfg.d_model // 2}")
+        out[name] = (replace(cfg, d_model=d_model, d_hidden=scale[0] // cfg.d_model,
+                             expert_hidden=scale[1] // cfg.d_model), batch_size)
+    return out
+
+
 def make_batch(cfg: ModelConfig, batch_size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A random (x, y) batch of token ids, the same for every model of one vocabulary and block size."""
     gen = torch.Generator().manual_seed(seed)
@@ -273,6 +290,9 @@ def format_result(result: dict, size: str) -> str:
         ratio, ratio_median = result[f"{key}_best"], result[f"{key}_median"]
         lines.append(f"{what} / dense step time = {ratio:.2f} from the fastest steps (median {ratio_median:.2f}); "
                      f"target <= {target:.2f}: {'met' if ratio <= target else 'MISSED'}")
+    for width, row in result.get("widths", {}).items():
+        lines.append(f"  widened to d_model {width}: dense {row['dense_ms']:.1f} ms, "
+                     f"moe / dense {row['ratio_best']:.2f}, best / dense {row['recipe_ratio_best']:.2f}")
     for name, row in result.get("variants", {}).items():
         lines.append(f"  variant {name:<36} {row['best_ms']:>7.1f} ms  {row['ratio_best']:.2f}x dense "
                      f"(median {row['ratio_median']:.2f})")
@@ -302,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time other expert layouts at the same active width (variant_configs)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS steps of each preset (torch.profiler): time per op category")
+    parser.add_argument("--widths", default="", metavar="D,D,...",
+                        help="also time the presets widened to these token widths (widened_configs), e.g. 192,256")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -324,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             row.update(ratio_best=row["best_ms"] / dense["best_ms"], ratio_median=row["median_ms"] / dense["median_ms"])
     if args.profile:
         result["profile"] = profile_presets(configs, device, args.profile)
+    for width in [int(w) for w in args.widths.split(",") if w.strip()]:
+        wide = measure_steps(widened_configs(configs, width), device, repeats, args.clock, peak_flops=peak)
+        result.setdefault("widths", {})[str(width)] = {
+            **{f"{kind}_ms": row["best_ms"] for kind, row in wide["rows"].items()},
+            **{key: wide[key] for key in ("ratio_best", "ratio_median", "recipe_ratio_best", "recipe_ratio_median")}}
     print(format_result(result, size))
     print("(best: the recipe of notebook 08; its equal-time dense run trains this many times the steps)")
     if args.json:

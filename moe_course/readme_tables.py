@@ -282,6 +282,8 @@ def experts_table(results_dir: str | Path | None = None) -> str:
 
 BENCH_STEP = ROOT / "data" / "results" / "bench_model_step-cpu.json"
 """``benchmarks/bench_model_step.py --threads 1 --clock cpu --json`` on the CPU, with the AVX2 kernels."""
+BENCH_STEP_GPU_PRESETS = ROOT / "data" / "results" / "bench_model_step-gpu_presets-cpu.json"
+"""The same benchmark of the gpu presets on the CPU (``--size gpu --device cpu``): the widest models measured."""
 STEP_TARGET = 1.10
 """Issue 19's target for the CPU training step of an MoE preset against its dense twin."""
 
@@ -308,7 +310,43 @@ def bench_table(_: str | Path | None = None) -> str:
         lines += ["", *_profile_lines(data["profile"])]
     if "variants" in data:
         lines += ["", *_variant_lines(data)]
+    if "widths" in data:
+        gpu_file = BENCH_STEP_GPU_PRESETS
+        gpu = json.loads(gpu_file.read_text(encoding="utf-8")) if gpu_file.exists() else None
+        lines += ["", *_width_lines(data, gpu)]
     return "\n".join(lines)
+
+
+def _width_lines(data: dict, gpu: dict | None) -> list[str]:
+    """The step-time ratios of the cpu presets widened (and of the gpu presets) on the same CPU."""
+    from moe_course.train import get_preset
+
+    d0 = get_preset("cpu-dense").model.d_model
+    rows = [(f"{d0} (the cpu presets)", data["rows"]["dense"]["best_ms"], data["ratio_best"],
+             data["recipe_ratio_best"], d0)]
+    rows += [(width, row["dense_ms"], row["ratio_best"], row["recipe_ratio_best"], int(width))
+             for width, row in data["widths"].items()]
+    text = ("The same three presets widened: the token width and every FFN and expert width scaled together, with "
+            "layers, tokens per batch and expert counts unchanged")
+    if gpu is not None:
+        g = get_preset("gpu-dense")
+        rows.append((f"{g.model.d_model} (the gpu presets: {g.model.n_layer} layers, "
+                     f"{gpu['rows']['dense']['tokens']:,} tokens a batch)", gpu["rows"]["dense"]["best_ms"],
+                     gpu["ratio_best"], gpu["recipe_ratio_best"], g.model.d_model))
+        text += (f"; and the gpu presets on this CPU (`--size gpu --device cpu --repeats {gpu['repeats']} --json "
+                 f"data/results/{BENCH_STEP_GPU_PRESETS.name}`)")
+    lines = [text + ", all with one thread and the CPU clock:", "",
+             "| d_model | dense step | moe / dense | best / dense |", "|---|---|---|---|"]
+    lines += [f"| {label} | {ms:,.1f} ms | {moe:.2f} | {best:.2f} |" for label, ms, moe, best, _ in rows]
+    within = []
+    for i in (2, 3):
+        widths = [str(row[4]) for row in rows if row[i] <= STEP_TARGET]
+        listed = ", ".join(widths[:-1]) + " and " + widths[-1] if len(widths) > 1 else "".join(widths)
+        within.append(f"at d_model {listed}" if widths else "at none of these widths")
+    lines += ["", f"Within {STEP_TARGET:.2f} of the dense twin: the top-2 MoE {within[0]}, the recipe {within[1]}. "
+              "Routing a token costs work in proportion to its width; the multiply-adds it buys grow with the square "
+              "of the width."]
+    return lines
 
 
 PROFILE_ROWS = {"all matrix multiplies": "all matrix multiplies",

@@ -41,6 +41,23 @@ def test_variants_keep_the_active_width_and_name_their_shape():
     assert all(cfg.top_k >= 1 and cfg.n_experts >= cfg.top_k for cfg in top1.values())
 
 
+def test_widened_presets_scale_every_width_together_and_keep_active_parameters_equal():
+    from moe_course.params import count_model
+
+    configs = bench.preset_configs("cpu")
+    wide = bench.widened_configs(configs, 256)
+    assert wide["dense"][0].d_model == 256 and wide["dense"][0].d_hidden == 2 * configs["dense"][0].d_hidden
+    assert wide["moe"][0].expert_hidden == 2 * configs["moe"][0].expert_hidden
+    for kind in ("moe", "best"):
+        cfg, batch = wide[kind]
+        assert (cfg.n_experts, cfg.top_k, cfg.n_shared, cfg.n_layer, batch) == \
+            (configs[kind][0].n_experts, configs[kind][0].top_k, configs[kind][0].n_shared, 4, configs[kind][1])
+    active = {kind: count_model(TinyLM(cfg))[1] for kind, (cfg, _) in wide.items()}
+    assert max(active.values()) / min(active.values()) < 1.02  # equal but for the routers
+    with pytest.raises(ValueError, match="d_model=130 must be a multiple of n_head=4"):
+        bench.widened_configs(configs, 130)
+
+
 @pytest.mark.parametrize("experts", ["grouped", "list"])
 def test_profile_counts_the_per_expert_multiplies_as_grouped_gemm(experts):
     torch.manual_seed(0)
@@ -72,7 +89,7 @@ def test_the_command_line_writes_rows_variants_and_profile(tmp_path, monkeypatch
     monkeypatch.setattr(bench, "preset_configs", _smoke_configs)
     out = tmp_path / "bench.json"
     assert bench.main(["--device", "cpu", "--threads", "1", "--repeats", "1", "--clock", "cpu", "--variants",
-                       "--profile", "1", "--json", str(out)]) == 0
+                       "--profile", "1", "--widths", "48", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert list(data["rows"]) == ["dense", "moe", "best"]  # the variants have their own section
@@ -81,4 +98,7 @@ def test_the_command_line_writes_rows_variants_and_profile(tmp_path, monkeypatch
         assert row["ratio_best"] == pytest.approx(row["best_ms"] / data["rows"]["dense"]["best_ms"])
     assert set(data["profile"]) == {"dense", "moe", "best"}
     assert "grouped GEMM" in data["profile"]["moe"]["categories_ms"]
+    assert set(data["widths"]) == {"48"} and data["widths"]["48"]["ratio_best"] > 0
+    assert data["widths"]["48"]["dense_ms"] > 0 and data["widths"]["48"]["recipe_ratio_best"] > 0
     assert "all matrix multiplies" in printed and "variant 2 experts, top-2, width 32" in printed
+    assert "widened to d_model 48" in printed

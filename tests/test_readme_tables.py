@@ -120,3 +120,17 @@ def test_bench_variant_lines_name_the_closest_layout_and_whether_any_meets_the_t
                                                       "reaches 1.10.")
     data["variants"]["b"]["ratio_best"] = 1.09
     assert readme_tables._variant_lines(data)[-1].endswith("at 1.09; within 1.10: b.")
+
+
+def test_bench_width_lines_list_the_widths_within_the_target():
+    data = {"rows": {"dense": {"best_ms": 150.0}}, "ratio_best": 1.14, "recipe_ratio_best": 1.16,
+            "widths": {"192": {"dense_ms": 270.0, "ratio_best": 1.09, "recipe_ratio_best": 1.13},
+                       "256": {"dense_ms": 440.0, "ratio_best": 1.08, "recipe_ratio_best": 1.11}}}
+    gpu = {"repeats": 4, "rows": {"dense": {"best_ms": 5738.6, "tokens": 8192}}, "ratio_best": 1.06,
+           "recipe_ratio_best": 1.09}
+    lines = readme_tables._width_lines(data, gpu)
+    assert "| 128 (the cpu presets) | 150.0 ms | 1.14 | 1.16 |" in lines
+    assert "| 384 (the gpu presets: 6 layers, 8,192 tokens a batch) | 5,738.6 ms | 1.06 | 1.09 |" in lines
+    assert lines[-1].startswith("Within 1.10 of the dense twin: the top-2 MoE at d_model 192, 256 and 384, the "
+                                "recipe at d_model 384.")
+    assert "at none of these widths" in readme_tables._width_lines(data, None)[-1]  # the recipe, without gpu rows
