@@ -13,6 +13,13 @@ Target on a 2-core CPU: cpu-moe step <= 1.10x cpu-dense. On a GPU: gpu-moe token
     .venv/bin/python benchmarks/bench_model_step.py --experts list      # the ModuleList layout, for comparison
     MOE_GROUPED_MM=off .venv/bin/python benchmarks/bench_model_step.py  # the per-expert loop instead of grouped_mm
 
+RESULTS.md's run adds a profile of each preset by op category (``--profile 5``, :func:`profile_step`), other
+expert layouts at the same active width (``--variants``, :func:`variant_configs`) and the presets widened
+(``--widths 192,256``, :func:`widened_configs`):
+
+    ATEN_CPU_CAPABILITY=avx2 .venv/bin/python benchmarks/bench_model_step.py --threads 1 --clock cpu \\
+        --variants --profile 5 --widths 192,256 --json data/results/bench_model_step-cpu.json
+
 :func:`measure_steps` does the measurement and returns what the command line prints (the GPU suite,
 ``benchmarks/gpu_suite.py``, calls it).
 """
