@@ -347,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     result["size"] = size
     if variants:
         dense = result["rows"]["dense"]
-        result["variants"] = {name: {**result["rows"].pop(name), "ratio_best": 0.0, "ratio_median": 0.0}
-                              for name in variants}
-        for row in result["variants"].values():
-            row.update(ratio_best=row["best_ms"] / dense["best_ms"], ratio_median=row["median_ms"] / dense["median_ms"])
+        rows = {name: result["rows"].pop(name) for name in variants}
+        result["variants"] = {name: {**row, "ratio_best": row["best_ms"] / dense["best_ms"],
+                                     "ratio_median": row["median_ms"] / dense["median_ms"]}
+                              for name, row in rows.items()}
     if args.profile:
         result["profile"] = profile_presets(configs, device, args.profile)
     for width in [int(w) for w in args.widths.split(",") if w.strip()]:

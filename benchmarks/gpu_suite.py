@@ -575,10 +575,8 @@ def stage_correctness(suite: Suite) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ stage 3
 
 def stage_bench(suite: Suite) -> dict[str, Any]:
-    from bench_model_step import GPU_TARGET, make_batch, measure_steps, peak_bf16_flops, profile_step, train_step
+    from bench_model_step import GPU_TARGET, measure_steps, peak_bf16_flops, profile_presets
     from bench_moe_layer import measure_layers
-
-    from moe_course.model import TinyLM
 
     device, settings = suite.device, suite.settings
     amp = device.type == "cuda"
@@ -618,15 +616,11 @@ def stage_bench(suite: Suite) -> dict[str, Any]:
         return result
     profiles: dict[str, Any] = {"device": name, "size": suite.size, "steps": settings["profile_steps"], "models": {}}
     for kind, (cfg, batch, label) in models.items():
-        torch.manual_seed(0)
-        model = TinyLM(cfg).to(device).train()
-        x, y = make_batch(cfg, batch, device)
         try:
-            profiles["models"][kind] = {"label": label, **profile_step(train_step(model, x, y, amp), device,
-                                                                        settings["profile_steps"])}
+            profile = profile_presets({kind: (cfg, batch)}, device, settings["profile_steps"], amp)[kind]
+            profiles["models"][kind] = {"label": label, **profile}
         except Exception as exc:  # noqa: BLE001
             profiles["models"][kind] = {"label": label, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        del model
     suite.write("profile.json", profiles)
     return result
 
