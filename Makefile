@@ -91,7 +91,7 @@ test-notebooks: $(STAMP)
 
 # Notebook outputs were recorded on the CPU: compare on the CPU even where a GPU is present. On x86-64, with
 # PyTorch's AVX2 kernels even where the CPU has AVX-512 (they sum in another order), as `make execute` records
-# them (moe_course.notebooks.RECORDING_ENV), so that trained numbers match on every x86-64 machine.
+# them (moe_course.course.notebooks.RECORDING_ENV), so that trained numbers match on every x86-64 machine.
 test test-notebooks test-exercises: export MOE_DEVICE = cpu
 ifeq ($(shell uname -m),x86_64)
 test test-notebooks test-exercises: export ATEN_CPU_CAPABILITY = avx2
@@ -104,12 +104,12 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory test-exercises
 
 exercises: $(STAMP)
-	$(BIN)/python -m moe_course.notebooks generate
+	$(BIN)/python -m moe_course.course.notebooks generate
 
 # make execute                                     every solution notebook
 # make execute NB=solutions/04_load_balancing.ipynb  one (or several, space-separated)
 execute: $(STAMP)
-	$(BIN)/python -m moe_course.notebooks execute $(NB)
+	$(BIN)/python -m moe_course.course.notebooks execute $(NB)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,7 +21,7 @@ Each stage writes its file into ``--out`` before the next one starts, so whateve
    32 x 256 tokens each), seed by seed (every seed trains all three models before the next seed starts, so the
    file always holds complete seeds), as many seeds as the budget allows (at least one). The file is an
    :class:`~moe_course.experiments.ExperimentResult`: copy it to ``data/results/`` and
-   ``load_result("capstone", "gpu")`` (or :func:`moe_course.gpu_results.load_gpu_capstone`) reads it. Each
+   ``load_result("capstone", "gpu")`` (or :func:`moe_course.course.gpu_results.load_gpu_capstone`) reads it. Each
    record's ``extra`` adds the device name, training FLOPs per token, MFU and the bench's tokens/s.
 
 ``suite.log`` has a timestamped line per stage. ``--budget-s`` (wall seconds, from the start) stops the suite

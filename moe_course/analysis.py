@@ -1,4 +1,5 @@
-"""What trained experts do: redundancy (mask each token's best experts), similarity, and specialisation by token type.
+"""What trained experts do (notebooks 05 and 08): redundancy (mask each token's best experts), similarity, and
+specialisation by token type.
 
 * **Redundancy** (DeepSeekMoE §4.5, arXiv:2401.06066): at evaluation, skip each token's ``m`` best routed experts
   (``TopKRouter.mask_top``; the next-best take their place) and measure how much the loss rises. If other

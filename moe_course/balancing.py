@@ -1,4 +1,4 @@
-"""Load balancing: the losses added to the training loss, and the policies that apply them to an MoE layer.
+"""Load balancing (notebooks 04 and 06): the losses added to the training loss, and the policies that apply them.
 
 Losses (functions, each cited): the Switch auxiliary loss, the router z-loss, Shazeer et al.'s importance loss
 and DeepSeek-V3's sequence-wise auxiliary loss. Policies (small modules an :class:`~moe_course.moe.MoE` layer

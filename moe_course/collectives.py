@@ -1,4 +1,4 @@
-"""A first look at ``torch.distributed``: run a function defined in a notebook on W processes, and the token exchange.
+"""A first look at ``torch.distributed`` (notebook 07): run a notebook's function on W processes; the token exchange.
 
 :func:`moe_course.parallel.launch` runs functions of the package on W processes; a function a learner types in
 a notebook cannot travel that way (a new process cannot import a notebook). :func:`run` sends the function's

@@ -1,4 +1,4 @@
-"""The Python standard library as a byte-level text corpus, with a Python token type for every byte.
+"""The Python standard library as a byte-level text corpus with a token type per byte (notebooks 04-06, 08, 09).
 
 Every Python installation ships its standard library as source, so this corpus needs no download
 (Colab and Binder included). The pieces:

@@ -1,4 +1,4 @@
-"""Device choice and reproducibility: one place that decides where tensors live and seeds every RNG."""
+"""Device choice and reproducibility for every notebook: one place that decides where tensors live and seeds RNGs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token dispatch: send each token to its k experts, run them, and add the weighted results back.
+"""Token dispatch (notebook 03): send each token to its k experts, run them, and add the weighted results back.
 
 Three implementations that compute the same function (tested equal in forward and backward):
 

@@ -1,5 +1,5 @@
-"""Expert feed-forward networks: the dense FFN of GPT-2, the SwiGLU FFN of Mixtral and DeepSeek, and all routed
-experts held as stacked tensors (:class:`GroupedExperts`) for one grouped matrix multiply per projection."""
+"""Expert feed-forward networks (notebook 02): the dense FFN of GPT-2, the SwiGLU FFN of Mixtral and DeepSeek, and
+all routed experts held as stacked tensors (:class:`GroupedExperts`) for one grouped matrix multiply per projection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fine-grained and shared experts (DeepSeekMoE): the configuration helper and the shared + routed forward pass.
+"""Fine-grained and shared experts (DeepSeekMoE, notebook 05): the configuration helper and the shared + routed pass.
 
 DeepSeekMoE (Dai et al. 2024, arXiv:2401.06066) changes a GShard-style layer of ``N`` experts of width ``h``,
 top-``k``, in two steps that keep the total and the active expert parameters fixed:

@@ -1,4 +1,4 @@
-"""How evenly is the work spread over the experts? Load fractions, MaxVio, CV and routing entropy."""
+"""How evenly is the work spread over the experts (notebooks 00-09)? Load fractions, MaxVio, CV, entropy, seed gaps."""
 
 from __future__ import annotations
 

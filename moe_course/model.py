@@ -1,4 +1,4 @@
-"""A small decoder-only transformer LM (nanoGPT-sized) whose feed-forward block is pluggable.
+"""A small decoder-only transformer LM (nanoGPT-sized) whose feed-forward block is pluggable (notebooks 02-09).
 
 ``ModelConfig.ffn`` picks a dense SwiGLU FFN or an :class:`~moe_course.moe.MoE` layer; any other layer
 (a different router, shared experts, the expert-parallel layer of notebook 07) is swapped in by passing

@@ -1,4 +1,4 @@
-"""The MoE feed-forward layer, composed of small parts; plus the soft mixture.
+"""The MoE feed-forward layer (notebook 02 onwards), composed of small parts; plus the soft mixture.
 
 ``MoE`` = router (which experts) + routed experts (the weights) + optional shared experts + a dispatcher
 (sort tokens by expert, run the experts, weighted scatter-add back) + balancing policies (losses and

@@ -1,4 +1,4 @@
-"""Expert parallelism over ``torch.distributed``: experts spread over ranks, tokens moved by two all-to-alls.
+"""Expert parallelism over ``torch.distributed`` (notebook 07): experts spread over ranks, tokens moved by all-to-alls.
 
 With W ranks and E routed experts, rank r holds experts ``[r·E/W, (r+1)·E/W)`` (a contiguous slice of the
 stacked :class:`~moe_course.experts.GroupedExperts` tensors) and its own batch of tokens. One forward pass of

@@ -1,4 +1,4 @@
-"""Parameter accounting: total and active parameters, FLOPs and memory of MoE transformers.
+"""Parameter accounting (notebooks 00, 02, 07, 09): total and active parameters, FLOPs and memory of MoE transformers.
 
 Two views of the same question, "how big is this model, and how much of it runs per token?":
 

@@ -1,4 +1,4 @@
-"""Routers: which k experts does each token go to, and with what weight?
+"""Routers (notebook 03 onwards): which k experts does each token go to, and with what weight?
 
 Three scoring rules from the papers:
 

@@ -1,4 +1,4 @@
-"""The frozen corpus files under ``data/corpus/``: write, read and verify them with the standard library only.
+"""The frozen corpus files under ``data/corpus/`` behind notebooks 04-09: write, read and verify them (stdlib only).
 
 A snapshot is one xz-compressed file holding the corpus bytes and the Python token type of every byte,
 exactly as :mod:`moe_course.corpus` built them from one CPython release's standard library. Reading it

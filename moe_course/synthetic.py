@@ -1,4 +1,4 @@
-"""Small generated datasets for the early notebooks, each made of several *regimes*.
+"""Small generated datasets for notebook 01, each made of several *regimes*.
 
 A regime is a region of the input space with its own rule for the target. Every function returns the inputs,
 the targets and the ground-truth regime id of each sample, so that a notebook can ask whether a mixture of

@@ -1,4 +1,4 @@
-"""Wall-clock timing for the notebooks and benchmarks: warm up, repeat, report the median.
+"""Wall-clock timing for notebooks 02, 03 and 09 and the benchmarks: warm up, repeat, report the median.
 
 A single measurement of a fast function is mostly noise (a busy neighbour process, a cache miss, a GPU
 kernel still queued from the previous call). :func:`time_fn` therefore runs the function a few times

@@ -1,4 +1,4 @@
-"""One training loop for the notebooks and the command line: ``python -m moe_course.train --preset NAME``.
+"""One training loop for notebooks 02-09 and the command line: ``python -m moe_course.train --preset NAME``.
 
 It trains a :class:`~moe_course.model.TinyLM` on the byte-level standard-library corpus, shows a tqdm
 progress bar, validates every ``eval_every`` steps, records loss and per-layer expert load in a

@@ -1,4 +1,4 @@
-"""Argument checks shared by the package's functional APIs: one wording for one kind of bad input."""
+"""Argument checks shared by every notebook's functions: one wording for one kind of bad input."""
 
 from __future__ import annotations
 

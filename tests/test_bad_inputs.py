@@ -20,8 +20,11 @@ import torch
 import torch.distributed as dist
 
 from moe_course import analysis, balancing, capstone, experiments, loss_free, parallel, routing
+from moe_course.experiments import capstone as capstone_runs
+from moe_course.experiments import runner as experiment_runner
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.moe import MoE
+from moe_course.plots import capstone as capstone_plots
 from moe_course.train import TrainConfig
 
 PACKAGE = Path(routing.__file__).resolve().parent
@@ -62,7 +65,7 @@ def routed() -> capstone.RoutedText:
 
 def a_result(name: str = "z_loss") -> experiments.ExperimentResult:
     runs = experiments.get_experiment(name).runs("smoke")
-    return experiments.ExperimentResult(name, "smoke", [0], "", experiments._configs(runs),
+    return experiments.ExperimentResult(name, "smoke", [0], "", experiment_runner._configs(runs),
                                         [experiments.RunRecord(r.label, 0, val_loss=[2.0]) for r in runs])
 
 
@@ -255,13 +258,13 @@ ROWS = [
     ("route_text-text-int", lambda: capstone.route_text(tiny_model(), 5), TypeError, "text must"),
     ("route_text-text-None", lambda: capstone.route_text(tiny_model(), None), TypeError, "text must"),
     ("route_text-model", lambda: capstone.route_text(torch.nn.Linear(2, 2), "x"), TypeError, "model"),
-    ("plot_routed_text-layer-bool", lambda: capstone.plot_routed_text(routed(), layer=True), ValueError, "layer"),
-    ("plot_routed_text-routed", lambda: capstone.plot_routed_text({"bytes": []}), TypeError, "routed"),
-    ("expert_colors-0", lambda: capstone.expert_colors(0), ValueError, "n_experts"),
-    ("expert_colors-negative", lambda: capstone.expert_colors(-3), ValueError, "n_experts"),
+    ("plot_routed_text-layer-bool", lambda: capstone_plots.plot_routed_text(routed(), layer=True), ValueError, "layer"),
+    ("plot_routed_text-routed", lambda: capstone_plots.plot_routed_text({"bytes": []}), TypeError, "routed"),
+    ("expert_colors-0", lambda: capstone_plots.expert_colors(0), ValueError, "n_experts"),
+    ("expert_colors-negative", lambda: capstone_plots.expert_colors(-3), ValueError, "n_experts"),
     ("train_flops_per_token_of-cfg", lambda: capstone.train_flops_per_token_of({"d_model": 8}), TypeError, "cfg"),
-    ("routing_explorer-text-bytes", lambda: capstone.routing_explorer(tiny_model(), b"x = 1"), TypeError, "text"),
-    # experiments.py
+    ("routing_explorer-text-bytes", lambda: capstone_plots.routing_explorer(tiny_model(), b"x = 1"), TypeError, "text"),
+    # experiments/
     ("fingerprint-size", lambda: experiments.fingerprint("z_loss", "huge"), ValueError, "size"),
     ("train_run-seed-negative", lambda: experiments.train_run(SMOKE_RUN, -1, None, "smoke"), ValueError, "seed"),
     ("train_run-size", lambda: experiments.train_run(SMOKE_RUN, 0, None, "huge"), ValueError, "size"),
@@ -271,7 +274,7 @@ ROWS = [
     ("run_experiment-jobs-bool", lambda: experiments.run_experiment("z_loss", "smoke", [0], "cpu", False, False,
                                                                     jobs=True), TypeError, "jobs"),
     ("ExperimentResult.mean-key", lambda: a_result().mean("z=0", "val_los"), ValueError, "key"),
-    ("tuning_choice-result", lambda: experiments.tuning_choice(a_result()), ValueError, "result"),
+    ("tuning_choice-result", lambda: capstone_runs.tuning_choice(a_result()), ValueError, "result"),
     ("load_result-name", lambda: experiments.load_result("nope", "cpu"), ValueError, "experiment"),
     ("register-seeds-empty", lambda: experiments.register("x", "x", seeds=()), ValueError, "seeds"),
     ("register-version-0", lambda: experiments.register("x", "x", version=0), ValueError, "version"),
@@ -378,7 +381,7 @@ def test_valid_inputs_still_work():
     with analysis.mask_top_experts(dense_model(), 0):  # m = 0 on a dense model: nothing to do
         pass
     capstone.route_text(tiny_model(), b"x = 1\n")  # UTF-8 bytes are text too
-    assert len(capstone.expert_colors(40)) == 40
+    assert len(capstone_plots.expert_colors(40)) == 40
     ModelConfig(n_groups=4, topk_groups=2, top_k=4, router_score="sigmoid")
     ModelConfig(router="expert_choice", aux_loss_coef=0.0, capacity_factor=2.0)
     ModelConfig(ffn="dense", moe_every=9, n_layer=2)  # MoE settings do not matter to a dense model

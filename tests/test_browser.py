@@ -32,7 +32,7 @@ from typing import Any
 import nbformat
 import pytest
 
-from moe_course.notebooks import RAISES_TAG
+from moe_course.course.notebooks import RAISES_TAG
 
 pytestmark = pytest.mark.browser
 

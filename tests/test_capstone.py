@@ -17,21 +17,18 @@ from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from moe_course import analysis  # noqa: E402
-from moe_course.capstone import (  # noqa: E402
-    DEFAULT_CODE,
-    EXPERT_COLORS,
-    TYPE_COLORS,
-    equal_active_moe,
-    expert_colors,
-    plot_routed_text,
-    route_text,
-    routing_explorer,
-    type_expert_table,
-)
+from moe_course.capstone import DEFAULT_CODE, equal_active_moe, route_text, type_expert_table  # noqa: E402
 from moe_course.corpus import TokenType, label_token_types  # noqa: E402
 from moe_course.device import cpu_threads  # noqa: E402
 from moe_course.model import ModelConfig, TinyLM  # noqa: E402
 from moe_course.params import count_model  # noqa: E402
+from moe_course.plots.capstone import (  # noqa: E402
+    EXPERT_COLORS,
+    TYPE_COLORS,
+    expert_colors,
+    plot_routed_text,
+    routing_explorer,
+)
 
 
 @pytest.fixture(autouse=True)

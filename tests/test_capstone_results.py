@@ -10,12 +10,13 @@ import torch
 
 matplotlib.use("Agg")
 
-from moe_course import course_table  # noqa: E402
-from moe_course.experiments import EQUAL_TIME_STEPS, EXPERIMENTS, load_result  # noqa: E402
+from moe_course.course import course_table  # noqa: E402
+from moe_course.experiments import EXPERIMENTS, load_result  # noqa: E402
+from moe_course.experiments.capstone import EQUAL_TIME_STEPS  # noqa: E402
 from moe_course.metrics import mfu  # noqa: E402
 from moe_course.model import ModelConfig, TinyLM  # noqa: E402
 from moe_course.params import count_model, train_flops_per_token  # noqa: E402
-from moe_course.plots_capstone import plot_expert_sweep, plot_seed_curves, plot_tuning  # noqa: E402
+from moe_course.plots.capstone import plot_expert_sweep, plot_seed_curves, plot_tuning  # noqa: E402
 
 
 @pytest.mark.parametrize("size", ["smoke", "cpu", "gpu"])
@@ -135,7 +136,7 @@ def test_capstone_probe_records_tables_and_a_sample():
 
 
 def test_tuning_gives_every_model_the_same_grid_on_the_tuning_half():
-    from moe_course.experiments import CAPSTONE_LABELS, TUNING_LRS, TUNING_WARMUPS, tuning_label
+    from moe_course.experiments.capstone import CAPSTONE_LABELS, TUNING_LRS, TUNING_WARMUPS, tuning_label
 
     runs = {r.label: r for r in EXPERIMENTS["capstone_tuning"].runs("cpu")}
     race = {r.label: r for r in EXPERIMENTS["capstone"].runs("cpu")}
@@ -150,7 +151,7 @@ def test_tuning_gives_every_model_the_same_grid_on_the_tuning_half():
 
 
 def test_cpu_presets_hold_the_tuning_sweeps_choice():
-    from moe_course.experiments import tuning_choice
+    from moe_course.experiments.capstone import tuning_choice
     from moe_course.train import get_preset
 
     choice = tuning_choice(load_result("capstone_tuning", "cpu"))
@@ -160,7 +161,8 @@ def test_cpu_presets_hold_the_tuning_sweeps_choice():
 
 
 def test_tuning_choice_takes_the_lowest_tuning_loss():
-    from moe_course.experiments import ExperimentResult, RunRecord, _configs, fingerprint, tuning_choice, tuning_label
+    from moe_course.experiments.capstone import tuning_choice, tuning_label
+    from moe_course.experiments.runner import ExperimentResult, RunRecord, _configs, fingerprint
 
     runs = EXPERIMENTS["capstone_tuning"].runs("smoke")
     losses = {r.label: 3.0 + i / 100 for i, r in enumerate(runs)}

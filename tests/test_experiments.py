@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_course import experiments as ex
 from moe_course.corpus import corpus_sha256
 from moe_course.device import cpu_threads
 from moe_course.experiments import (
@@ -19,12 +18,14 @@ from moe_course.experiments import (
     ExperimentResult,
     RunRecord,
     StaleResultError,
+    base_model,
     fingerprint,
     load_result,
     main,
     result_path,
     run_experiment,
 )
+from moe_course.experiments import runner as ex
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,7 +165,7 @@ def test_bad_arguments_are_rejected_with_the_fix():
     with pytest.raises(ValueError, match="unknown experiment 'nope'; known experiments: .*aux_sweep"):
         ex.get_experiment("nope")
     with pytest.raises(ValueError, match="unknown size 'huge'; use one of smoke, cpu, gpu"):
-        ex.base_model("huge")
+        base_model("huge")
     with pytest.raises(ValueError, match="seeds is empty"):
         run_experiment("z_loss", "smoke", seeds=[], progress=False, save=False)
     with pytest.raises(ValueError, match="seeds must be ints >= 0"):

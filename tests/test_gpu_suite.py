@@ -96,8 +96,9 @@ def test_bench_and_profile_are_well_formed(suite_run):
 
 
 def test_capstone_file_is_a_result_the_loader_reads_seed_interleaved(suite_run):
-    from moe_course.experiments import CAPSTONE_LABELS, load_result
-    from moe_course.gpu_results import format_gpu_summary, gpu_summary, load_gpu_capstone
+    from moe_course.course.gpu_results import format_gpu_summary, gpu_summary, load_gpu_capstone
+    from moe_course.experiments import load_result
+    from moe_course.experiments.capstone import CAPSTONE_LABELS
 
     out, _ = suite_run
     result = load_result("capstone", "smoke", results_dir=out)
@@ -178,7 +179,7 @@ def test_profile_categories_and_the_tqdm_stand_in(monkeypatch):
 
 
 def test_no_gpu_capstone_is_none(tmp_path):
-    from moe_course.gpu_results import load_gpu_capstone, main
+    from moe_course.course.gpu_results import load_gpu_capstone, main
 
     assert load_gpu_capstone(tmp_path) is None
     assert main([str(tmp_path)]) == 0

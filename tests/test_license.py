@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from moe_course.links import REPO_URL
+from moe_course.course.links import REPO_URL
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -10,8 +10,8 @@ import nbformat
 import pytest
 
 import moe_course
-from moe_course import links
-from moe_course.links import (
+from moe_course.course import links
+from moe_course.course.links import (
     BINDER_BADGE_SVG,
     BRANCH,
     COLAB_BADGE_SVG,
@@ -179,7 +179,7 @@ def test_readme_is_stamped_from_the_one_place() -> None:
 def test_set_repo_points_badges_readme_and_setup_cell_at_a_fork(tmp_path) -> None:
     import shutil
 
-    from moe_course.notebooks import find_setup_cell, setup_cell
+    from moe_course.course.notebooks import find_setup_cell, setup_cell
 
     for folder in ("moe_course", "solutions", "notebooks"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -187,7 +187,7 @@ def test_set_repo_points_badges_readme_and_setup_cell_at_a_fork(tmp_path) -> Non
     shutil.copy(ROOT / "CITATION.cff", tmp_path / "CITATION.cff")
     assert links.main(["set-repo", "alice/moe-fork", "--branch", "v1", "--root", str(tmp_path)]) == 0
     fork_url = "https://github.com/alice/moe-fork"
-    source = (tmp_path / "moe_course" / "links.py").read_text()
+    source = (tmp_path / "moe_course" / "course" / "links.py").read_text()
     assert f'REPO_URL = "{fork_url}"' in source and 'BRANCH = "v1"' in source
     readme = (tmp_path / "README.md").read_text()
     assert SLUG not in readme

@@ -25,14 +25,16 @@ from moe_course.local_experts import (  # noqa: E402
     expert_regions,
     matched_mlp,
     partition_purity,
-    plot_data,
-    plot_expert_fits,
-    plot_gate_partition,
-    plot_learning_curves,
     responsibilities,
     specialisation_report,
     train_mixture,
     weighted_squared_error,
+)
+from moe_course.plots.local_experts import (  # noqa: E402
+    plot_data,
+    plot_expert_fits,
+    plot_gate_partition,
+    plot_learning_curves,
 )
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import pytest
 from nbformat import NotebookNode
 
 import moe_course
-from moe_course import notebooks as nbmod
-from moe_course.links import BRANCH
-from moe_course.notebooks import (
+from moe_course.course import notebooks as nbmod
+from moe_course.course.links import BRANCH
+from moe_course.course.notebooks import (
     RAISES_TAG,
     SETUP_CELL,
     badge_line,
@@ -687,7 +687,7 @@ def test_cli_check_exit_status(tmp_path: Path, capsys) -> None:
     assert nbmod.main(["generate", *args]) == 0
     assert "wrote" in capsys.readouterr().out
     done = subprocess.run(
-        [sys.executable, "-m", "moe_course.notebooks", "check", *args], capture_output=True, text=True
+        [sys.executable, "-m", "moe_course.course.notebooks", "check", *args], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
 

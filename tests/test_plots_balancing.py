@@ -1,4 +1,4 @@
-"""moe_course.plots_balancing: the collapse toy behaves as described; figures and the explorer draw what they say."""
+"""moe_course.plots.balancing: the collapse toy behaves as described; figures and the explorer draw what they say."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from moe_course.plots import COLORS  # noqa: E402
-from moe_course.plots_balancing import (  # noqa: E402
+from moe_course.plots.balancing import (  # noqa: E402
     balancing_explorer,
     plot_alpha_sweep,
     plot_curves,
@@ -22,6 +21,7 @@ from moe_course.plots_balancing import (  # noqa: E402
     plot_simulated_load,
     simulate_collapse,
 )
+from moe_course.plots.style import COLORS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,7 @@ def test_toy_records_both_gradients_and_alpha_zero_ignores_the_switch_loss():
 def test_router_gradient_norms_of_a_tinylm():
     from moe_course.experiments import base_model
     from moe_course.model import TinyLM
-    from moe_course.plots_balancing import router_gradient_norms
+    from moe_course.plots.balancing import router_gradient_norms
 
     torch.manual_seed(0)
     model = TinyLM(base_model("smoke")).eval()

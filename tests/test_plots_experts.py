@@ -1,4 +1,4 @@
-"""moe_course.plots_experts: each figure draws what it says (boxes, bars, heatmap values)."""
+"""moe_course.plots.fine_grained: each figure draws what it says (boxes, bars, heatmap values)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from moe_course.fine_grained import fine_grained_config  # noqa: E402
-from moe_course.plots_experts import (  # noqa: E402
+from moe_course.plots.fine_grained import (  # noqa: E402
     plot_combinations,
     plot_expert_layouts,
     plot_seed_comparison,

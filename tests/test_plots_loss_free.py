@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from moe_course.plots_loss_free import (  # noqa: E402
+from moe_course.plots.loss_free import (  # noqa: E402
     STATIC_RATES,
     bias_explorer,
     plot_bias,

@@ -1,4 +1,4 @@
-"""moe_course.plots_parallel: each figure draws what it says (bars per expert and per phase, the traffic matrix)."""
+"""moe_course.plots.parallel: each figure draws what it says (bars per expert and per phase, the traffic matrix)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import AxesImage  # noqa: E402
 
-from moe_course.plots_parallel import (  # noqa: E402
+from moe_course.plots.parallel import (  # noqa: E402
     PHASE_COLORS,
     plot_expert_parallel_flow,
     plot_phase_times,

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from moe_course.plots_serving import (  # noqa: E402
+from moe_course.plots.serving import (  # noqa: E402
     PART_COLORS,
     explorer_data,
     offload_explorer,

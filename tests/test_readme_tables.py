@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from moe_course import notebooks, readme_tables
+from moe_course.course import notebooks, readme_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("page", readme_tables.PAGES, ids=lambda p: p.name)
 def test_pages_match_the_stored_results(page):
     text = page.read_text(encoding="utf-8")
-    assert readme_tables.render(text) == text, f"run `python -m moe_course.readme_tables` and commit {page.name}"
+    assert readme_tables.render(text) == text, f"run `python -m moe_course.course.readme_tables` and commit {page.name}"
 
 
 def test_every_block_appears_on_a_page():

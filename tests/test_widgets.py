@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from moe_course.dispatch import capacity_mask  # noqa: E402
-from moe_course.widgets import (  # noqa: E402
+from moe_course.plots.widgets import (  # noqa: E402
     capacity_explorer,
     plot_capacity,
     plot_dropped_grid,

@@ -1,4 +1,4 @@
-"""Exercise checks. A learner calls e.g. ``check.topk_router(my_router)``.
+"""Exercise checks of every notebook. A learner calls e.g. ``check.topk_router(my_router)``.
 
 Each check runs the learner's function on small, fixed inputs, compares it with the reference
 implementation, and raises :class:`CheckError` with a message that names the likely mistake. On success it

@@ -1,4 +1,4 @@
-"""Shared helpers of the exercise checks: one error type, tensor comparisons with named mistakes."""
+"""Shared helpers of every notebook's exercise checks: one error type, tensor comparisons with named mistakes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checks for the dispatch exercises: ``check.dispatch_combine(fn)``, ``check.sort_by_expert(fn)`` and
+"""Checks for notebook 03's dispatch exercises: ``check.dispatch_combine(fn)``, ``check.sort_by_expert(fn)`` and
 ``check.capacity_mask(fn)``.
 
 ``dispatch_combine``: the learner's ``fn(x (T, d), weights (T, k), indices (T, k), experts) -> (T, d)``

@@ -1,4 +1,4 @@
-"""Checks for the parameter-counting exercises: ``check.active_params(fn)`` and ``check.total_params(fn)``.
+"""Checks for notebook 00's parameter-counting exercises: ``check.active_params(fn)`` and ``check.total_params(fn)``.
 
 The learner writes ``fn(d_model, n_layers, vocab_size, n_heads, n_kv_heads, head_dim, ffn_hidden,
 n_experts, top_k, tied_embeddings)`` for a Mixtral-style MoE. The check calls it (with keyword arguments)

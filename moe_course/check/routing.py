@@ -1,4 +1,4 @@
-"""Check for the top-k router exercise: ``check.topk_router(fn)``.
+"""Check for notebook 03's top-k router exercise: ``check.topk_router(fn)``.
 
 The learner writes ``fn(logits, k) -> (weights, indices)`` for Mixtral-style routing: a softmax over all N
 experts, keep the k largest probabilities, renormalise them to sum to 1. Columns must be sorted by

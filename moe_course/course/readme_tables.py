@@ -1,4 +1,4 @@
-"""The README's notebook table and the results page (RESULTS.md), generated so that no measured number is typed.
+"""The README's notebook table and RESULTS.md, generated from every notebook's stored results so no number is typed.
 
 A generated block sits between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` in README.md or
 RESULTS.md; :func:`render` rewrites every such block from :data:`TABLES` (stored results in ``data/results/``, the
@@ -6,7 +6,7 @@ notebooks themselves and the notebook timings ``make execute`` records), and ``t
 when a page differs from what they give, or when RESULTS.md holds a digit outside its generated blocks. After
 re-running an experiment or re-executing notebooks::
 
-    python -m moe_course.readme_tables          # rewrite the generated blocks of README.md and RESULTS.md
+    python -m moe_course.course.readme_tables          # rewrite the generated blocks of README.md and RESULTS.md
 """
 
 from __future__ import annotations
@@ -20,17 +20,10 @@ from pathlib import Path
 
 import nbformat
 
-from moe_course.experiments import (
-    BIAS_RATES,
-    CAPSTONE_LABELS,
-    TUNING_LRS,
-    TUNING_WARMUPS,
-    ExperimentResult,
-    load_result,
-    tuning_choice,
-)
+from moe_course.course.notebooks import NOTEBOOK_TIMES
+from moe_course.experiments import ExperimentResult, load_result
+from moe_course.experiments.capstone import BIAS_RATES, CAPSTONE_LABELS, TUNING_LRS, TUNING_WARMUPS, tuning_choice
 from moe_course.metrics import mean_std, paired_gaps
-from moe_course.notebooks import NOTEBOOK_TIMES
 
 __all__ = [
     "PAGES", "TABLES", "bench_table", "capstone_table", "describe", "experts_table", "fine_grained_table",
@@ -38,7 +31,7 @@ __all__ = [
     "timings_table",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RESULTS = ROOT / "RESULTS.md"
 INSTRUCTORS = ROOT / "INSTRUCTORS.md"
@@ -216,7 +209,7 @@ def _duration(seconds: float) -> str:
 
 def notebook_table(_: str | Path | None = None) -> str:
     """README's table: each notebook with its topic, learner time, CPU run time and hardware, and the totals."""
-    from moe_course.links import colab_badge
+    from moe_course.course.links import colab_badge
 
     times = _timings()["notebooks"]
     lines = ["| # | notebook | topic | learner time | run time (CPU) | needs |", "|---|---|---|---|---|---|"]
@@ -393,13 +386,13 @@ def _variant_lines(data: dict) -> list[str]:
 
 def gpu_table(results_dir: str | Path | None = None) -> str:
     """RESULTS.md's GPU section: the suite's stored capstone at GPU size, or how to produce it."""
-    from moe_course.gpu_results import format_gpu_summary, load_gpu_capstone
+    from moe_course.course.gpu_results import format_gpu_summary, load_gpu_capstone
 
     result = load_gpu_capstone(results_dir)
     if result is None:
         return ("Not measured yet: no `data/results/capstone-gpu.json` is stored. On a machine with an NVIDIA GPU, "
                 "`PYTHONPATH=. python benchmarks/gpu_suite.py --out gpu-out --budget-s 480` measures it; copy "
-                "`gpu-out/capstone-gpu.json` into `data/results/` and run `python -m moe_course.readme_tables`.")
+                "`gpu-out/capstone-gpu.json` into `data/results/` and run `python -m moe_course.course.readme_tables`.")
     return format_gpu_summary(result)
 
 
@@ -505,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Rewrite the generated blocks of README.md and RESULTS.md; ``--check`` only reports (exit 1) stale ones."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args not in ([], ["--check"]):
-        print("usage: python -m moe_course.readme_tables [--check]", file=sys.stderr)
+        print("usage: python -m moe_course.course.readme_tables [--check]", file=sys.stderr)
         return 2
     stale = []
     for page in PAGES:

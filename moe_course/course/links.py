@@ -1,4 +1,4 @@
-"""Launch links: "Open in Colab" and Binder URLs and badges, all built from the one :data:`REPO_URL`.
+"""Launch links of every notebook: "Open in Colab" and Binder URLs and badges, all built from one :data:`REPO_URL`.
 
 The README table and each notebook's title cell show these badges (the notebook generator writes the
 latter, and the setup cell clones :data:`REPO_URL` at :data:`BRANCH` on Colab). Paths are relative to the
@@ -6,10 +6,10 @@ repository root, e.g. ``"notebooks/00_welcome.ipynb"``.
 
 A fork points every badge and the setup cell at itself with one command (run in the repository root)::
 
-    python -m moe_course.links set-repo OWNER/NAME [--branch BRANCH]
+    python -m moe_course.course.links set-repo OWNER/NAME [--branch BRANCH]
 
 It rewrites :data:`REPO_URL` and :data:`BRANCH` below, the links in README.md (:func:`stamp_readme`) and the
-repository in CITATION.cff, and regenerates the notebooks (``python -m moe_course.notebooks generate``).
+repository in CITATION.cff, and regenerates the notebooks (``python -m moe_course.course.notebooks generate``).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def stamp_readme(text: str, repo_url: str | None = None, branch: str | None = No
 def set_repo(slug: str, branch: str | None = None, root: str | Path = ".") -> list[Path]:
     """Point the course in ``root`` at ``https://github.com/OWNER/NAME`` (``slug``); return the files changed.
 
-    Rewrites REPO_URL and BRANCH in ``moe_course/links.py`` and the links in README.md, then regenerates the
+    Rewrites REPO_URL and BRANCH in ``moe_course/course/links.py`` and the links in README.md, then regenerates the
     solutions' setup and title cells and the exercise notebooks with the new values.
     """
     slug = _check_slug(slug)
@@ -124,7 +124,7 @@ def set_repo(slug: str, branch: str | None = None, root: str | Path = ".") -> li
     if not _BRANCH.fullmatch(branch) or ".." in branch or branch.endswith(("/", ".lock")):
         raise ValueError(f"branch must be a git branch or tag name such as main or v1.0, got {branch!r}")
     root = Path(root)
-    source = root / "moe_course" / "links.py"
+    source = root / "moe_course" / "course" / "links.py"
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found: run this in the course repository's root (or pass --root)")
     repo_url = f"https://github.com/{slug}"
@@ -153,7 +153,7 @@ def set_repo(slug: str, branch: str | None = None, root: str | Path = ".") -> li
             changed.append(path)
     # the notebooks are stamped by a fresh interpreter, which imports the links.py just written
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.resolve()), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "moe_course.notebooks", "generate"], cwd=root, env=env,
+    done = subprocess.run([sys.executable, "-m", "moe_course.course.notebooks", "generate"], cwd=root, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"regenerating the notebooks failed:\n{done.stdout}{done.stderr}")
@@ -162,8 +162,8 @@ def set_repo(slug: str, branch: str | None = None, root: str | Path = ".") -> li
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m moe_course.links set-repo OWNER/NAME [--branch B]`` or ``show``; usage errors exit 2."""
-    parser = argparse.ArgumentParser(prog="python -m moe_course.links", description=__doc__.splitlines()[0])
+    """``python -m moe_course.course.links set-repo OWNER/NAME [--branch B]`` or ``show``; usage errors exit 2."""
+    parser = argparse.ArgumentParser(prog="python -m moe_course.course.links", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("show", help="print the repository, branch and launch links")
     p = sub.add_parser("set-repo", help="point every badge and the Colab setup cell at a fork")

@@ -10,7 +10,7 @@ whole run, evaluation included, against the device's bf16 peak), plus the suite'
 :func:`load_gpu_capstone` returns None until a GPU has produced the file; :func:`gpu_summary` and
 :func:`format_gpu_summary` give one row per model (mean ± sample std over seeds)::
 
-    python -m moe_course.gpu_results          # the table, or a note that no GPU result is stored yet
+    python -m moe_course.course.gpu_results          # the table, or a note that no GPU result is stored yet
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from moe_course.fine_grained import FineGrainedConfig, n_combinations
-from moe_course.plots import COLORS, figure_axes, style_axes
+from moe_course.plots.style import COLORS, figure_axes, style_axes
 
 __all__ = ["plot_combinations", "plot_expert_layouts", "plot_seed_comparison", "plot_type_heatmaps", "type_lift"]
 

@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from moe_course.loss_free import BiasSimulation, simulate_bias
-from moe_course.plots import COLORS, figure_axes, style_axes
+from moe_course.plots.style import COLORS, figure_axes, style_axes
 
 __all__ = ["STATIC_RATES", "bias_explorer", "plot_bias", "plot_series", "plot_tradeoff", "static_bias_figure"]
 

@@ -1,17 +1,11 @@
-"""The figures the notebooks draw, with one look: each function returns its ``Figure``.
-
-Every function takes an optional ``ax`` (draw into an existing subplot) and otherwise makes a new figure
-of a standard size. Nothing here calls ``plt.show()``: in a notebook the returned figure is displayed
-when it is the cell's last expression, or by ``plt.show()``.
+"""Figures of the MoE layer at work (notebooks 00, 02 and 03): the block diagram, router scores with the chosen
+experts, and loss curves and expert load over training.
 
 =========================  =====================================================================
-``plot_param_breakdown``   where a model's parameters live (attention, experts, ...), stacked bars
-``plot_total_vs_active``   total vs active parameters of published MoE models (log-log scatter)
-``plot_scaling``           wall-clock or FLOPs against the number of experts N
+``moe_block_diagram``      the MoE block drawn: router, top-k, experts, weighted sum, with shapes
+``plot_routing_map``       router scores of a few tokens, with the chosen experts marked
 ``plot_loss_curves``       train and validation loss of one or more runs
 ``plot_expert_load``       the share of tokens each expert receives during training
-``plot_routing_map``       router scores of a few tokens, with the chosen experts marked
-``moe_block_diagram``      the MoE block drawn: router, top-k, experts, weighted sum, with shapes
 =========================  =====================================================================
 """
 
@@ -20,222 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-__all__ = [
-    "COLORS",
-    "COMPONENT_COLORS",
-    "COMPONENT_LABELS",
-    "moe_block_diagram",
-    "plot_expert_load",
-    "plot_loss_curves",
-    "plot_param_breakdown",
-    "plot_routing_map",
-    "plot_scaling",
-    "plot_total_vs_active",
-]
+from moe_course.plots.style import COLORS, _numpy, figure_axes, style_axes
 
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-          "#bcbd22", "#17becf"]
-"""The colour cycle shared by all figures (matplotlib's tab10)."""
-
-COMPONENT_COLORS = {
-    "embeddings": "#7f7f7f",
-    "attention": "#1f77b4",
-    "dense_ffn": "#9467bd",
-    "routed_experts": "#ff7f0e",
-    "shared_experts": "#2ca02c",
-    "router": "#d62728",
-    "norms": "#bcbd22",
-}
-"""One fixed colour per component of :func:`moe_course.params.param_breakdown`, the same in every figure."""
-
-COMPONENT_LABELS = {
-    "embeddings": "embeddings",
-    "attention": "attention",
-    "dense_ffn": "dense FFN",
-    "routed_experts": "routed experts",
-    "shared_experts": "shared experts",
-    "router": "router",
-    "norms": "norms",
-}
-
-
-def figure_axes(ax: Axes | None, figsize: tuple[float, float] = (7.0, 4.0)) -> tuple[Figure, Axes]:
-    """The figure and axes to draw into: the given ``ax``, or a new figure."""
-    if ax is not None:
-        return ax.figure, ax
-    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
-    return fig, ax
-
-
-def style_axes(ax: Axes, title: str | None, xlabel: str | None = None, ylabel: str | None = None,
-               title_size: float | None = None) -> None:
-    """The course's look for one axes: title and labels, a light grid behind the data, no top/right spines."""
-    if title:
-        ax.set_title(title, fontsize=title_size)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-
-
-def _numpy(values: Any) -> np.ndarray:
-    """A tensor (any device, with or without grad), list or array as a NumPy array."""
-    if hasattr(values, "detach"):
-        values = values.detach().float().cpu().numpy()
-    return np.asarray(values)
-
-
-def _billions(n: float) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Parameter counts
-# ----------------------------------------------------------------------------------------------------
-
-
-def plot_param_breakdown(
-    breakdowns: Mapping[str, Mapping[str, int]],
-    relative: bool = True,
-    ax: Axes | None = None,
-    title: str | None = "Where the parameters live",
-) -> Figure:
-    """Stacked horizontal bars, one per model, split into the components of ``params.param_breakdown``.
-
-    ``breakdowns`` maps a model name to ``{component: count}``. With ``relative=True`` each bar shows
-    percentages of that model's total (models of very different sizes side by side), otherwise billions
-    of parameters. Components that are zero in every model are left out of the bars and the legend.
-    Every bar is labelled with its model's total.
-    """
-    if not breakdowns:
-        raise ValueError("plot_param_breakdown needs at least one model")
-    names = list(breakdowns)
-    keys: list[str] = []
-    for parts in breakdowns.values():
-        keys += [k for k in parts if k not in keys]
-    keys = [k for k in keys if any(parts.get(k, 0) for parts in breakdowns.values())]
-    totals = np.array([sum(parts.values()) for parts in breakdowns.values()], dtype=float)
-    fig, ax = figure_axes(ax, (9.0, 1.4 + 0.6 * len(names)))
-    y = np.arange(len(names))
-    left = np.zeros(len(names))
-    for i, key in enumerate(keys):
-        values = np.array([parts.get(key, 0) for parts in breakdowns.values()], dtype=float)
-        widths = 100 * values / totals if relative else values / 1e9
-        color = COMPONENT_COLORS.get(key, COLORS[i % len(COLORS)])
-        ax.barh(y, widths, left=left, color=color, label=COMPONENT_LABELS.get(key, key), height=0.6)
-        left += widths
-    for yi, (end, total) in enumerate(zip(left, totals, strict=True)):
-        ax.annotate(f"{_billions(total)} total", (end, yi), xytext=(4, 0), textcoords="offset points",
-                    va="center", fontsize=9)
-    ax.set_yticks(y, names)
-    ax.invert_yaxis()  # first model on top
-    ax.set_xlim(0, (100 if relative else left.max()) * 1.2)  # room for the totals
-    if relative:
-        ax.set_xticks(range(0, 101, 20))
-    style_axes(ax, title, "share of all parameters (%)" if relative else "parameters (billions)")
-    ax.grid(False, axis="y")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
-    return fig
-
-
-def plot_total_vs_active(
-    models: Mapping[str, tuple[float, float]],
-    ax: Axes | None = None,
-    title: str | None = "Total vs active parameters",
-) -> Figure:
-    """Log-log scatter of ``{name: (total, active)}``: active parameters per token on x, total on y.
-
-    Dotted lines mark total = 1x, 5x, 10x and 20x active: a dense model sits on the 1x line, and the
-    further up a model sits, the larger the share of its weights that any one token skips.
-    """
-    if not models:
-        raise ValueError("plot_total_vs_active needs at least one model")
-    totals = np.array([float(t) for t, _ in models.values()]) / 1e9
-    actives = np.array([float(a) for _, a in models.values()]) / 1e9
-    if np.any(actives <= 0) or np.any(totals < actives):
-        raise ValueError("every model needs 0 < active <= total")
-    fig, ax = figure_axes(ax, (7.0, 5.0))
-    xlim = (actives.min() / 2, actives.max() * 4)
-    ylim = (min(totals.min(), actives.min()) / 2, totals.max() * 2)
-    line = np.array([min(xlim[0], ylim[0]), max(xlim[1], ylim[1])])
-    for ratio in (1, 5, 10, 20):
-        ax.plot(line, ratio * line, ls=":", color="#999999", lw=1, zorder=1)
-        y_text = ylim[1] / 1.25  # label where the line leaves the plot: the top edge, else the right edge
-        x_text = y_text / ratio
-        if x_text > xlim[1] / 1.25:
-            x_text = xlim[1] / 1.25
-            y_text = ratio * x_text
-        ax.text(x_text, y_text, f"{ratio}x", color="#777777", fontsize=8, ha="right", va="bottom")
-    log_a, log_t = np.log10(actives), np.log10(totals)
-    for i, (name, total, active) in enumerate(zip(models, totals, actives, strict=True)):
-        ax.scatter([active], [total], s=60, color=COLORS[i % len(COLORS)], zorder=3)
-        # A neighbour closer than ~0.1 decade: the upper label goes above its point, the lower one below.
-        near = (np.abs(log_a - log_a[i]) < 0.1) & (np.abs(log_t - log_t[i]) < 0.1)
-        near[i] = False
-        if near.any():
-            up = bool(log_t[i] >= log_t[near].max())
-            offset, va = ((5, 3), "bottom") if up else ((5, -3), "top")
-        else:
-            offset, va = (7, 0), "center"
-        ax.annotate(name, (active, total), xytext=offset, textcoords="offset points", fontsize=9, va=va)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(*xlim)
-    ax.set_ylim(*ylim)
-    style_axes(ax, title, "active parameters per token (billions, log scale)", "total parameters (billions, log scale)")
-    return fig
-
-
-# ----------------------------------------------------------------------------------------------------
-# Cost against the number of experts
-# ----------------------------------------------------------------------------------------------------
-
-
-def plot_scaling(
-    ns: Sequence[int],
-    series: Mapping[str, Sequence[float]],
-    ylabel: str,
-    ax: Axes | None = None,
-    title: str | None = None,
-    logy: bool = False,
-    logx: bool = False,
-    xlabel: str = "number of experts N",
-) -> Figure:
-    """One line with markers per series (e.g. milliseconds or FLOPs) against the number of experts N.
-
-    Both axes are linear by default, so that cost proportional to N shows as a straight line. With
-    ``logx=True`` and ``ns`` powers of two (1, 2, 4, 8, ...) the x axis is logarithmic in base 2.
-    """
-    ns = list(ns)
-    if not ns:
-        raise ValueError("plot_scaling needs at least one value of N")
-    fig, ax = figure_axes(ax)
-    for i, (label, values) in enumerate(series.items()):
-        values = list(values)
-        if len(values) != len(ns):
-            raise ValueError(f"series {label!r} has {len(values)} values for {len(ns)} values of N")
-        ax.plot(ns, values, marker="o", color=COLORS[i % len(COLORS)], label=label)
-    if logx:
-        ax.set_xscale("log", base=2 if all(n > 0 and (n & (n - 1)) == 0 for n in ns) else 10)
-    ax.set_xticks(ns, [str(n) for n in ns])
-    if logy:
-        ax.set_yscale("log")
-    else:
-        ax.set_ylim(bottom=0)
-    style_axes(ax, title, xlabel, ylabel)
-    if series:
-        ax.legend(frameon=False)
-    return fig
-
+__all__ = ["moe_block_diagram", "plot_expert_load", "plot_loss_curves", "plot_routing_map"]
 
 # ----------------------------------------------------------------------------------------------------
 # Training runs

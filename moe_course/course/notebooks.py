@@ -1,4 +1,4 @@
-"""The notebook pipeline: learner's copies from the solved notebooks, execution, and consistency checks.
+"""The pipeline of every notebook: learner's copies from the solved notebooks, execution, and consistency checks.
 
 ``solutions/NN_topic.ipynb`` is the only notebook anyone edits. This module
 
@@ -13,9 +13,9 @@
 
 Command line (run from the repository root)::
 
-    python -m moe_course.notebooks generate [SOLUTION.ipynb ...]   # make exercises
-    python -m moe_course.notebooks execute [SOLUTION.ipynb ...]    # make execute
-    python -m moe_course.notebooks check [SOLUTION.ipynb ...]      # exit status 1 on problems
+    python -m moe_course.course.notebooks generate [SOLUTION.ipynb ...]   # make exercises
+    python -m moe_course.course.notebooks execute [SOLUTION.ipynb ...]    # make execute
+    python -m moe_course.course.notebooks check [SOLUTION.ipynb ...]      # exit status 1 on problems
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 import nbformat
 from nbformat import NotebookNode
 
-from moe_course.links import BRANCH, REPO_URL, binder_badge, colab_badge
+from moe_course.course.links import BRANCH, REPO_URL, binder_badge, colab_badge
 
 __all__ = [
     "BEGIN_SOLUTION",
@@ -92,7 +92,7 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    REPO_URL = "@REPO_URL@"  # your fork? python -m moe_course.links set-repo OWNER/NAME
+    REPO_URL = "@REPO_URL@"  # your fork? python -m moe_course.course.links set-repo OWNER/NAME
     BRANCH = "@BRANCH@"  # the branch or tag whose package and stored results match these notebooks
     COURSE_DIR = "/content/moe-from-scratch"
     if not os.path.isdir(COURSE_DIR):
@@ -132,13 +132,13 @@ except ModuleNotFoundError as missing:
 
 
 def setup_cell(repo_url: str | None = None, branch: str | None = None) -> str:
-    """Source of the setup cell for ``repo_url`` at ``branch`` (default: ``moe_course.links``' values)."""
+    """Source of the setup cell for ``repo_url`` at ``branch`` (default: ``moe_course.course.links``' values)."""
     return (_SETUP_TEMPLATE.replace("@MARKER@", SETUP_MARKER).replace("@REPO_URL@", repo_url or REPO_URL)
             .replace("@BRANCH@", branch or BRANCH))
 
 
 SETUP_CELL = setup_cell()
-"""Source of the first code cell of every notebook (the repository URL and branch come from ``moe_course.links``)."""
+"""Source of the first code cell of every notebook (repository URL and branch from ``moe_course.course.links``)."""
 
 RECORDING_ENV: dict[str, str] = {"MOE_DEVICE": "cpu"}
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -733,8 +733,8 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-NOTEBOOK_TIMES = Path(__file__).resolve().parents[1] / "data" / "results" / "notebook_times.json"
-"""Where ``make execute`` records each course notebook's wall time (read by ``moe_course.readme_tables``)."""
+NOTEBOOK_TIMES = Path(__file__).resolve().parents[2] / "data" / "results" / "notebook_times.json"
+"""Where ``make execute`` records each course notebook's wall time (read by ``moe_course.course.readme_tables``)."""
 
 
 def record_time(times_file: Path, name: str, seconds: float, load_1min: float) -> None:
@@ -791,9 +791,9 @@ def execute(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m moe_course.notebooks``; returns the exit status."""
+    """Entry point of ``python -m moe_course.course.notebooks``; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m moe_course.notebooks",
+        prog="python -m moe_course.course.notebooks",
         description="Make the exercise notebooks from the solutions, execute solutions, or check both.",
     )
     parser.add_argument("command", choices=["generate", "execute", "check"])

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from moe_course.plots import COLORS, figure_axes, style_axes
+from moe_course.plots.style import COLORS, figure_axes, style_axes
 
 __all__ = [
     "PART_COLORS",

@@ -1,5 +1,5 @@
-"""The whole course in one table: each notebook's headline experiment, its measured number, and the paper result
-it miniaturises.
+"""The whole course in one table (shown in notebook 08): each notebook's headline experiment, its measured
+number, and the paper result it miniaturises.
 
 Numbers are never typed in here. They come from the stored experiment results (``data/results/*.json``, checked
 against the code by their fingerprint), from the package's calculators, or, for notebooks whose experiment runs
@@ -19,7 +19,7 @@ from moe_course.experiments import StaleResultError, load_result
 
 __all__ = ["SOLUTIONS_DIR", "Row", "course_rows", "format_rows", "notebook_output"]
 
-SOLUTIONS_DIR = Path(__file__).resolve().parents[1] / "solutions"
+SOLUTIONS_DIR = Path(__file__).resolve().parents[2] / "solutions"
 """The executed solution notebooks (present in a clone of the repository, not in a pip install)."""
 
 

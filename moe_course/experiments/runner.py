@@ -1,11 +1,12 @@
-"""Named training experiments, run from the command line and stored as small JSON results.
+"""The experiment runner of notebooks 04-09: named training sweeps, run from the command line, stored as JSON.
 
 A training sweep does not fit into one notebook cell on a 2-core CPU. So an experiment is a named list of
 runs, each a ``(label, ModelConfig, TrainConfig)``, trained once per seed, with a fixed set of records: the
 validation loss curve, every MoE layer's expert load over training, MaxVio, the drop rate, router-logit
 statistics and tokens/s. ``python -m moe_course.experiments run NAME --size cpu`` trains it with a progress
 bar and writes ``data/results/NAME-SIZE.json``. A notebook loads that file with :func:`load_result` and
-re-runs a reduced version live.
+re-runs a reduced version live. The experiments themselves are registered by one module per notebook
+beside this one (:mod:`moe_course.experiments`).
 
 Every result carries a *fingerprint*: a hash of its configurations, its size, the code version
 (:data:`CODE_VERSION` and the experiment's own ``version``) and the SHA-256 of the frozen corpus it trained
@@ -42,13 +43,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moe_course import loss_free
 from moe_course.corpus import corpus_sha256, load_corpus
 from moe_course.device import pick_device, seed_everything
 from moe_course.loss_free import SIZES
 from moe_course.loss_free import check_size as _check_size
-from moe_course.loss_free import course_model as base_model
-from moe_course.loss_free import course_train as base_train
 from moe_course.metrics import load_entropy, max_violation
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.train import TrainConfig, train
@@ -64,12 +62,11 @@ __all__ = [
     "Run",
     "RunRecord",
     "StaleResultError",
-    "base_model",
-    "base_train",
     "fingerprint",
     "get_experiment",
     "load_result",
     "main",
+    "register",
     "result_path",
     "run_experiment",
 ]
@@ -77,7 +74,7 @@ __all__ = [
 CODE_VERSION = 1
 """Bump when the recording code changes what a stored result means (new metric definition, new training loop)."""
 
-RESULTS_DIR = Path(os.environ.get("MOE_RESULTS_DIR", Path(__file__).resolve().parents[1] / "data" / "results"))
+RESULTS_DIR = Path(os.environ.get("MOE_RESULTS_DIR", Path(__file__).resolve().parents[2] / "data" / "results"))
 """Where results are written and read: ``data/results`` in the repository (``MOE_RESULTS_DIR`` overrides)."""
 
 LOG_EVERY = {"smoke": 2, "cpu": 20, "gpu": 50}  # training steps per recorded point
@@ -130,7 +127,7 @@ class Experiment:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The experiments of the notebooks
+# The registry: each notebook's module of runs (moe_course/experiments/*.py) registers its experiments
 # ---------------------------------------------------------------------------------------------------------
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -169,237 +166,6 @@ def get_experiment(name: str) -> Experiment:
         return EXPERIMENTS[name]
     except KeyError:
         raise ValueError(f"unknown experiment {name!r}; known experiments: {', '.join(sorted(EXPERIMENTS))}") from None
-
-
-ALPHAS = (0.0, 1e-3, 1e-2, 1e-1)
-
-
-@register("collapse", "notebook 04: no balancing loss; which settings (N, k, learning rate) collapse most")
-def _collapse(size: str) -> list[Run]:
-    n = base_model(size).n_experts
-    lr = base_train(size).lr
-    return [
-        Run(f"N={n} top-2", base_model(size), base_train(size)),
-        Run(f"N={n} top-1", base_model(size, top_k=1), base_train(size)),
-        Run(f"N={2 * n} top-2", base_model(size, n_experts=2 * n), base_train(size)),
-        Run(f"N={n} top-2, lr x3", base_model(size), base_train(size, lr=3 * lr)),
-    ]
-
-
-@register("aux_sweep", "notebook 04: Switch auxiliary-loss weight alpha in (0, 1e-3, 1e-2, 1e-1)", seeds=(0, 1, 2))
-def _aux_sweep(size: str) -> list[Run]:
-    return [Run(f"alpha={a:g}", base_model(size, aux_loss_coef=a), base_train(size)) for a in ALPHAS]
-
-
-@register("aux_sweep_capacity", "notebook 04: the alpha sweep with capacity factor 1.25 (Switch trains with a "
-          "capacity limit, so imbalance drops tokens)")
-def _aux_sweep_capacity(size: str) -> list[Run]:
-    return [Run(f"alpha={a:g}", base_model(size, aux_loss_coef=a, capacity_factor=1.25), base_train(size))
-            for a in ALPHAS]
-
-
-@register("z_loss", "notebook 04: router z-loss (1e-3) or none, at a high learning rate")
-def _z_loss(size: str) -> list[Run]:
-    lr = 10 * base_train(size).lr
-    return [
-        Run(f"z={z:g}", base_model(size, aux_loss_coef=1e-2, z_loss_coef=z), base_train(size, lr=lr))
-        for z in (0.0, 1e-3)
-    ]
-
-
-@register("routers", "notebook 04: token choice (alpha 0.01), expert choice, hash routing and a dense twin")
-def _routers(size: str) -> list[Run]:
-    shape = base_model(size)
-    return [
-        Run("token choice, alpha=0.01", base_model(size, aux_loss_coef=1e-2), base_train(size)),
-        Run("expert choice", base_model(size, router="expert_choice"), base_train(size)),
-        Run("hash", base_model(size, router="hash"), base_train(size)),
-        Run("dense (same active width)", base_model(size, ffn="dense", d_hidden=shape.top_k * shape.expert_hidden),
-            base_train(size)),
-    ]
-
-
-FINE_GRAINED_SHAPES = {  # notebook 05: a GShard-style layer N=8 (16 on GPU) top-2 of width h; m = 4, K_s = 1
-    "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16),
-    "cpu": dict(block_size=64, n_layer=2, n_head=2, d_model=64, n_experts=8, top_k=2, expert_hidden=64),
-    "gpu": dict(block_size=256, n_layer=4, n_head=4, d_model=256, n_experts=16, top_k=2, expert_hidden=256),
-}
-
-
-def _probe_05(model: TinyLM, corpus: Any) -> dict[str, Any]:
-    from moe_course.analysis import probe
-
-    return probe(model, corpus, masks=(1, 4))
-
-
-@register("fine_grained", "notebook 05: GShard 8 top-2 vs fine-grained 32 top-8 vs DeepSeekMoE 1+31 top-7 vs dense, "
-          "equal expert parameters (total and active); masking and specialisation probes", seeds=(0, 1, 2))
-def _fine_grained(size: str) -> list[Run]:
-    from moe_course.fine_grained import comparison_configs
-
-    base = base_model(size, aux_loss_coef=1e-2, **FINE_GRAINED_SHAPES[size])
-    steps = {"smoke": {}, "cpu": dict(steps=600, eval_every=100, eval_batches=16), "gpu": {}}[size]
-    return [Run(label, cfg, base_train(size, **steps), probe=_probe_05)
-            for label, cfg in comparison_configs(base, m=4, n_shared=1).items()]
-
-
-@register("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (1e-3, 1e-2, 1e-1), loss-free bias "
-          "(u = 1e-4, 1e-3, 1e-2), + sequence-wise aux loss, + group-limited routing", seeds=(0, 1, 2))
-def _loss_free_06(size: str) -> list[Run]:
-    m, t = loss_free.base_model, loss_free.base_train(size)
-    groups = 4 if m(size).n_experts >= 8 else 2  # DeepSeek-V3: 8 groups (nodes), each token uses at most 4
-    u = loss_free.U
-    configs = [
-        ("no balancing", m(size)),
-        ("aux alpha=1e-3", m(size, aux_loss_coef=1e-3)),
-        ("aux alpha=1e-2", m(size, aux_loss_coef=1e-2)),
-        ("aux alpha=1e-1", m(size, aux_loss_coef=1e-1)),
-        ("loss-free u=1e-3", m(size, bias_update_rate=u)),
-        ("loss-free u=1e-4", m(size, bias_update_rate=1e-4)),
-        ("loss-free u=1e-2", m(size, bias_update_rate=1e-2)),
-        ("loss-free + seq aux 1e-4", m(size, bias_update_rate=u, seq_aux_loss_coef=1e-4)),
-        (f"loss-free, best {groups // 2} of {groups} groups",
-         m(size, bias_update_rate=u, n_groups=groups, topk_groups=groups // 2)),
-    ]
-    return [Run(label, cfg, t, tracker=loss_free.track, log_every=loss_free.LOG_EVERY[size])
-            for label, cfg in configs]
-
-
-CAPSTONE_LABELS = ("dense", "MoE top-2", "MoE recipe")
-TUNING_LRS = (1.5e-3, 3e-3, 6e-3, 1.2e-2)
-TUNING_WARMUPS = (30, 100)
-"""Notebook 08's tuning grid: every model of the race gets the same 4 x 2 learning rates x warm-up steps."""
-
-
-def _capstone_shapes(size: str) -> tuple[Run, Run, Run]:
-    """Notebook 08's dense twin, plain top-2 MoE and recipe MoE: the train presets, each with the learning rate
-    and warm-up the ``capstone_tuning`` sweep chose for it and otherwise the same training (tokens, schedule);
-    tiny models at smoke size."""
-    from moe_course.train import get_preset
-
-    if size == "smoke":
-        shape = dict(block_size=16, n_layer=1, n_head=2, d_model=16)
-        t = base_train("smoke")
-        return (Run("dense", ModelConfig(ffn="dense", d_hidden=32, **shape), t, probe=_probe_08),
-                Run("MoE top-2", ModelConfig(ffn="moe", n_experts=4, top_k=2, expert_hidden=16, **shape), t,
-                    probe=_probe_08),
-                Run("MoE recipe", ModelConfig(ffn="moe", n_experts=8, top_k=2, expert_hidden=8, n_shared=2,
-                                              router_score="sigmoid", aux_loss_coef=0.0, bias_update_rate=1e-3,
-                                              **shape), t, probe=_probe_08))
-    presets = [get_preset(f"{size}-{name}") for name in ("dense", "moe", "best")]
-    return tuple(Run(label, p.model, replace(p.train, eval_batches=16), probe=_probe_08, val="test")
-                 for label, p in zip(CAPSTONE_LABELS, presets, strict=True))
-
-
-def tuning_label(label: str, lr: float, warmup: int) -> str:
-    """The run label of one grid point of ``capstone_tuning``: ``"dense lr=0.003 warmup=30"``."""
-    return f"{label} lr={lr:g} warmup={warmup}"
-
-
-@register("capstone_tuning", "notebook 08: the same grid of learning rate x warm-up (4 x 2) for the dense twin, "
-          "the top-2 MoE and the recipe, scored on the tuning half of the validation files", seeds=(0,))
-def _capstone_tuning(size: str) -> list[Run]:
-    runs = []
-    for run in _capstone_shapes(size):
-        for lr in TUNING_LRS:
-            for warmup in TUNING_WARMUPS:
-                w = min(warmup, run.train.steps // 2) if size == "smoke" else warmup
-                runs.append(replace(run, label=tuning_label(run.label, lr, warmup), probe=None,
-                                    train=replace(run.train, lr=lr, warmup=w),
-                                    val="all" if size == "smoke" else "tune"))
-    return runs
-
-
-def tuning_choice(result: ExperimentResult) -> dict[str, dict[str, float]]:
-    """Per model of the race, the grid point of a ``capstone_tuning`` result with the lowest final tuning loss
-    (mean over seeds): ``{label: {"lr", "warmup", "val_loss"}}``."""
-    if not isinstance(result, ExperimentResult) or result.experiment != "capstone_tuning":
-        got = result.experiment if isinstance(result, ExperimentResult) else type(result).__name__
-        raise ValueError(f"result must be the capstone_tuning result (load_result('capstone_tuning', size)), "
-                         f"got {got!r}")
-    out: dict[str, dict[str, float]] = {}
-    for label in CAPSTONE_LABELS:
-        points = [(result.mean(tuning_label(label, lr, w), "val_loss"), lr, w)
-                  for lr in TUNING_LRS for w in TUNING_WARMUPS]
-        loss, lr, warmup = min(points)
-        out[label] = {"lr": lr, "warmup": warmup, "val_loss": loss}
-    return out
-
-
-CAPSTONE_SAMPLE_PROMPT = "def "
-EQUAL_TIME_STEPS = 1.2
-"""The recipe MoE takes about 1.2x the dense twin's time per step on one CPU thread (README benchmarks and
-the stored runs' tokens/s), so the equal wall-clock dense run trains 1.2x the steps (and tokens)."""
-EXPERT_COUNTS = (4, 8, 32)  # with the recipe's 16 (capstone result) and the dense twin as "1 expert"
-
-
-def _probe_08(model: TinyLM, corpus: Any) -> dict[str, Any]:
-    """Token type x first-choice expert tables per layer, I(type; expert), and a sample from a fixed prompt."""
-    from moe_course.analysis import routing_tables, specialisation
-    from moe_course.corpus import TOKEN_TYPE_NAMES, encode
-
-    out: dict[str, Any] = {}
-    if model.moe_layers():
-        tables = routing_tables(model, corpus.val, corpus.val_types, len(TOKEN_TYPE_NAMES), n_batches=8)
-        out["type_tables"] = [t.tolist() for t in tables]
-        out.update(specialisation(tables))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    prompt = encode(CAPSTONE_SAMPLE_PROMPT).long()[None].to(device)  # (1, T)
-    gen = torch.Generator(device=device).manual_seed(0)
-    sample = model.generate(prompt, 240, temperature=0.8, generator=gen)[0].tolist()
-    model.train(was_training)
-    out["sample"] = bytes(sample).decode("utf-8", errors="replace")
-    return out
-
-
-@register("capstone", "notebook 08: dense twin vs plain top-2 MoE vs the course's recipe (fine-grained + shared + "
-          "loss-free) at equal active parameters and tokens; and a dense run given the recipe's wall-clock time",
-          seeds=(0, 1, 2))
-def _capstone(size: str) -> list[Run]:
-    dense, moe, best = _capstone_shapes(size)
-    runs = [dense, moe, best]
-    if size != "gpu":  # equal time is a CPU question: on a GPU the MoE's step time depends on the kernels
-        steps = round(EQUAL_TIME_STEPS * dense.train.steps)
-        runs.append(replace(dense, label="dense, equal time", train=replace(dense.train, steps=steps)))
-    return runs
-
-
-BIAS_RATES = (1e-3, 3e-3, 1e-2)
-"""u of the recipe's routing-bias update tried in ``recipe_bias_rate`` (the recipe uses 1e-3, DeepSeek-V3's)."""
-
-
-@register("recipe_bias_rate", "notebook 08: the recipe with bias update rate u = 1e-3 (its own), 3e-3 and 1e-2: "
-          "how long the early collapse lasts and what faster balancing costs", seeds=(0, 1))
-def _recipe_bias_rate(size: str) -> list[Run]:
-    best = _capstone_shapes(size)[2]
-    return [replace(best, label=f"u={u:g}", model=replace(best.model, bias_update_rate=u), probe=None)
-            for u in BIAS_RATES]
-
-
-@register("experts_sweep", "notebook 08: the recipe with 4, 8 or 32 routed experts at fixed active width (more "
-          "experts, more total parameters, same compute per token: Shazeer et al. 2017 in miniature)")
-def _experts_sweep(size: str) -> list[Run]:
-    best = _capstone_shapes(size)[2]
-    return [Run(f"E={n}", replace(best.model, n_experts=n), best.train, val=best.val) for n in EXPERT_COUNTS]
-
-
-def _serving_probe(size: str) -> Callable[[TinyLM, Any], dict[str, Any]]:
-    def probe(model: TinyLM, corpus: Any) -> dict[str, Any]:
-        from moe_course.serving import serving_probe
-
-        return serving_probe(model, corpus, size)
-
-    return probe
-
-
-@register("serving_traces", "notebook 09: the capstone's top-2 MoE and recipe (seed 0, trained as in `capstone`), "
-          "then their routing traces, expert-cache hit rates, prefetch recall and KV-cache decoding speed",
-          seeds=(0,))
-def _serving_traces(size: str) -> list[Run]:
-    _, moe, best = _capstone_shapes(size)
-    return [replace(run, probe=_serving_probe(size)) for run in (moe, best)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -806,7 +572,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_summary(result))
     print(f"wrote {result_path(args.name, args.size, args.results_dir)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Interactive explorers for the notebooks, each with a static fallback.
+"""Notebook 03's capacity explorer: skewed routing against a capacity limit, with sliders and a static fallback.
 
 :func:`capacity_explorer` shows what a capacity limit does to a skewed router: sliders for the number of
 experts N, the top-k, the capacity factor and the router's skew redraw the per-expert load (kept and
@@ -19,7 +19,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from moe_course.dispatch import capacity_mask, expert_capacity
-from moe_course.plots import figure_axes
+from moe_course.plots.style import figure_axes
 from moe_course.routing import softmax_topk
 
 __all__ = ["capacity_explorer", "plot_capacity", "plot_dropped_grid", "skewed_logits"]
