@@ -275,11 +275,11 @@ def test_routing_explorer_without_ipywidgets(block_ipywidgets):
 
 def test_routing_explorer_widget_redraws(monkeypatch):
     pytest.importorskip("ipywidgets")
-    import moe_course.capstone as capstone
+    import moe_course.plots.capstone as capstone_plots
 
     routed_texts = []
-    real_route = capstone.route_text
-    monkeypatch.setattr(capstone, "route_text", lambda m, t: routed_texts.append(t) or real_route(m, t))
+    real_route = capstone_plots.route_text
+    monkeypatch.setattr(capstone_plots, "route_text", lambda m, t: routed_texts.append(t) or real_route(m, t))
     box = routing_explorer(tiny())
     assert set(box.controls) == {"text", "layer", "colour_by"}
     assert box.controls["text"].continuous_update is False

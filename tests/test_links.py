@@ -9,7 +9,6 @@ from pathlib import Path
 import nbformat
 import pytest
 
-import moe_course
 from moe_course.course import links
 from moe_course.course.links import (
     BINDER_BADGE_SVG,
@@ -40,7 +39,7 @@ BINDER = re.compile(rf"https://mybinder\.org/v2/gh/{re.escape(SLUG)}/{B}\?urlpat
 
 
 def test_urls_built_from_the_repo_url() -> None:
-    assert moe_course.REPO_URL == REPO_URL and REPO_URL == f"https://github.com/{SLUG}"
+    assert links.REPO_URL == REPO_URL and REPO_URL == f"https://github.com/{SLUG}"
     assert colab_url("notebooks/03_topk_routing.ipynb") == (
         f"https://colab.research.google.com/github/{SLUG}/blob/{BRANCH}/notebooks/03_topk_routing.ipynb"
     )

@@ -18,7 +18,7 @@ import nbformat
 import pytest
 from nbformat import NotebookNode
 
-import moe_course
+from moe_course.course import links
 from moe_course.course import notebooks as nbmod
 from moe_course.course.links import BRANCH
 from moe_course.course.notebooks import (
@@ -142,8 +142,8 @@ def _demo_index(source: str) -> int:
 
 
 def test_setup_cell_holds_repo_url_and_compiles() -> None:
-    assert moe_course.REPO_URL in SETUP_CELL
-    assert f'REPO_URL = "{moe_course.REPO_URL}"' in SETUP_CELL and f'BRANCH = "{BRANCH}"' in SETUP_CELL
+    assert links.REPO_URL in SETUP_CELL
+    assert f'REPO_URL = "{links.REPO_URL}"' in SETUP_CELL and f'BRANCH = "{BRANCH}"' in SETUP_CELL
     assert '"git", "clone", "--depth", "1", "--branch", BRANCH, REPO_URL, COURSE_DIR' in SETUP_CELL
     assert SETUP_CELL.startswith(nbmod.SETUP_MARKER)
     first = SETUP_CELL.splitlines()[0]  # a Colab form title: Colab shows this one line, the code hidden
@@ -185,7 +185,7 @@ def test_setup_cell_on_colab_installs_package_and_enables_widgets(monkeypatch: p
     monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the clone first on sys.path
     exec(compile(SETUP_CELL, "<setup cell>", "exec"), {})
     course = "/content/moe-from-scratch"  # the whole repository, so data/results/ is there too
-    assert pip_calls == [["git", "clone", "--depth", "1", "--branch", BRANCH, moe_course.REPO_URL, course],
+    assert pip_calls == [["git", "clone", "--depth", "1", "--branch", BRANCH, links.REPO_URL, course],
                          [sys.executable, "-m", "pip", "install", "-q", "-e", course]]
     assert envs[0]["GIT_TERMINAL_PROMPT"] == "0"  # never a password prompt
     assert sys.path[0] == course
@@ -328,8 +328,8 @@ def test_stamp_badges_puts_one_badge_line_under_the_heading() -> None:
     assert stamp_badges(nb, "solutions/07_title.ipynb") is True
     line = badge_line("solutions/07_title.ipynb")
     assert nb.cells[1].source == f"# 07 · Title\n\n{line}\n\nFirst line."
-    assert moe_course.colab_url("solutions/07_title.ipynb") in line
-    assert moe_course.binder_url("solutions/07_title.ipynb") in line
+    assert links.colab_url("solutions/07_title.ipynb") in line
+    assert links.binder_url("solutions/07_title.ipynb") in line
     assert stamp_badges(nb, "solutions/07_title.ipynb") is False  # idempotent
     assert stamp_badges(nb, "solutions/08_new.ipynb") is True  # an old badge line is replaced, not repeated
     assert nb.cells[1].source.count("[![Open In Colab]") == 1 and "08_new.ipynb" in nb.cells[1].source
