@@ -245,11 +245,14 @@ def test_type_expert_table_accepts_a_loop():
     (last_choice, "counted the last choice"),
     (plus_equals, "wrote table[types, experts] += 1"),
     (float_counts, "the right counts as torch.float32"),
-    (flattens_into_types, "fn(10 tokens, k=2, 4 types (type 3 never occurs), 5 experts (expert 4 never a first "
-                          "choice)) changed its input types (its values: types[1] went from 1 to 7) in place"),
+    (flattens_into_types, "flattens_into_types(10 tokens, k=2, 4 types (type 3 never occurs), 5 experts "
+                          "(expert 4 never a first choice)) changed its input types (its values: types[1] went from "
+                          "1 to 7) "
+                          "in place"),
     (flattens_into_indices, "changed its input indices (its values: indices[1][0] went from 2 to 7) in place"),
-    (one_cell_off, "fn(7 tokens, k=1, 5 types (types 1 and 4 never occur), 6 experts (experts 3 and 5 never chosen)): "
-                   "cell [type 2, expert 1] holds 3, expected 2 (the number of tokens of type 2 whose first choice"),
+    (one_cell_off, "one_cell_off(7 tokens, k=1, 5 types (types 1 and 4 never occur), 6 experts (experts 3 "
+                   "and 5 never chosen)): cell [type 2, expert 1] holds 3, expected 2 (the number of tokens of type "
+                   "2 whose first choice"),
 ])
 def test_type_expert_table_names_mistakes(fn, message):
     with pytest.raises(CheckError) as info:
@@ -376,14 +379,16 @@ def test_train_flops_per_token_accepts_reference_and_a_tensor(capsys):
     (moe_everywhere, "made every layer an MoE layer"),
     (mutates, "changed the config it was given (top_k)"),
     (returns_text, "should return a number"),
-    (moe_from_layer_zero, "fn(an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts top-1) returned "
-                          "466,272, expected 492,192: it looks like you counted 2 MoE layers, from layer 0 (layer "
+    (moe_from_layer_zero, "moe_from_layer_zero(an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts "
+                          "top-1) returned 466,272, expected 492,192: it looks like you counted 2 MoE layers, from "
+                          "layer 0 (layer "
                           "% moe_every == 0) or by rounding n_layer / moe_every = 1.5 up or to the nearest; the MoE "
                           "layers are those with layer % moe_every == moe_every - 1, floor(n_layer / moe_every) = 1"),
     (rounded_moe_layers, "it looks like you counted 2 MoE layers, from layer 0 (layer % moe_every == 0) or by "
                          "rounding"),
-    (half_context_floor, "fn(an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)) returned 389,952, expected "
-                         "390,912: it looks like you used floor division for the average context: a token attends to "
+    (half_context_floor, "half_context_floor(an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)) "
+                         "returned 389,952, expected 390,912: it looks like you used floor division for the average "
+                         "context: a token attends to "
                          "T/2 = 16.5 positions on average, not T // 2 = 16"),
 ])
 def test_train_flops_per_token_names_mistakes(fn, message):

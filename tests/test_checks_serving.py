@@ -239,7 +239,7 @@ def test_lru_names_mistakes(fn, message):
 
 
 def test_lru_names_the_failing_case_and_the_numbers():
-    text = _rejects(check.lru_hit_rate, fifo, "fn(trace, capacity=2) [k=1, C=2: a hit refreshes an expert]")
+    text = _rejects(check.lru_hit_rate, fifo, "fifo(trace, capacity=2) [k=1, C=2: a hit refreshes an expert]")
     assert "returned 0.2857, expected 0.4286" in text and "(trace [[0], [1], [0], [2], [0], [1], [0]])" in text
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from moe_course.check._core import CheckError, call, fail, ok
+from moe_course.check._core import CheckError, call, fail, fn_name, ok
 from moe_course.offload import lru_hit_rate as ref_lru
 from moe_course.serving import bytes_per_token as ref_bytes
 from moe_course.serving import expected_distinct_experts as ref_distinct
@@ -118,7 +118,7 @@ def expected_distinct_experts(fn: Callable[[int, int, torch.Tensor], Any]) -> No
     for name, n, k, sizes in DISTINCT_CASES:
         batch = torch.tensor(sizes)
         given = batch.clone()
-        what = f"fn({n}, {k}, torch.tensor({sizes})) [{name}]"
+        what = f"{fn_name(fn)}({n}, {k}, torch.tensor({sizes})) [{name}]"
         got = call(fn, n, k, given, what=what)
         if not torch.equal(given, batch):
             fail(f"{what} changed the batch sizes it was given (now {given.tolist()}): compute with new tensors "
@@ -246,7 +246,7 @@ def lru_hit_rate(fn: Callable[[torch.Tensor, int], Any]) -> None:
     for name, rows, capacity in cases:
         trace = torch.tensor(rows)
         given = trace.clone()
-        what = f"fn(trace, capacity={capacity}) [{name}]"
+        what = f"{fn_name(fn)}(trace, capacity={capacity}) [{name}]"
         got = _number(call(fn, given, capacity, what=what), what)
         if not torch.equal(given, trace):
             fail(f"{what} changed the trace it was given: read it (e.g. trace.tolist()) without writing to it")
@@ -310,7 +310,7 @@ def bytes_per_token(fn: Callable[[list[torch.Tensor], float, float], Any]) -> No
     for name, layers, expert, other in BYTES_CASES:
         indices = [torch.tensor(layer) for layer in layers]
         given = [i.clone() for i in indices]
-        what = f"fn(indices, expert_bytes={expert:g}, other_bytes={other:g}) [{name}]"
+        what = f"{fn_name(fn)}(indices, expert_bytes={expert:g}, other_bytes={other:g}) [{name}]"
         got = _number(call(fn, given, expert, other, what=what), what)
         if len(given) != len(indices) or any(not torch.equal(g, i) for g, i in zip(given, indices, strict=False)):
             fail(f"{what} changed the routing it was given (the list or its tensors): read it without writing to it")
