@@ -251,6 +251,9 @@ FLOPS_CASES = (
     ("an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)",
      ModelConfig(ffn="moe", block_size=33, n_layer=5, n_head=2, d_model=32, d_hidden=64, n_experts=4, top_k=2,
                  expert_hidden=32, moe_every=3)),
+    ("a top-2 MoE over a 1,000-token vocabulary (not byte-level)",
+     ModelConfig(ffn="moe", vocab_size=1000, block_size=16, n_layer=2, n_head=2, d_model=32, d_hidden=64,
+                 n_experts=4, top_k=2, expert_hidden=24)),
 )
 
 
@@ -262,7 +265,19 @@ def _flops_mistakes(cfg: ModelConfig) -> list[tuple[str, float]]:
     n_active = (ref - attn) / 6.0
     moe_layers = sum(1 for i in range(n_layer) if cfg.ffn == "moe" and i % cfg.moe_every == cfg.moe_every - 1)
     expert = 3 * d * cfg.expert_hidden
-    out = [
+    out = []
+    if moe_layers:  # first: a mistake that also hits the dense twin was named there already, with its own value
+        out += [
+            ("counted the MoE layer's experts at the dense FFN's width (3·d·d_hidden for the experts a token runs); "
+             "an MoE layer costs the router d·N plus 3·d·expert_hidden for each of the top_k routed and n_shared "
+             "shared experts", ref + 6.0 * moe_layers * (3 * d * cfg.d_hidden - (cfg.top_k + cfg.n_shared) * expert)),
+            ("used the dense width d_hidden for each expert; an expert's width is expert_hidden",
+             ref + 6.0 * moe_layers * (cfg.top_k + cfg.n_shared) * 3 * d * (cfg.d_hidden - cfg.expert_hidden)),
+        ]
+    if v != 256:
+        out.append((f"used a byte-level vocabulary of 256; this model's is cfg.vocab_size = {v} (the tied head "
+                    "costs V·d)", ref + 6.0 * (256 - v) * d))
+    out += [
         ("counted the forward pass only (2 FLOPs per weight); training also runs the backward pass, which costs "
          "twice the forward: 6 per weight, and 6·L·T·d for attention", 2.0 * n_active + 2.0 * n_layer * t * d),
         ("left out attention's scores and weighted sum (6·L·T·d): they multiply activations, not weights, but "
