@@ -55,6 +55,59 @@ def test_expected_distinct_names_mistakes(fn, message):
     _rejects(check.expected_distinct_experts, fn, message)
 
 
+def refuses_k_equal_n(n, k, b):
+    if k >= n:
+        raise ValueError("k must be smaller than n_experts")
+    return n * (1 - (1 - k / n) ** b.double())
+
+
+def k_equal_n_shortcut(n, k, b):  # "every expert is used", forgetting B = 0
+    if k > n:
+        raise ValueError("k > n")
+    if k == n:
+        return torch.full(b.shape, float(n), dtype=torch.float64)
+    return n * (1 - (1 - k / n) ** b.double())
+
+
+def flattens_the_batch(n, k, b):  # one value per size, but as a flat list
+    if k > n:
+        raise ValueError("k > n")
+    return torch.tensor([n * (1 - (1 - k / n) ** s) for s in b.reshape(-1).tolist()], dtype=torch.float64)
+
+
+def writes_into_batch(n, k, b):
+    if k > n:
+        raise ValueError("k > n")
+    p = b.double()  # a copy of an int batch, but the caller's own tensor when it is float64 already
+    torch.pow(1 - k / n, p, out=p)
+    return n * (1 - p)
+
+
+def log_form(n, k, b):  # exp(B·log(1 − k/N)): log 0 at k = N
+    import math
+
+    if k > n:
+        raise ValueError("k > n")
+    return n * (1 - torch.exp(b.double() * math.log(1 - k / n)))
+
+
+@pytest.mark.parametrize("fn, message", [
+    (refuses_k_equal_n, "refuses_k_equal_n(4, 4, torch.tensor([0, 1, 3])) [N=4, k=4 (k = N: every token uses all "
+                        "experts; no token, none)] raised ValueError: k must be smaller than n_experts; k = N is "
+                        "allowed"),
+    (k_equal_n_shortcut, "k_equal_n_shortcut(4, 4, torch.tensor([0, 1, 3])) [N=4, k=4 (k = N: every token uses all "
+                         "experts; no token, none)] returned [4.0, 4.0, 4.0], expected [0.0, 4.0, 4.0]"),
+    (flattens_the_batch, "flattens_the_batch(8, 2, torch.tensor([[0, 1, 2], [4, 8, 16]])) [N=8, k=2, a (2, 3) grid "
+                         "of batch sizes] returned shape (6,), expected (2, 3)"),
+    (writes_into_batch, "writes_into_batch(8, 2, torch.tensor([1.0, 3.0, 12.0], dtype=torch.float64)) [N=8, k=2, "
+                        "float64 batch sizes] changed the batch sizes it was given"),
+    (log_form, "log_form(4, 4, torch.tensor([0, 1, 3])) [N=4, k=4 (k = N: every token uses all experts; no token, "
+               "none)] raised ValueError: math domain error"),
+])
+def test_expected_distinct_names_the_edge_case_mistakes(fn, message):
+    _rejects(check.expected_distinct_experts, fn, message)
+
+
 def test_expected_distinct_requires_the_value_error_and_untouched_input():
     _rejects(check.expected_distinct_experts, lambda n, k, b: n * (1 - (1 - k / n) ** b.double()),
              "it should raise a ValueError (a token cannot use k=5 distinct experts out of n_experts=4)")
