@@ -378,7 +378,8 @@ def _lru_in_order(order):
             found = [e in cache for e in row]
             hits += sum(found)
             requests += len(row)
-            hit_first = [e for e, f in zip(row, found, strict=True) if f] + [e for e, f in zip(row, found, strict=True) if not f]
+            pairs = list(zip(row, found, strict=True))
+            hit_first = [e for e, f in pairs if f] + [e for e, f in pairs if not f]
             for e in {"row": row, "reversed": row[::-1], "hits_first": hit_first, "misses_first": hit_first[::-1],
                       "sorted": sorted(row), "set": list(set(row))}[order]:
                 cache[e] = None
