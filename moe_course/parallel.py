@@ -28,6 +28,7 @@ import argparse
 import copy
 import math
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -50,6 +51,7 @@ from moe_course.validate import check_int
 
 __all__ = [
     "ExpertParallelMoE",
+    "LaunchFailed",
     "RankFailed",
     "all_to_all",
     "dispatch_bytes",
@@ -358,6 +360,31 @@ class RankFailed(RuntimeError):
         self.rank = rank
 
 
+class LaunchFailed(RuntimeError):
+    """The process machinery itself failed (a broken queue or pipe), not the function run on the ranks."""
+
+
+def _pack(value: Any) -> bytes:  # noqa: ANN401
+    """``value`` as plain bytes, tensors by value: nothing a reader must fetch from the process that sent it.
+
+    torch.multiprocessing would pass a tensor's storage by file descriptor, served by the sender; a rank that
+    put its result and exited could not serve it, and the parent failed (FileNotFoundError, EOFError).
+    """
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _receive(results: Any, timeout: float) -> tuple[int, str, Any]:  # noqa: ANN401
+    """The next (rank, status, value) message of a rank; :class:`LaunchFailed` if the queue itself breaks."""
+    try:
+        rank, status, packed = results.get(timeout=timeout)
+        return rank, status, pickle.loads(packed)  # noqa: S301 - bytes our own ranks packed
+    except queue.Empty:
+        raise
+    except (OSError, EOFError, pickle.UnpicklingError) as err:
+        raise LaunchFailed(f"the process machinery failed (not the function run on the ranks): "
+                           f"{type(err).__name__}: {err}") from err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -371,16 +398,16 @@ def _init(rank: int, world: int, backend: str, timeout_s: float) -> None:
 
 
 def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, threads: int,
-            results: Any, fn: Callable[..., Any], args: tuple) -> None:  # noqa: ANN401
+            results: Any, fn: Callable[..., Any], packed_args: bytes) -> None:  # noqa: ANN401
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
     try:
         _init(rank, world, backend, timeout_s)
-        results.put((rank, "ready", None))
-        out = fn(*args)
+        results.put((rank, "ready", _pack(None)))
+        out = _pack(fn(*pickle.loads(packed_args)))  # noqa: S301 - packed by the parent; an unpicklable result is an error
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - reported to the parent, which names this rank
-        results.put((rank, "error", traceback.format_exc()))
+        results.put((rank, "error", _pack(traceback.format_exc())))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -408,7 +435,9 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo"
     (spawn, import, joining the group); ``timeout_s`` bounds each collective and the run of ``fn`` after all
     ranks joined. A rank that raises, dies or hangs stops the others, and :class:`RankFailed` names it (the
     first one that failed). Backends: "gloo" (CPU) or "nccl" (one CUDA device per rank). ``start_method``:
-    None (a preloaded fork server where available, else spawn), "forkserver", "spawn" or "fork".
+    None (a preloaded fork server where available, else spawn), "forkserver", "spawn" or "fork". Arguments
+    and results travel as plain bytes (tensors by value), so a rank may exit as soon as it has sent its result;
+    a broken queue or pipe raises :class:`LaunchFailed`, not :class:`RankFailed`.
     """
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (CUDA), got {backend!r}")
@@ -422,20 +451,32 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo"
     for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
         if not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    try:
+        packed_args = _pack(args)  # by value: no tensor storage moved to shared memory or served by file descriptor
+    except (pickle.PicklingError, TypeError, AttributeError) as err:
+        raise TypeError(f"the arguments of launch must be picklable to travel to the ranks ({err}); pass plain "
+                        "data, tensors or module-level functions") from None
     ctx = _context(start_method)
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, timeout_s, threads, results, fn, args),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, timeout_s, threads, results, fn,
+                                               packed_args), daemon=True) for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+    except OSError as err:
+        for p in procs:
+            if p.pid is not None:
+                p.terminate()
+        raise LaunchFailed(f"the process machinery failed (not the function run on the ranks): starting the "
+                           f"ranks raised {type(err).__name__}: {err}") from err
     ready: set[int] = set()
     done: dict[int, Any] = {}
     deadline = time.monotonic() + start_timeout_s
     try:
         while len(done) < world:
             try:
-                rank, status, value = results.get(timeout=0.2)
+                rank, status, value = _receive(results, 0.2)
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
                 if dead:
@@ -480,7 +521,7 @@ def _raise_first_failure(procs: list, results: Any, done: dict[int, Any], rank: 
     end = time.monotonic() + 1.0
     while time.monotonic() < end:
         try:
-            r, status, value = results.get(timeout=0.1)
+            r, status, value = _receive(results, 0.1)
             if status == "error":
                 errors.setdefault(r, value)
         except queue.Empty:
@@ -505,7 +546,7 @@ def _raise_hung(procs: list, results: Any, done: dict[int, Any], timeout_s: floa
     end = time.monotonic() + min(10.0, max(2.0, timeout_s))
     while time.monotonic() < end and len(done) + len(waiting) < len(procs):
         try:
-            r, status, value = results.get(timeout=0.2)
+            r, status, value = _receive(results, 0.2)
             if status == "error":
                 waiting[r] = value
             elif status == "ok":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import time
 
 import matplotlib
 
@@ -13,6 +12,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -247,14 +247,20 @@ def test_expert_colors_distinct_up_to_32():
     assert len(set(expert_colors(48))) == 48  # a continuous colormap beyond the palette
 
 
-def test_plot_routed_text_renders_fast():
-    """512 bytes × 4 layers: one image and one glyph collection per panel (< 1 s measured; loose bound here)."""
+def test_plot_routed_text_draws_one_image_and_one_glyph_collection_per_panel():
+    """512 bytes × 4 layers: what keeps the drawing fast is its structure (one background image and one
+    collection of all glyphs per panel, no text artist per character), asserted here; the time itself is
+    measured by benchmarks/bench_plots.py (no wall-clock bound in a unit test)."""
     routed = route_text(tiny(n_layer=4, block_size=64), (DEFAULT_CODE * 3)[:512])
-    start = time.perf_counter()
     fig = plot_routed_text(routed)
     fig.savefig(io.BytesIO(), format="png", dpi=100)
-    assert time.perf_counter() - start < 2.0
-    assert len(_panels(fig)) == 4
+    panels = _panels(fig)
+    assert len(panels) == 4
+    for ax in panels:
+        assert len(ax.images) == 1  # the cell colours, one pixel per cell
+        (glyphs,) = [c for c in ax.collections if isinstance(c, PathCollection)]
+        assert len(glyphs.get_offsets()) == 512  # every byte's glyph, in one collection
+        assert [t.get_text() for t in ax.texts] == []  # the characters are not text artists
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -245,11 +245,14 @@ def test_type_expert_table_accepts_a_loop():
     (last_choice, "counted the last choice"),
     (plus_equals, "wrote table[types, experts] += 1"),
     (float_counts, "the right counts as torch.float32"),
-    (flattens_into_types, "fn(10 tokens, k=2, 4 types (type 3 never occurs), 5 experts (expert 4 never a first "
-                          "choice)) changed its input types (its values: types[1] went from 1 to 7) in place"),
+    (flattens_into_types, "flattens_into_types(10 tokens, k=2, 4 types (type 3 never occurs), 5 experts "
+                          "(expert 4 never a first choice)) changed its input types (its values: types[1] went from "
+                          "1 to 7) "
+                          "in place"),
     (flattens_into_indices, "changed its input indices (its values: indices[1][0] went from 2 to 7) in place"),
-    (one_cell_off, "fn(7 tokens, k=1, 5 types (types 1 and 4 never occur), 6 experts (experts 3 and 5 never chosen)): "
-                   "cell [type 2, expert 1] holds 3, expected 2 (the number of tokens of type 2 whose first choice"),
+    (one_cell_off, "one_cell_off(7 tokens, k=1, 5 types (types 1 and 4 never occur), 6 experts (experts 3 "
+                   "and 5 never chosen)): cell [type 2, expert 1] holds 3, expected 2 (the number of tokens of type "
+                   "2 whose first choice"),
 ])
 def test_type_expert_table_names_mistakes(fn, message):
     with pytest.raises(CheckError) as info:
@@ -262,16 +265,17 @@ def test_type_expert_table_names_mistakes(fn, message):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _parts(cfg, *, experts=None, router=True, shared=True, matrices=3, every=True, head=1, pos=False):
+def _parts(cfg, *, experts=None, router=True, shared=True, matrices=3, every=True, head=1, pos=False, vocab=None,
+           expert_width=None):
     """6·N + attention, with one piece of the count switched (the variants below)."""
     d = cfg.d_model
-    n = head * cfg.vocab_size * d + d + (cfg.block_size * d if pos else 0)
+    n = head * (vocab or cfg.vocab_size) * d + d + (cfg.block_size * d if pos else 0)
     for layer in range(cfg.n_layer):
         n += 4 * d * d + 2 * d
         moe = cfg.ffn == "moe" and (every is False or layer % cfg.moe_every == cfg.moe_every - 1)
         if moe:
             used = (cfg.top_k if experts is None else experts) + (cfg.n_shared if shared else 0)
-            n += (d * cfg.n_experts if router else 0) + matrices * d * cfg.expert_hidden * used
+            n += (d * cfg.n_experts if router else 0) + matrices * d * (expert_width or cfg.expert_hidden) * used
         else:
             n += 3 * d * cfg.d_hidden
     return 6.0 * n
@@ -315,6 +319,21 @@ def two_matrices(cfg):
 
 def no_shared(cfg):
     return _parts(cfg, shared=False) + _attn(cfg)
+
+
+def byte_vocabulary(cfg):  # V = 256 written in, as for the byte-level presets
+    return _parts(cfg, vocab=256) + _attn(cfg)
+
+
+def experts_at_dense_width(cfg):  # each expert a token runs as wide as the dense FFN
+    return _parts(cfg, expert_width=cfg.d_hidden) + _attn(cfg)
+
+
+def moe_ffn_as_dense(cfg):  # the MoE layer's experts counted as one dense FFN of width d_hidden, plus the router
+    n = _parts(cfg) + _attn(cfg)
+    layers = sum(1 for i in range(cfg.n_layer) if cfg.ffn == "moe" and i % cfg.moe_every == cfg.moe_every - 1)
+    per_token = 3 * cfg.d_model * (cfg.d_hidden - cfg.expert_hidden * (cfg.top_k + cfg.n_shared))
+    return n + 6.0 * layers * per_token
 
 
 def moe_everywhere(cfg):
@@ -374,16 +393,23 @@ def test_train_flops_per_token_accepts_reference_and_a_tensor(capsys):
     (two_matrices, "counted each expert as two matrices"),
     (no_shared, "left out the shared experts"),
     (moe_everywhere, "made every layer an MoE layer"),
+    (byte_vocabulary, "byte_vocabulary(a top-2 MoE over a 1,000-token vocabulary (not byte-level)) returned "
+                      "162,240, expected 305,088: it looks like you used a byte-level vocabulary of 256"),
+    (experts_at_dense_width, "used the dense width d_hidden for each expert"),
+    (moe_ffn_as_dense, "moe_ffn_as_dense(an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts top-1) returned "
+                       "519,840, expected 492,192: it looks like you counted the MoE layer's experts at the dense"),
     (mutates, "changed the config it was given (top_k)"),
     (returns_text, "should return a number"),
-    (moe_from_layer_zero, "fn(an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts top-1) returned "
-                          "466,272, expected 492,192: it looks like you counted 2 MoE layers, from layer 0 (layer "
+    (moe_from_layer_zero, "moe_from_layer_zero(an MoE in every 2nd of 3 layers, 1 shared + 6 routed experts "
+                          "top-1) returned 466,272, expected 492,192: it looks like you counted 2 MoE layers, from "
+                          "layer 0 (layer "
                           "% moe_every == 0) or by rounding n_layer / moe_every = 1.5 up or to the nearest; the MoE "
                           "layers are those with layer % moe_every == moe_every - 1, floor(n_layer / moe_every) = 1"),
     (rounded_moe_layers, "it looks like you counted 2 MoE layers, from layer 0 (layer % moe_every == 0) or by "
                          "rounding"),
-    (half_context_floor, "fn(an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)) returned 389,952, expected "
-                         "390,912: it looks like you used floor division for the average context: a token attends to "
+    (half_context_floor, "half_context_floor(an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)) "
+                         "returned 389,952, expected 390,912: it looks like you used floor division for the average "
+                         "context: a token attends to "
                          "T/2 = 16.5 positions on average, not T // 2 = 16"),
 ])
 def test_train_flops_per_token_names_mistakes(fn, message):

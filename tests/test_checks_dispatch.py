@@ -144,6 +144,13 @@ def make_sort(mistake: str | None = None):
             order = flat.argsort(descending=True, stable=True)
         elif mistake == "unstable":  # grouped by expert, but later tokens first within an expert
             order = (flat * flat.numel() - torch.arange(flat.numel())).argsort()
+        elif mistake == "default_argsort":  # torch's default sort is not stable (it reorders ties above 16 pairs)
+            order = flat.argsort()
+        elif mistake == "sort_indices":
+            order = torch.sort(flat).indices
+        elif mistake == "sorts_in_place":  # sorts the caller's tensor through a view
+            order = flat.argsort(stable=True)
+            indices.view(-1).copy_(flat[order].clone())
         else:
             order = flat.argsort(stable=True)
         token_of = order % k if mistake == "modulo" else order // k
@@ -183,6 +190,9 @@ def test_sort_references_pass(fn, capsys):
     [
         (make_sort("descending"), "descending order"),
         (make_sort("unstable"), "use a stable sort"),
+        (make_sort("default_argsort"), "64 tokens.*changes their order within an expert; use a stable sort"),
+        (make_sort("sort_indices"), "64 tokens.*use a stable sort"),
+        (make_sort("sorts_in_place"), "changed its input indices .*in place"),
         (make_sort("modulo"), "order % k gives the slot"),
         (make_sort("token_is_order"), "divide by k"),
         (make_sort("no_minlength"), "bincount without minlength"),
@@ -219,7 +229,11 @@ def make_capacity(mistake: str | None = None):
             position = torch.arange(t * k)
         else:
             position = ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=-1)
-        if mistake == "plus_one":
+        if mistake == "inclusive_lt":  # the hint's inclusive cumsum (first arrival counts 1), compared with <
+            keep = position + 1 < capacity
+        elif mistake == "zero_based_le":  # 0-based places compared with <=
+            keep = position <= capacity
+        elif mistake == "plus_one":
             keep = position <= capacity
         elif mistake == "minus_one":
             keep = position < capacity - 1
@@ -270,6 +284,9 @@ def test_capacity_references_pass(fn, capsys):
         (make_capacity("token_major"), "first choice must claim a slot before any second choice"),
         (make_capacity("plus_one"), "capacity \\+ 1"),
         (make_capacity("minus_one"), "capacity - 1"),
+        (make_capacity("inclusive_lt"), r"capacity - 1 assignments \(off by one\)\. The cumulative sum counts each "
+                                        r"assignment itself .* count <= capacity"),
+        (make_capacity("zero_based_le"), r"capacity \+ 1 assignments .* place < capacity"),
         (make_capacity("per_token"), "per token instead of per expert"),
         (make_capacity("global"), "one counter for all experts"),
         (make_capacity("latest_tokens"), "dropped the earliest tokens"),

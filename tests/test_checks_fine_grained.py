@@ -90,12 +90,12 @@ def test_shared_moe_reference_passes(capsys: pytest.CaptureFixture[str]) -> None
     (make_shared_moe(detach_gate=True), "gradient reaches gate_weight"),
     (make_shared_moe(first_shared_only=True), r"2 shared, k=2\)\): it looks like you added only the first shared "
                                               "expert"),
-    (output_in_x, r"fn\(x \(9, 6\), gate_weight \(6, 6\), 6 routed experts, 1 shared, k=3\) changed its input x "
-                  r"\(its values"),
+    (output_in_x, r"output_in_x\(x \(9, 6\), gate_weight \(6, 6\), 6 routed experts, 1 shared, k=3\) changed "
+                  r"its input x \(its values"),
     (extends_experts, r"changed its input experts \(its length, from 6 to 7\) in place: append, extend"),
     (transposes_gate_in_place, r"changed its input gate_weight \(its values: gate_weight\[0\]\[1\]"),
     (trains_an_expert, r"changed its input experts\[1\]\.up\.weight \(its values"),
-    (one_token_off, r"the shared \+ routed layer is wrong \(fn\(x \(9, 6\), .*k=3\)\): token 4's output is"),
+    (one_token_off, r"the shared \+ routed layer is wrong \(one_token_off\(x \(9, 6\), .*k=3\)\): token 4's output is"),
 ])
 def test_shared_moe_rejects_mistakes(wrong, message: str) -> None:
     with pytest.raises(CheckError, match=message):
@@ -232,8 +232,9 @@ def test_mutual_information_reference_passes(capsys: pytest.CaptureFixture[str])
     (mi_nan, "NaN"),
     (mi_conditional, r"H\(expert \| type\)"),
     (mi_expert_entropy, r"entropy of the experts H\(expert\)"),
-    (mi_divides_in_place, r"fn\(a square float64 table whose row sums \(9, 9, 7\) and column sums \(10, 10, 5\) "
-                          r"differ\) changed its input table \(its values: table\[0\]\[0\] went from 8 to"),
+    (mi_divides_in_place, r"mi_divides_in_place\(a square float64 table whose row sums \(9, 9, 7\) and column "
+                          r"sums \(10, 10, 5\) differ\) changed its input table \(its values: table\[0\]\[0\] went "
+                          r"from 8 to"),
     (mi_swapped_marginals, "multiplied the marginals the wrong way round"),
     (mi_floor_division, r"returned 0\.0000 bits, expected .*: it looks like you returned 0 bits: if you divided with "
                         "floor division"),

@@ -27,6 +27,16 @@ def bias_reference(bias, routing, u):
     return bias_update(bias, routing.counts(bias.shape[0]), u)
 
 
+def no_minlength(bias, routing, u):
+    c = torch.bincount(routing.indices.reshape(-1)).to(bias.dtype)
+    return bias + u * torch.sign(c.mean() - c)
+
+
+def no_minlength_mean_of_n(bias, routing, u):  # the mean right, the counts still short
+    c = torch.bincount(routing.indices.reshape(-1)).to(bias.dtype)
+    return bias + u * torch.sign(routing.indices.numel() / bias.shape[0] - c)
+
+
 def bias_in_place(bias, routing, u):
     c = _counts(bias, routing)
     bias += u * torch.sign(c.mean() - c)
@@ -118,6 +128,11 @@ def test_bias_update_reference_passes(capsys):
 
 @pytest.mark.parametrize(("fn", "message"), [
     (sign_reversed, "reversed the sign"),
+    (no_minlength, "bias_update on 9 tokens, k=2, 6 experts, u=1e-3 raised RuntimeError (The size of tensor a (6) "
+                   "must match the size of tensor b (5)"),
+    (no_minlength, "the counts have fewer entries than there are experts: torch.bincount stops at the last expert "
+                   "used"),
+    (no_minlength_mean_of_n, "minlength=n_experts"),
     (from_scores, "scores instead of their counts"),
     (from_scores_detached, "scores instead of their counts"),
     (weighted_counts, "weighted the counts by the combine weights"),

@@ -55,6 +55,59 @@ def test_expected_distinct_names_mistakes(fn, message):
     _rejects(check.expected_distinct_experts, fn, message)
 
 
+def refuses_k_equal_n(n, k, b):
+    if k >= n:
+        raise ValueError("k must be smaller than n_experts")
+    return n * (1 - (1 - k / n) ** b.double())
+
+
+def k_equal_n_shortcut(n, k, b):  # "every expert is used", forgetting B = 0
+    if k > n:
+        raise ValueError("k > n")
+    if k == n:
+        return torch.full(b.shape, float(n), dtype=torch.float64)
+    return n * (1 - (1 - k / n) ** b.double())
+
+
+def flattens_the_batch(n, k, b):  # one value per size, but as a flat list
+    if k > n:
+        raise ValueError("k > n")
+    return torch.tensor([n * (1 - (1 - k / n) ** s) for s in b.reshape(-1).tolist()], dtype=torch.float64)
+
+
+def writes_into_batch(n, k, b):
+    if k > n:
+        raise ValueError("k > n")
+    p = b.double()  # a copy of an int batch, but the caller's own tensor when it is float64 already
+    torch.pow(1 - k / n, p, out=p)
+    return n * (1 - p)
+
+
+def log_form(n, k, b):  # exp(B·log(1 − k/N)): log 0 at k = N
+    import math
+
+    if k > n:
+        raise ValueError("k > n")
+    return n * (1 - torch.exp(b.double() * math.log(1 - k / n)))
+
+
+@pytest.mark.parametrize("fn, message", [
+    (refuses_k_equal_n, "refuses_k_equal_n(4, 4, torch.tensor([0, 1, 3])) [N=4, k=4 (k = N: every token uses all "
+                        "experts; no token, none)] raised ValueError: k must be smaller than n_experts; k = N is "
+                        "allowed"),
+    (k_equal_n_shortcut, "k_equal_n_shortcut(4, 4, torch.tensor([0, 1, 3])) [N=4, k=4 (k = N: every token uses all "
+                         "experts; no token, none)] returned [4.0, 4.0, 4.0], expected [0.0, 4.0, 4.0]"),
+    (flattens_the_batch, "flattens_the_batch(8, 2, torch.tensor([[0, 1, 2], [4, 8, 16]])) [N=8, k=2, a (2, 3) grid "
+                         "of batch sizes] returned shape (6,), expected (2, 3)"),
+    (writes_into_batch, "writes_into_batch(8, 2, torch.tensor([1.0, 3.0, 12.0], dtype=torch.float64)) [N=8, k=2, "
+                        "float64 batch sizes] changed the batch sizes it was given"),
+    (log_form, "log_form(4, 4, torch.tensor([0, 1, 3])) [N=4, k=4 (k = N: every token uses all experts; no token, "
+               "none)] raised ValueError: math domain error"),
+])
+def test_expected_distinct_names_the_edge_case_mistakes(fn, message):
+    _rejects(check.expected_distinct_experts, fn, message)
+
+
 def test_expected_distinct_requires_the_value_error_and_untouched_input():
     _rejects(check.expected_distinct_experts, lambda n, k, b: n * (1 - (1 - k / n) ** b.double()),
              "it should raise a ValueError (a token cannot use k=5 distinct experts out of n_experts=4)")
@@ -239,7 +292,7 @@ def test_lru_names_mistakes(fn, message):
 
 
 def test_lru_names_the_failing_case_and_the_numbers():
-    text = _rejects(check.lru_hit_rate, fifo, "fn(trace, capacity=2) [k=1, C=2: a hit refreshes an expert]")
+    text = _rejects(check.lru_hit_rate, fifo, "fifo(trace, capacity=2) [k=1, C=2: a hit refreshes an expert]")
     assert "returned 0.2857, expected 0.4286" in text and "(trace [[0], [1], [0], [2], [0], [1], [0]])" in text
 
 
@@ -312,3 +365,34 @@ def test_bytes_requires_the_value_error_and_untouched_input():
         return bytes_ok(indices, expert_bytes, other_bytes)
 
     _rejects(check.bytes_per_token, sorts, "changed the routing it was given")
+
+
+def _lru_in_order(order):
+    """A correct LRU whose step marks its experts most recently used in another order within the step."""
+
+    def lru(trace, capacity):
+        if capacity < 1:
+            raise ValueError("capacity < 1")
+        cache, hits, requests = OrderedDict(), 0, 0
+        for row in trace.tolist():
+            found = [e in cache for e in row]
+            hits += sum(found)
+            requests += len(row)
+            pairs = list(zip(row, found, strict=True))
+            hit_first = [e for e, f in pairs if f] + [e for e, f in pairs if not f]
+            for e in {"row": row, "reversed": row[::-1], "hits_first": hit_first, "misses_first": hit_first[::-1],
+                      "sorted": sorted(row), "set": list(set(row))}[order]:
+                cache[e] = None
+                cache.move_to_end(e)
+            while len(cache) > capacity:
+                cache.popitem(last=False)
+        return hits / requests
+
+    return lru
+
+
+@pytest.mark.parametrize("order", ["row", "reversed", "hits_first", "misses_first", "sorted", "set"])
+def test_lru_accepts_every_order_within_a_step(order, capsys):
+    """'mark all of them as most recently used' leaves the order within a step open: no trace depends on it."""
+    check.lru_hit_rate(_lru_in_order(order))
+    assert capsys.readouterr().out.startswith("OK  lru_hit_rate")

@@ -128,8 +128,7 @@ def test_log_has_a_timestamped_line_per_stage(suite_run):
     for number, stage in enumerate(("environment", "correctness", "bench", "capstone"), start=1):
         assert f"stage {number} ({stage}) starts" in text and f"stage {number} ({stage}) done" in text
     assert "all checks passed" in text
-    seconds = float(re.search(r"suite done in (\d+) s", text).group(1))
-    assert seconds < 60, f"the smoke suite took {seconds} s"
+    assert re.search(r"suite done in \d+ s", text)  # its duration is logged, not asserted (no wall-clock bounds)
 
 
 def test_a_spent_budget_stops_before_the_benchmarks_and_the_capstone(tmp_path):

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -807,7 +806,6 @@ def test_execute_then_exercise_copy_raises_only_in_tagged_cells(tmp_path: Path, 
     solution = solutions / "01_tiny.ipynb"
     write_notebook(v4.new_notebook(cells=[_code(s) for s in KERNEL_SOLUTION]), solution)
 
-    start = time.perf_counter()
     times = execute([solution])
     assert list(times) == [solution] and f"{solution}: " in capsys.readouterr().out
     generate(solutions, notebooks)
@@ -838,7 +836,6 @@ def test_execute_then_exercise_copy_raises_only_in_tagged_cells(tmp_path: Path, 
     assert tagged == {3}
     assert {i: e for i, e in errors.items() if e} == {3: ["NotImplementedError"]}
     assert exercise.cells[4].outputs[0].text.startswith("4 ")
-    assert time.perf_counter() - start < 30
 
 
 def test_make_test_compares_with_the_environment_make_execute_records_with() -> None:

@@ -8,8 +8,6 @@ all-to-alls move values exactly; only the order of float additions differs).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -88,13 +86,11 @@ def test_four_ranks_match_single_process():
 @pytest.mark.parametrize("how, message", [("raise", "deliberate failure on rank 1"), ("exit", "exit code 7"),
                                           ("hang", "timed out")])
 def test_failing_rank_is_named_and_does_not_hang(how, message):
-    start = time.monotonic()
+    """A hang ends at launch's 3 s timeout: the test returning at all shows it (no wall-clock bound here)."""
     with pytest.raises(RankFailed, match="rank 1 of 2 (failed|died|timed out)") as info:
         launch(parallel.fail_on_rank, 2, 1, how, timeout_s=3)
     assert info.value.rank == 1
     assert message in str(info.value)
-    # a hang costs the 3 s timeout plus the start; the others stop as soon as the failure is seen
-    assert time.monotonic() - start < 90
 
 
 def test_placement_and_send_side_helpers():

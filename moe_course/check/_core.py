@@ -28,6 +28,12 @@ def ok(name: str, detail: str = "") -> None:
     print(f"OK  {name}" + (f": {detail}" if detail else ""))
 
 
+def fn_name(fn: Callable[..., Any]) -> str:
+    """The learner's function's own name for messages (``my_router(...)``), or "your function" for a lambda."""
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) and name.isidentifier() else "your function"
+
+
 def call(fn: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Any:
     """Call the learner's function, turning a crash (other than an unfinished stub) into a clear message."""
     try:

@@ -23,7 +23,7 @@ import torch
 from moe_course.capstone import equal_active_moe as ref_equal_active_moe
 from moe_course.capstone import train_flops_per_token_of as ref_flops
 from moe_course.capstone import type_expert_table as ref_type_expert_table
-from moe_course.check._core import CheckError, as_tensor, call, call_unchanged, fail, ok
+from moe_course.check._core import CheckError, as_tensor, call, call_unchanged, fail, fn_name, ok
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
 
@@ -79,8 +79,8 @@ def equal_active_moe(fn: Callable[[ModelConfig, int, int, int], ModelConfig]) ->
     example = ""
     for dense, layouts in DENSE_CASES:
         for n, k, s in layouts:
-            what = (f"fn(dense with d_hidden={dense.d_hidden}, d_model={dense.d_model}, n_layer={dense.n_layer}; "
-                    f"n_experts={n}, top_k={k}, n_shared={s})")
+            what = (f"{fn_name(fn)}(dense with d_hidden={dense.d_hidden}, d_model={dense.d_model}, "
+                    f"n_layer={dense.n_layer}; n_experts={n}, top_k={k}, n_shared={s})")
             given = dataclasses.replace(dense)
             got = _call_equal_active(fn, given, n, k, s, what)
             if given != dense:
@@ -127,7 +127,7 @@ def equal_active_moe(fn: Callable[[ModelConfig, int, int, int], ModelConfig]) ->
                            f"{active_m:,} active of {total_m:,} total parameters, the dense model's {active_d:,} + "
                            f"the routers' {router:,}")
     dense = DENSE_CASES[0][0]  # d_hidden 96 does not split over top_k + n_shared = 2 + 3 = 5 experts
-    what = f"fn(dense with d_hidden={dense.d_hidden}; n_experts=8, top_k=2, n_shared=3)"
+    what = f"{fn_name(fn)}(dense with d_hidden={dense.d_hidden}; n_experts=8, top_k=2, n_shared=3)"
     try:
         got = fn(dataclasses.replace(dense), 8, 2, 3)
     except ValueError:
@@ -197,7 +197,7 @@ _MINLENGTH = ("a type or an expert that never occurs must still get its (zero) r
 def type_expert_table(fn: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]) -> None:
     """Check ``fn(types (T,), indices (T, k), n_types, n_experts) -> (n_types, n_experts)`` first-choice counts."""
     for name, types, indices, n_types, n_experts in _table_cases():
-        what = f"fn({name})"
+        what = f"{fn_name(fn)}({name})"
         inputs = {"types": types.clone(), "indices": indices.clone(), "n_types": n_types, "n_experts": n_experts}
         try:
             got = as_tensor(call_unchanged(fn, inputs, what=what), what)
@@ -251,6 +251,9 @@ FLOPS_CASES = (
     ("an MoE in every 3rd of 5 layers, a block of 33 tokens (odd)",
      ModelConfig(ffn="moe", block_size=33, n_layer=5, n_head=2, d_model=32, d_hidden=64, n_experts=4, top_k=2,
                  expert_hidden=32, moe_every=3)),
+    ("a top-2 MoE over a 1,000-token vocabulary (not byte-level)",
+     ModelConfig(ffn="moe", vocab_size=1000, block_size=16, n_layer=2, n_head=2, d_model=32, d_hidden=64,
+                 n_experts=4, top_k=2, expert_hidden=24)),
 )
 
 
@@ -262,7 +265,19 @@ def _flops_mistakes(cfg: ModelConfig) -> list[tuple[str, float]]:
     n_active = (ref - attn) / 6.0
     moe_layers = sum(1 for i in range(n_layer) if cfg.ffn == "moe" and i % cfg.moe_every == cfg.moe_every - 1)
     expert = 3 * d * cfg.expert_hidden
-    out = [
+    out = []
+    if moe_layers:  # first: a mistake that also hits the dense twin was named there already, with its own value
+        out += [
+            ("counted the MoE layer's experts at the dense FFN's width (3·d·d_hidden for the experts a token runs); "
+             "an MoE layer costs the router d·N plus 3·d·expert_hidden for each of the top_k routed and n_shared "
+             "shared experts", ref + 6.0 * moe_layers * (3 * d * cfg.d_hidden - (cfg.top_k + cfg.n_shared) * expert)),
+            ("used the dense width d_hidden for each expert; an expert's width is expert_hidden",
+             ref + 6.0 * moe_layers * (cfg.top_k + cfg.n_shared) * 3 * d * (cfg.d_hidden - cfg.expert_hidden)),
+        ]
+    if v != 256:
+        out.append((f"used a byte-level vocabulary of 256; this model's is cfg.vocab_size = {v} (the tied head "
+                    "costs V·d)", ref + 6.0 * (256 - v) * d))
+    out += [
         ("counted the forward pass only (2 FLOPs per weight); training also runs the backward pass, which costs "
          "twice the forward: 6 per weight, and 6·L·T·d for attention", 2.0 * n_active + 2.0 * n_layer * t * d),
         ("left out attention's scores and weighted sum (6·L·T·d): they multiply activations, not weights, but "
@@ -310,7 +325,7 @@ def train_flops_per_token(fn: Callable[[ModelConfig], float]) -> None:
     """Check ``fn(cfg) -> float``: training FLOPs per token, 6·N_active + 6·L·T·d, from the config alone."""
     example = ""
     for name, cfg in FLOPS_CASES:
-        what = f"fn({name})"
+        what = f"{fn_name(fn)}({name})"
         given = dataclasses.replace(cfg)
         got = call(fn, given, what=what)
         if given != cfg:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from moe_course.check._core import CheckError, fail, ok
 from moe_course.collectives import _call_source, _source, exchange_inputs, expected_received, row_origins
-from moe_course.parallel import RankFailed, launch
+from moe_course.parallel import LaunchFailed, RankFailed, launch
 
 __all__ = ["send_tokens"]
 
@@ -95,6 +95,9 @@ def send_tokens(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -
             results = launch(_run_rank, world, source, name, inputs, world, timeout_s=TIMEOUT_S)
         except RankFailed as err:
             raise CheckError(_explain_failure(err, what)) from None
+        except LaunchFailed as err:
+            raise CheckError(f"case '{what}': not your answer: the processes failed ({err}) — rerun the check; "
+                             "if it fails again, restart the kernel") from None
         for rank, (res, want) in enumerate(zip(results, expected_received(inputs), strict=True)):
             if res["changed"]:
                 fail(f"case '{what}': {name} changed its input {res['changed'][0]} in place on rank {rank}; leave "

@@ -23,7 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_course.check._core import CheckError, as_tensor, call, close, compare_grads, expect_shape, fail, ok
+from moe_course.check._core import (
+    CheckError,
+    as_tensor,
+    call,
+    call_unchanged,
+    close,
+    compare_grads,
+    expect_shape,
+    fail,
+    ok,
+)
 from moe_course.dispatch import capacity_mask as _ref_capacity_mask
 from moe_course.dispatch import dispatch_dense
 from moe_course.experts import make_experts
@@ -167,7 +177,10 @@ def _sort_reference(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
 
 
 def _sort_cases() -> list[tuple[str, torch.Tensor, int]]:
-    """(label, indices, n_experts): k = 1, 2, 3, with a middle expert and trailing experts left empty."""
+    """(label, indices, n_experts): k = 1, 2, 3, with a middle expert and trailing experts left empty; then 64
+    tokens with many ties (an unstable sort reorders ties only above 16 elements, so small cases cannot tell)."""
+    gen = torch.Generator().manual_seed(26)
+    many_ties = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(64)])  # (64, 2), 6 experts
     return [
         ("7 tokens, 4 experts, k=1 (expert 3 gets no token)",
          torch.tensor([[2], [0], [1], [2], [0], [0], [2]]), 4),
@@ -175,6 +188,7 @@ def _sort_cases() -> list[tuple[str, torch.Tensor, int]]:
          torch.tensor([[0, 2], [3, 0], [2, 3], [0, 3], [2, 0], [3, 2]]), 5),
         ("5 tokens, 8 experts, k=3 (experts 2, 6 and 7 get no token)",
          torch.tensor([[4, 0, 1], [5, 1, 0], [0, 4, 3], [4, 3, 1], [1, 5, 0]]), 8),
+        ("64 tokens, 8 experts, k=2 (about 21 pairs per used expert; experts 6 and 7 get no token)", many_ties, 8),
     ]
 
 
@@ -211,7 +225,7 @@ def sort_by_expert(fn: Callable[..., Any]) -> None:
     for label, indices, n_experts in _sort_cases():
         what = f"sort_by_expert on {label}"
         t, k = indices.shape
-        result = call(fn, indices.clone(), n_experts, what=what)
+        result = call_unchanged(fn, {"indices": indices.clone(), "n_experts": n_experts}, what=what)
         if not isinstance(result, (tuple, list)) or len(result) != 3:
             fail(f"{what} should return a tuple (order, token_of, counts), got {type(result).__name__}"
                  + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
@@ -307,14 +321,15 @@ def _capacity_variant(indices: torch.Tensor, n_experts: int, capacity: int, mode
     raise ValueError(mode)
 
 
+_OFF_BY_ONE = ("The cumulative sum counts each assignment itself (the first to arrive at an expert counts 1), so "
+               "with that count an assignment fits when count <= capacity; with 0-based queue places (cumsum - 1) "
+               "it fits when place < capacity")
 _CAPACITY_MISTAKES = [
     ("token_major", "filled the queues in token order (token 0's choices, then token 1's, ...); every "
                     "token's first choice must claim a slot before any second choice: walk indices rank by rank "
                     "(indices.t())"),
-    ("plus_one", "let each expert keep capacity + 1 assignments (off by one: queue places 0..capacity-1 fit, "
-                 "so keep position < capacity)"),
-    ("minus_one", "let each expert keep only capacity - 1 assignments (off by one: queue places "
-                  "0..capacity-1 fit, so keep position < capacity)"),
+    ("plus_one", f"let each expert keep capacity + 1 assignments (off by one). {_OFF_BY_ONE}"),
+    ("minus_one", f"let each expert keep only capacity - 1 assignments (off by one). {_OFF_BY_ONE}"),
     ("latest", "dropped the earliest assignments instead of the latest; the first to arrive keep their slots"),
     ("latest_tokens", "dropped the earliest tokens instead of the latest; within a choice rank, tokens claim "
                       "slots in order (token 0 first)"),

@@ -21,7 +21,17 @@ from typing import Any
 import torch
 
 from moe_course.analysis import mutual_information as ref_mutual_information
-from moe_course.check._core import as_tensor, call, call_unchanged, close, compare_grads, expect_shape, fail, ok
+from moe_course.check._core import (
+    as_tensor,
+    call,
+    call_unchanged,
+    close,
+    compare_grads,
+    expect_shape,
+    fail,
+    fn_name,
+    ok,
+)
 from moe_course.experts import make_experts
 from moe_course.fine_grained import fine_grained_config as ref_fine_grained_config
 from moe_course.fine_grained import shared_moe_forward
@@ -105,7 +115,7 @@ def _check_shared_moe(fn: Callable[..., torch.Tensor]) -> None:
         shared = make_experts(n_shared, d_model, 2 * d_model)
         x = torch.randn(n_tokens, d_model).requires_grad_(True)
         gate = (2 * torch.randn(n_experts, d_model)).requires_grad_(True)
-        what = (f"fn(x {tuple(x.shape)}, gate_weight {tuple(gate.shape)}, {n_experts} routed experts, "
+        what = (f"{fn_name(fn)}(x {tuple(x.shape)}, gate_weight {tuple(gate.shape)}, {n_experts} routed experts, "
                 f"{n_shared} shared, k={k})")
         inputs = {"x": x, "gate_weight": gate, "experts": experts, "shared": shared, "k": k}
         got = as_tensor(call_unchanged(fn, inputs, what=what), "fn")
@@ -171,7 +181,7 @@ def _config_mistakes(n: int, k: int, m: int, ks: int, h: int) -> list[tuple[str,
 def fine_grained_config(fn: Callable[[int, int, int, int, int], Any]) -> None:
     """Check ``fn(n_experts, top_k, m, n_shared, width) -> (n_routed, top_k_routed, expert_hidden)`` (DeepSeekMoE)."""
     for n, k, m, ks, h in CONFIG_CASES:
-        what = f"fn(n_experts={n}, top_k={k}, m={m}, n_shared={ks}, width={h})"
+        what = f"{fn_name(fn)}(n_experts={n}, top_k={k}, m={m}, n_shared={ks}, width={h})"
         got = call(fn, n, k, m, ks, h, what=what)
         if not isinstance(got, (tuple, list)) or len(got) != 3:
             fail(f"{what} should return a tuple (n_routed, top_k_routed, expert_hidden), got {got!r}")
@@ -188,7 +198,7 @@ def fine_grained_config(fn: Callable[[int, int, int, int, int], Any]) -> None:
                     fail(f"{what} returned {tuple(got)}, expected {expected}: it looks like you {hint}")
             fail(f"{what} returned {tuple(got)}, expected {expected} = (m·N − K_s, m·k − K_s, width / m)")
     for n, k, m, ks, h, why in BAD_LAYOUTS:
-        what = f"fn(n_experts={n}, top_k={k}, m={m}, n_shared={ks}, width={h})"
+        what = f"{fn_name(fn)}(n_experts={n}, top_k={k}, m={m}, n_shared={ks}, width={h})"
         try:
             got = fn(n, k, m, ks, h)
         except ValueError:
@@ -250,7 +260,7 @@ def mutual_information(fn: Callable[[torch.Tensor], Any]) -> None:
         ("independent rows and columns", torch.tensor([[10, 20, 30], [20, 40, 60]])),
     ]
     for name, table in tables:
-        what = f"fn({name})"
+        what = f"{fn_name(fn)}({name})"
         got = call_unchanged(fn, {"table": table.clone()}, what=what)
         if isinstance(got, torch.Tensor):
             if got.numel() != 1:

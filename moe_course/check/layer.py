@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_course.check._core import as_count, as_tensor, call, close, compare_grads, expect_shape, fail, ok
+from moe_course.check._core import as_count, as_tensor, call, close, compare_grads, expect_shape, fail, fn_name, ok
 from moe_course.experts import SwiGLU, make_experts
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.moe import MoE
@@ -179,7 +179,7 @@ def _check_soft_mixture(fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Te
         experts = make_experts(n_experts, d_model, 2 * d_model)
         x = torch.randn(n_tokens, d_model).requires_grad_(True)
         gate_weight = torch.randn(n_experts, d_model).requires_grad_(True)
-        what = f"fn(x of shape {tuple(x.shape)}, gate_weight of shape {tuple(gate_weight.shape)}, experts)"
+        what = f"{fn_name(fn)}(x of shape {tuple(x.shape)}, gate_weight of shape {tuple(gate_weight.shape)}, experts)"
         try:
             got = call(fn, x, gate_weight, experts, what=what)
         except NotImplementedError:

@@ -4,13 +4,13 @@
 Learner signatures
 ------------------
 ``my_gate(x, W, b) -> p``
-    ``x`` (N, d_in) inputs, ``W`` (d_in, n_experts) weights, ``b`` (n_experts,) bias. Returns the gate
-    probabilities p (N, n_experts): a softmax over the experts of ``x @ W + b``, so every row sums to 1.
+    ``x`` (C, d_in) inputs, one row per case, ``W`` (d_in, n_experts) weights, ``b`` (n_experts,) bias. Returns
+    the gate probabilities p (C, n_experts): a softmax over the experts of ``x @ W + b``, so every row sums to 1.
 
 ``my_loss(p, o, d) -> loss``
-    ``p`` (N, n) gate probabilities, ``o`` (N, n, d_out) expert outputs, ``d`` (N, d_out) targets. Returns
+    ``p`` (C, n) gate probabilities, ``o`` (C, n, d_out) expert outputs, ``d`` (C, d_out) targets. Returns
     the competitive error of the paper (eq. 1.3), E = -log sum_i p_i exp(-1/2 ||d - o_i||^2), **averaged
-    over the N cases**, as a 0-d tensor that autograd can differentiate. It must stay finite when the errors
+    over the cases**, as a 0-d tensor that autograd can differentiate. It must stay finite when the errors
     are large, which needs ``torch.logsumexp``.
 
 Each check compares with the reference implementation on small fixed inputs and, when the answer is
@@ -80,8 +80,8 @@ def gating_forward(fn: Callable[..., Any]) -> None:
             "b": b.clone().requires_grad_(True)}
     got = as_tensor(call(fn, *mine.values(), what=GATE_SIGNATURE), "my_gate")
     if tuple(got.shape) == (4, 5):
-        fail("my_gate returned shape (n_experts, N) = (4, 5); return one row per sample: shape (N, n_experts)")
-    expect_shape(got, (5, 4), "my_gate(x, W, b) with N=5 samples and 4 experts")
+        fail("my_gate returned shape (n_experts, cases) = (4, 5); return one row per case: shape (cases, n_experts)")
+    expect_shape(got, (5, 4), "my_gate(x, W, b) with 5 cases and 4 experts")
     if not torch.isfinite(got).all():
         fail("my_gate returned nan or inf on small, ordinary inputs")
     if not close(got, expected):
@@ -135,7 +135,7 @@ def _loss_mistakes(p: torch.Tensor, o: torch.Tensor, d: torch.Tensor) -> list[tu
          -(p * torch.exp(-0.5 * sq)).sum(-1).mean()),
         ("you forgot the 1/2 in the exponent: exp(-1/2 ||d - o_i||^2) (a Gaussian with unit variance)",
          -(p * torch.exp(-sq)).sum(-1).log().mean()),
-        (f"you summed over the cases; return the mean over the N cases (here N={n_cases}, so your value is "
+        (f"you summed over the cases; return the mean over the cases (here {n_cases} of them, so your value is "
          f"{n_cases} times too large)", reference * n_cases),
         ("you left out the gate probabilities: each expert's term exp(-1/2 ||d - o_i||^2) must be weighted by "
          "its p_i inside the sum", -torch.exp(-0.5 * sq).sum(-1).log().mean()),

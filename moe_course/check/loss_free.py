@@ -26,6 +26,7 @@ from torch import nn
 
 from moe_course.balancing import bias_update as ref_bias_update
 from moe_course.check._core import (
+    CheckError,
     as_tensor,
     call_unchanged,
     close,
@@ -112,11 +113,27 @@ def _bias_mistakes(bias: torch.Tensor, routing: Routing, u: float) -> list[tuple
     ]
 
 
+_MINLENGTH = ("the counts have fewer entries than there are experts: torch.bincount stops at the last expert used, "
+              "so an expert nobody chose at the end goes missing; count with torch.bincount(indices.reshape(-1), "
+              "minlength=n_experts), n_experts = bias.shape[0]")
+
+
+def _call_bias_update(fn: Callable[..., Any], inputs: dict[str, Any], n_experts: int, what: str) -> Any:  # noqa: ANN401
+    """Call the learner's update; a size mismatch against the bias is named as bincount without minlength."""
+    try:
+        return call_unchanged(fn, inputs, what=what)
+    except CheckError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, RuntimeError) and "size of tensor" in str(cause) and f"({n_experts})" in str(cause):
+            fail(f"{what} raised RuntimeError ({cause}): {_MINLENGTH}")
+        raise
+
+
 def bias_update(fn: Callable[[torch.Tensor, Routing, float], Any]) -> None:
     """Check ``fn(bias (N,), routing, u) -> (N,)``: bᵢ + u·sign(c̄ − cᵢ) from the batch's counts."""
     for label, bias, routing, u in _bias_cases():
         what = f"bias_update on {label}"
-        result = call_unchanged(fn, {"bias": bias.clone(), "routing": routing, "u": u}, what=what)
+        result = _call_bias_update(fn, {"bias": bias.clone(), "routing": routing, "u": u}, bias.shape[0], what)
         if result is None:
             fail(f"{what} returned None; return the new bias (an (N,) tensor)")
         if isinstance(result, nn.Parameter):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from moe_course.check._core import CheckError, call, fail, ok
+from moe_course.check._core import CheckError, call, fail, fn_name, ok
 from moe_course.offload import lru_hit_rate as ref_lru
 from moe_course.serving import bytes_per_token as ref_bytes
 from moe_course.serving import expected_distinct_experts as ref_distinct
@@ -84,11 +84,31 @@ def _requires_value_error(fn: Callable[..., Any], args: tuple[Any, ...], what: s
 # ----------------------------------------------------------------------------------------------------------
 
 DISTINCT_CASES = (
-    ("N=8, k=2 (the course's top-2 MoE)", 8, 2, [0, 1, 2, 4, 16, 64]),
-    ("N=256, k=8 (DeepSeek-V3's routed experts)", 256, 8, [1, 8, 32, 256, 1024]),
-    ("N=16, k=1", 16, 1, [1, 3, 10, 40]),
-    ("N=6, k=3", 6, 3, [1, 2, 5]),
+    ("N=8, k=2 (the course's top-2 MoE)", 8, 2, torch.tensor([0, 1, 2, 4, 16, 64])),
+    ("N=256, k=8 (DeepSeek-V3's routed experts)", 256, 8, torch.tensor([1, 8, 32, 256, 1024])),
+    ("N=16, k=1", 16, 1, torch.tensor([1, 3, 10, 40])),
+    ("N=6, k=3", 6, 3, torch.tensor([1, 2, 5])),
+    ("N=4, k=4 (k = N: every token uses all experts; no token, none)", 4, 4, torch.tensor([0, 1, 3])),
+    ("N=8, k=2, a (2, 3) grid of batch sizes", 8, 2, torch.tensor([[0, 1, 2], [4, 8, 16]])),
+    ("N=8, k=2, float64 batch sizes", 8, 2, torch.tensor([1.0, 3.0, 12.0], dtype=torch.float64)),
 )
+
+
+def _literal(batch: torch.Tensor) -> str:
+    """How the batch sizes would be written: torch.tensor([...]), with the dtype when it is not the default."""
+    dtype = "" if batch.dtype == torch.long else f", dtype={batch.dtype}"
+    return f"torch.tensor({batch.tolist()}{dtype})"
+
+
+def _call_distinct(fn: Callable[..., Any], n: int, k: int, batch: torch.Tensor, what: str) -> Any:  # noqa: ANN401
+    """Call the learner's function; a ValueError for k = N is named (k = N is allowed: every expert is used)."""
+    try:
+        return call(fn, n, k, batch, what=what)
+    except CheckError as exc:
+        if k == n and isinstance(exc.__cause__, ValueError):
+            fail(f"{what} raised ValueError: {exc.__cause__}; k = N is allowed (each token uses all N experts, "
+                 "so any B >= 1 uses N and B = 0 uses none): raise only when k > N")
+        raise
 
 
 def _distinct_mistakes(n: int, k: int, b: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -112,17 +132,22 @@ def _distinct_mistakes(n: int, k: int, b: torch.Tensor) -> list[tuple[str, torch
     ]
 
 
+def _rounded(values: torch.Tensor) -> list:
+    """The values as (nested) lists rounded to 3 decimals, for a message."""
+    return (values.double() * 1000).round().div(1000).tolist()
+
+
 def expected_distinct_experts(fn: Callable[[int, int, torch.Tensor], Any]) -> None:
     """Check ``fn(n_experts, k, batch) -> N·(1 − (1 − k/N)^B)`` for a tensor of batch sizes ``batch``."""
     results, whats = [], []
-    for name, n, k, sizes in DISTINCT_CASES:
-        batch = torch.tensor(sizes)
+    for name, n, k, batch in DISTINCT_CASES:
         given = batch.clone()
-        what = f"fn({n}, {k}, torch.tensor({sizes})) [{name}]"
-        got = call(fn, n, k, given, what=what)
+        what = f"{fn_name(fn)}({n}, {k}, {_literal(batch)}) [{name}]"
+        got = _call_distinct(fn, n, k, given, what)
         if not torch.equal(given, batch):
             fail(f"{what} changed the batch sizes it was given (now {given.tolist()}): compute with new tensors "
-                 "(e.g. 1 - (1 - k / n) ** batch) and leave the input as it is")
+                 "(e.g. 1 - (1 - k / n) ** batch; no out= or in-place op on batch, and batch.double() is batch "
+                 "itself when it is float64 already) and leave the input as it is")
         if not isinstance(got, torch.Tensor):
             try:
                 got = torch.as_tensor(got, dtype=torch.float64)
@@ -135,12 +160,12 @@ def expected_distinct_experts(fn: Callable[[int, int, torch.Tensor], Any]) -> No
                  "batch size (compute with tensor operations on batch, not a Python loop that keeps one value)")
         results.append((got.double(), ref, _distinct_mistakes(n, k, batch)))
         whats.append(what)
-    shown = [(f"{what} returned {[round(v, 3) for v in got.tolist()]}, expected {[round(v, 3) for v in ref.tolist()]}",
+    shown = [(f"{what} returned {_rounded(got)}, expected {_rounded(ref)}",
               " = N·(1 − (1 − k/N)^B)") for what, (got, ref, _) in zip(whats, results, strict=True)]
     rounded = all(_same(g, r.round()) or _same(g, r.floor()) for g, r, _ in results)
     _fail_first_wrong(shown, results,
                       lambda: "an *expected* count is a real number, do not round it" if rounded else None)
-    _requires_value_error(fn, (4, 5, torch.tensor([1, 2])), "fn(4, 5, torch.tensor([1, 2]))",
+    _requires_value_error(fn, (4, 5, torch.tensor([1, 2])), f"{fn_name(fn)}(4, 5, torch.tensor([1, 2]))",
                           "a token cannot use k=5 distinct experts out of n_experts=4")
     ex = ref_distinct(256, 8, torch.tensor([1, 32, 256]))
     ok("expected_distinct_experts", f"DeepSeek-V3 (N=256, k=8): {ex[0]:.1f}, {ex[1]:.1f} and {ex[2]:.1f} distinct "
@@ -159,6 +184,34 @@ LRU_CASES: tuple[tuple[str, list[list[int]], int], ...] = (
     ("k=2, C=4: every expert fits", [[0, 1], [2, 3], [1, 2], [3, 0], [0, 1]], 4),
     ("k=1, C=2: frequent is not recent", [[0], [0], [0], [1], [2], [1], [2], [0], [1]], 2),
 )
+
+
+def _splits_a_step(last_used: dict[int, int], capacity: int) -> bool:
+    """Whether evicting down to ``capacity`` must choose among experts last used in the same step."""
+    excess = len(last_used) - capacity
+    if excess <= 0:
+        return False
+    ages = sorted(last_used.values())
+    return ages[excess - 1] == ages[excess]
+
+
+def _random_unambiguous_rows(gen: torch.Generator, steps: int, n_experts: int, k: int, capacity: int
+                             ) -> list[list[int]]:
+    """Random top-k steps, each redrawn until no eviction must choose among one step's experts.
+
+    The exercise marks a step's experts most recently used without fixing their order within the step; on
+    such a trace every order gives the same hit rate, so the check accepts every correct reading.
+    """
+    rows: list[list[int]] = []
+    last_used: dict[int, int] = {}
+    while len(rows) < steps:
+        row = torch.rand(n_experts, generator=gen).argsort()[:k].tolist()
+        after = {**last_used, **dict.fromkeys(row, len(rows))}
+        if _splits_a_step(after, capacity):
+            continue
+        rows.append(row)
+        last_used = dict(sorted(after.items(), key=lambda item: item[1])[len(after) - min(len(after), capacity):])
+    return rows
 
 
 def _lru_variant(trace: list[list[int]], capacity: int, *, refresh: bool = True, sequential: bool = False,
@@ -239,14 +292,14 @@ def _lru_mistakes(trace: list[list[int]], capacity: int) -> list[tuple[str, floa
 def lru_hit_rate(fn: Callable[[torch.Tensor, int], Any]) -> None:
     """Check ``fn(trace (T, k), capacity) -> hit rate`` of a least-recently-used expert cache."""
     gen = torch.Generator().manual_seed(9)
-    random_rows = torch.rand(60, 8, generator=gen).argsort(dim=1)[:, :2].tolist()
-    cases = [*LRU_CASES, ("60 random top-2 steps of 8 experts, C=3", random_rows, 3),
-             ("60 random top-2 steps of 8 experts, C=5", random_rows, 5)]
+    random_rows = {c: _random_unambiguous_rows(gen, 60, 8, 2, c) for c in (3, 5)}
+    cases = [*LRU_CASES, ("60 random top-2 steps of 8 experts, C=3", random_rows[3], 3),
+             ("60 random top-2 steps of 8 experts, C=5", random_rows[5], 5)]
     results, shown = [], []
     for name, rows, capacity in cases:
         trace = torch.tensor(rows)
         given = trace.clone()
-        what = f"fn(trace, capacity={capacity}) [{name}]"
+        what = f"{fn_name(fn)}(trace, capacity={capacity}) [{name}]"
         got = _number(call(fn, given, capacity, what=what), what)
         if not torch.equal(given, trace):
             fail(f"{what} changed the trace it was given: read it (e.g. trace.tolist()) without writing to it")
@@ -259,10 +312,10 @@ def lru_hit_rate(fn: Callable[[torch.Tensor, int], Any]) -> None:
                       ". Per step: count the requested experts already cached, then mark them all most recently used "
                       "(loading the misses) and evict least recently used experts until `capacity` remain"))
     _fail_first_wrong(shown, results)
-    _requires_value_error(fn, (torch.tensor([[0, 1]]), 0), "fn(trace, capacity=0)",
+    _requires_value_error(fn, (torch.tensor([[0, 1]]), 0), f"{fn_name(fn)}(trace, capacity=0)",
                           "a cache must hold at least one expert")
-    ok("lru_hit_rate", f"e.g. {ref_lru(torch.tensor(random_rows), 3):.3f} at C=3 and "
-       f"{ref_lru(torch.tensor(random_rows), 5):.3f} at C=5 on random top-2 routing over 8 experts (C/N = 0.375 "
+    ok("lru_hit_rate", f"e.g. {ref_lru(torch.tensor(random_rows[3]), 3):.3f} at C=3 and "
+       f"{ref_lru(torch.tensor(random_rows[5]), 5):.3f} at C=5 on random top-2 routing over 8 experts (C/N = 0.375 "
        "and 0.625 in the long run); capacity 0 raises ValueError")
 
 
@@ -310,7 +363,7 @@ def bytes_per_token(fn: Callable[[list[torch.Tensor], float, float], Any]) -> No
     for name, layers, expert, other in BYTES_CASES:
         indices = [torch.tensor(layer) for layer in layers]
         given = [i.clone() for i in indices]
-        what = f"fn(indices, expert_bytes={expert:g}, other_bytes={other:g}) [{name}]"
+        what = f"{fn_name(fn)}(indices, expert_bytes={expert:g}, other_bytes={other:g}) [{name}]"
         got = _number(call(fn, given, expert, other, what=what), what)
         if len(given) != len(indices) or any(not torch.equal(g, i) for g, i in zip(given, indices, strict=False)):
             fail(f"{what} changed the routing it was given (the list or its tensors): read it without writing to it")
@@ -321,7 +374,7 @@ def bytes_per_token(fn: Callable[[list[torch.Tensor], float, float], Any]) -> No
                       f"routing {layers}"))
     _fail_first_wrong(shown, results)
     _requires_value_error(fn, ([torch.zeros(0, 2, dtype=torch.long)], 10.0, 100.0),
-                          "fn([an empty (0, 2) batch], 10, 100)",
+                          f"{fn_name(fn)}([an empty (0, 2) batch], 10, 100)",
                           "no token was decoded, so there is no cost per token")
     ok("bytes_per_token", "each layer reads each distinct expert once per step, shared by the B tokens with the "
        "weights every token uses; an empty batch raises ValueError")
