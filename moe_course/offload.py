@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_course.validate import check_choice, check_int
+
 __all__ = [
     "CacheStats",
     "RoutingRecord",
@@ -50,8 +52,7 @@ POLICIES = ("lru", "belady", "static")
 
 
 def _check_capacity(capacity: object) -> int:
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be an int >= 1 (experts that fit in fast memory), got {capacity!r}")
+    check_int("capacity", capacity, 1, hint=" (experts that fit in fast memory)")
     return capacity
 
 
@@ -109,39 +110,77 @@ def _next_uses(rows: list[list[int]]) -> list[dict[int, int]]:
 
 
 def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", prefetch: torch.Tensor | None = None,
-                   keep: Sequence[int] | None = None) -> CacheStats:
+                   keep: Sequence[int] | None = None, bypass: bool = False) -> CacheStats:
     """Run one layer's expert cache over a trace (T, m); returns the counts of hits, requests and loads.
 
     ``policy``: ``"lru"`` evicts the least recently used expert; ``"belady"`` evicts the cached expert whose next
-    request is farthest in the future (Belady's MIN, optimal for a known trace, an upper bound for any policy
-    that does not prefetch); ``"static"`` holds the fixed set ``keep`` (e.g. the C most popular experts) and
-    streams every other expert in for its step without caching it. ``prefetch`` (T, p), LRU only: before step t
-    the experts of row t are loaded into the cache (counted in ``prefetched``), as speculative loading does.
+    request is farthest in the future (Belady's MIN); ``"static"`` holds the fixed set ``keep`` (e.g. the C most
+    popular experts) from the start and streams every other expert in for its step without caching it.
+    ``prefetch`` (T, p), LRU only: before step t the experts of row t are loaded into the cache (counted in
+    ``prefetched``), as speculative loading does.
+
+    The policies count memory alike (C experts stay between steps) but start and cache differently. LRU and
+    Belady start cold (empty) and cache each step's experts; a step that needs more experts than fit (m > C)
+    streams the rest, and Belady then keeps whichever C of the cached and requested experts are needed soonest.
+    Under these rules Belady's MIN is optimal for a known trace: no policy that starts cold and caches what fits
+    without prefetching gets more hits (LRU is one). Static starts warm and bypasses the cache, so it can beat
+    cold Belady. For a like-for-like bound give Belady the same rules: ``keep`` (its warm start) and
+    ``bypass=True`` (any expert may be streamed without caching); it is then optimal among all non-prefetching
+    policies that start with ``keep`` loaded, static with the same ``keep`` included.
     """
     capacity = _check_capacity(capacity)
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+    check_choice("policy", policy, POLICIES)
+    if not isinstance(bypass, bool):
+        raise TypeError(f"bypass must be a bool (True: experts may be streamed without caching), got {bypass!r}")
+    if bypass and policy != "belady":
+        raise ValueError(f"bypass=True is simulated with the belady policy only, got policy={policy!r}")
     rows = _rows(trace)
-    stats = CacheStats()
+    if keep is not None or policy == "static":
+        if policy == "lru":
+            raise ValueError("keep=... is the static set or Belady's warm start; the lru policy starts empty")
+        keep = _check_keep(keep, capacity, trace)
     if policy == "static":
-        if keep is None or len(set(keep)) > capacity:
-            raise ValueError(f"the static policy needs keep=... with at most capacity={capacity} expert ids")
-        kept = set(keep)
-        for row in rows:
-            hits = sum(e in kept for e in row)
-            stats.hits += hits
-            stats.requests += len(row)
-            stats.loads += len(row) - hits
-        return stats
+        return _static(rows, set(keep))
     guesses = None
     if prefetch is not None:
         if policy != "lru":
             raise ValueError("prefetch is simulated with the lru policy only")
         guesses = _rows(prefetch, "prefetch")
         if len(guesses) != len(rows):
-            raise ValueError(f"prefetch has {len(guesses)} rows for a trace of {len(rows)} steps")
+            raise ValueError(f"prefetch has {len(guesses)} rows for a trace of {len(rows)} steps; give one row "
+                             "of guesses per step")
     if policy == "belady":
-        return _belady(rows, capacity)
+        return _belady(rows, capacity, set(keep or ()), bypass)
+    return _lru(rows, capacity, guesses)
+
+
+def _check_keep(keep: object, capacity: int, trace: torch.Tensor) -> list[int]:
+    """``keep``: at most ``capacity`` distinct expert ids (ints >= 0)."""
+    if keep is None:
+        raise ValueError(f"the static policy needs keep=... with at most capacity={capacity} expert ids")
+    if isinstance(keep, torch.Tensor):
+        keep = keep.tolist()
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
+        raise TypeError(f"keep must be a sequence of expert ids, got {type(keep).__name__} {keep!r}")
+    for e in keep:
+        check_int("keep", e, 0, hint=" (expert ids)")
+    if len(set(keep)) > capacity:
+        raise ValueError(f"keep must hold at most capacity={capacity} expert ids, got {len(set(keep))}")
+    return list(keep)
+
+
+def _static(rows: list[list[int]], kept: set[int]) -> CacheStats:
+    stats = CacheStats()
+    for row in rows:
+        hits = sum(e in kept for e in row)
+        stats.hits += hits
+        stats.requests += len(row)
+        stats.loads += len(row) - hits
+    return stats
+
+
+def _lru(rows: list[list[int]], capacity: int, guesses: list[list[int]] | None) -> CacheStats:
+    stats = CacheStats()
     cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
     for t, row in enumerate(rows):
         if guesses is not None:
@@ -164,22 +203,25 @@ def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", pref
     return stats
 
 
-def _belady(rows: list[list[int]], capacity: int) -> CacheStats:
+def _belady_keep(cache: set[int], row: list[int], capacity: int, next_use: dict[int, int],
+                bypass: bool = False) -> set[int]:
+    """The experts Belady's MIN keeps after a step: the step's own if they fit (unless ``bypass``), then the
+    cached or requested experts needed soonest, up to ``capacity`` (the rest are evicted or streamed)."""
+    forced = set() if bypass or len(row) > capacity else set(row)
+    rest = sorted((cache | set(row)) - forced, key=lambda e: (next_use.get(e, math.inf), e))
+    return forced | set(rest[:capacity - len(forced)])
+
+
+def _belady(rows: list[list[int]], capacity: int, start: set[int], bypass: bool) -> CacheStats:
     stats = CacheStats()
     nxt = _next_uses(rows)
-    cache: set[int] = set()
+    cache = set(start)
     for t, row in enumerate(rows):
         hits = sum(e in cache for e in row)
         stats.hits += hits
         stats.requests += len(row)
         stats.loads += len(row) - hits
-        need = len(cache) + len(row) - hits - capacity
-        if need > 0:  # make room among the experts this step does not use: drop those needed latest
-            others = sorted(cache - set(row), key=lambda e: (-nxt[t].get(e, math.inf), e))
-            cache.difference_update(others[:need])
-        cache.update(row)
-        if len(cache) > capacity:  # the step alone needs more than the capacity: keep those needed soonest
-            cache = set(sorted(cache, key=lambda e: (nxt[t].get(e, math.inf), e))[:capacity])
+        cache = _belady_keep(cache, row, capacity, nxt[t], bypass)
     return stats
 
 
