@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_course.validate import check_choice, check_int
+from moe_course.validate import check_choice, check_int, check_int_tensor, check_number, check_tensor
 
 __all__ = [
     "CacheStats",
@@ -56,14 +56,22 @@ def _check_capacity(capacity: object) -> int:
     return capacity
 
 
+def _as_ids(trace: object, what: str) -> torch.Tensor:
+    """``trace`` as a tensor of integer expert ids (TypeError for anything else: strings, floats, bools)."""
+    try:
+        trace = torch.as_tensor(trace)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what} must be a tensor of integer expert ids, got {type(trace).__name__}") from None
+    check_int_tensor(what, trace, "expert ids")
+    return trace
+
+
 def _rows(trace: torch.Tensor, what: str = "trace") -> list[list[int]]:
     """The requests of a (T, m) trace: each row's distinct expert ids, in order of first appearance."""
-    trace = torch.as_tensor(trace)
+    trace = _as_ids(trace, what)
     if trace.dim() != 2:
         raise ValueError(f"{what} must be a (T, m) tensor of expert ids (one row per decoding step), got shape "
                          f"{tuple(trace.shape)}")
-    if trace.is_floating_point() or trace.dtype == torch.bool:
-        raise ValueError(f"{what} must hold integer expert ids, got {trace.dtype}")
     if trace.numel() and int(trace.min()) < 0:
         raise ValueError(f"{what} holds a negative expert id ({int(trace.min())})")
     return [list(dict.fromkeys(row)) for row in trace.tolist()]
@@ -231,9 +239,18 @@ def hit_rate_curve(traces: torch.Tensor, capacities: Sequence[int], policy: str 
 
     ``prefetch`` (S, T, p) holds each step's prefetched experts; ``keep[i]`` the static set for ``capacities[i]``.
     """
-    traces = torch.as_tensor(traces)
+    traces = _as_ids(traces, "traces")
     if traces.dim() != 3:
         raise ValueError(f"traces must be (S, T, m): S sequences of T steps, got shape {tuple(traces.shape)}")
+    for c in capacities:
+        _check_capacity(c)
+    if keep is not None and len(keep) != len(capacities):
+        raise ValueError(f"keep must hold one set per capacity ({len(capacities)}), got {len(keep)}")
+    if prefetch is not None:
+        prefetch = _as_ids(prefetch, "prefetch")
+        if prefetch.dim() != 3 or prefetch.shape[:2] != traces.shape[:2]:
+            raise ValueError(f"prefetch must be (S, T, p) with the traces' S, T = {tuple(traces.shape[:2])}, got "
+                             f"shape {tuple(prefetch.shape)}")
     out = []
     for i, c in enumerate(capacities):
         total = CacheStats()
@@ -249,11 +266,10 @@ def batch_trace(traces: torch.Tensor, batch: int) -> torch.Tensor:
 
     Step t of a group requests the experts of all its sequences' tokens t at once.
     """
-    traces = torch.as_tensor(traces)
+    traces = _as_ids(traces, "traces")
     if traces.dim() != 3:
         raise ValueError(f"traces must be (S, T, k), got shape {tuple(traces.shape)}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= traces.shape[0]:
-        raise ValueError(f"batch must be an int between 1 and the number of sequences {traces.shape[0]}, got {batch!r}")
+    check_int("batch", batch, 1, traces.shape[0], " (at most the number of sequences)")
     s, t, k = traces.shape
     g = s // batch
     return traces[:g * batch].reshape(g, batch, t, k).permute(0, 2, 1, 3).reshape(g, t, batch * k)
@@ -262,8 +278,11 @@ def batch_trace(traces: torch.Tensor, batch: int) -> torch.Tensor:
 def random_trace(steps: int, n_experts: int, k: int, generator: torch.Generator | None = None,
                  sequences: int | None = None) -> torch.Tensor:
     """Uniform random routing: each step picks k distinct experts of N. (steps, k), or (sequences, steps, k)."""
-    if not 1 <= k <= n_experts:
-        raise ValueError(f"k={k} must be between 1 and n_experts={n_experts}")
+    check_int("steps", steps, 0)
+    check_int("n_experts", n_experts, 1)
+    check_int("k", k, 1, n_experts, f" (at most n_experts={n_experts})")
+    if sequences is not None:
+        check_int("sequences", sequences, 1)
     shape = (steps, n_experts) if sequences is None else (sequences, steps, n_experts)
     return torch.rand(shape, generator=generator).argsort(dim=-1)[..., :k]
 
@@ -297,6 +316,14 @@ def record_routing(model: torch.nn.Module, idx: torch.Tensor, ahead: Sequence[in
     normalised hidden states that layer's router reads; Eliseev & Mazur 2023, §4.1), giving the ranking that
     speculative prefetch would load from, a layers early.
     """
+    if not hasattr(model, "moe_layers"):
+        raise TypeError(f"model must be a moe_course TinyLM, got {type(model).__name__}")
+    check_tensor("idx", idx, 2, "(B, T) token ids")
+    check_int_tensor("idx", idx, "token ids")
+    if isinstance(ahead, (int, str)) or not isinstance(ahead, Sequence):
+        raise TypeError(f"ahead must be a sequence of ints >= 1 (layers ahead), e.g. (1, 2); got {ahead!r}")
+    for a in ahead:
+        check_int("ahead", a, 1, hint=" (layers ahead)")
     layers = model.moe_layers()
     if not layers:
         raise ValueError("model has no MoE layers: a dense model routes nothing")
@@ -316,8 +343,6 @@ def record_routing(model: torch.nn.Module, idx: torch.Tensor, ahead: Sequence[in
     b, t = idx.shape
     record = RoutingRecord([layer.last_routing.indices.reshape(b, t, -1).long().cpu() for layer in layers])
     for a in ahead:
-        if isinstance(a, bool) or not isinstance(a, int) or a < 1:
-            raise ValueError(f"ahead must hold ints >= 1 (layers ahead), got {a!r}")
         per_layer: list[torch.Tensor | None] = []
         for i, layer in enumerate(layers):
             if i < a:
@@ -335,11 +360,12 @@ def prefetch_recall(ranking: torch.Tensor, chosen: torch.Tensor, m: int) -> floa
 
     ranking: (..., N) expert ids best first; chosen: (..., k) the experts the layer then used.
     """
+    check_tensor("ranking", ranking, tuple(range(2, 6)), "(..., N) expert ids best first")
+    check_tensor("chosen", chosen, ranking.dim(), "(..., k) expert ids")
     if ranking.shape[:-1] != chosen.shape[:-1]:
         raise ValueError(f"ranking {tuple(ranking.shape)} and chosen {tuple(chosen.shape)} must have the same "
                          "leading (token) dimensions")
-    if not 1 <= m <= ranking.shape[-1]:
-        raise ValueError(f"m must be between 1 and N={ranking.shape[-1]}, got {m}")
+    check_int("m", m, 1, ranking.shape[-1], f" (at most N={ranking.shape[-1]} experts)")
     guess = ranking[..., :m]
     found = (chosen.unsqueeze(-1) == guess.unsqueeze(-2)).any(dim=-1)  # (..., k)
     return float(found.float().mean())
@@ -353,8 +379,10 @@ def offload_seconds_per_token(hit_rate: float, n_moe_layers: int, k: int, expert
     A lower bound on the time: it assumes the link runs at ``link_bytes_per_s`` and nothing else waits
     (``other_seconds`` adds the compute, if known).
     """
-    if not 0.0 <= hit_rate <= 1.0:
-        raise ValueError(f"hit_rate must be in [0, 1], got {hit_rate}")
-    if link_bytes_per_s <= 0 or expert_bytes < 0:
-        raise ValueError("link_bytes_per_s must be > 0 and expert_bytes >= 0")
+    check_number("hit_rate", hit_rate, 0.0, 1.0)
+    check_int("n_moe_layers", n_moe_layers, 0)
+    check_int("k", k, 1)
+    check_number("expert_bytes", expert_bytes, 0)
+    check_number("link_bytes_per_s", link_bytes_per_s, positive=True)
+    check_number("other_seconds", other_seconds, 0)
     return n_moe_layers * k * (1.0 - hit_rate) * expert_bytes / link_bytes_per_s + other_seconds

@@ -159,7 +159,7 @@ def test_errors_name_the_argument():
         lru_hit_rate(torch.tensor([0, 1]), 2)
     with pytest.raises(ValueError, match="policy must be one of"):
         simulate_cache(torch.tensor([[0]]), 1, "fifo")
-    with pytest.raises(ValueError, match="integer expert ids"):
+    with pytest.raises(TypeError, match="integer expert ids"):
         lru_hit_rate(torch.tensor([[0.0, 1.0]]), 1)
 
 
