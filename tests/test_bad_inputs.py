@@ -580,7 +580,6 @@ ROWS += [
         torch.zeros(0, 2), torch.zeros(0, 2, 1), torch.zeros(0, 1)), ValueError, "p"),
     ("responsibilities-no-cases", lambda: local_experts.responsibilities(torch.zeros(0, 2), torch.zeros(0, 2, 1),
                                                                          torch.zeros(0, 1)), ValueError, "p"),
-    ("importance_loss-no-tokens", lambda: balancing.importance_loss(torch.zeros(0, 4)), ValueError, "scores"),
     ("MoE-token-dim", lambda: moe_layer()(torch.randn(3, 5)), ValueError, "x"),
     ("MoE-x-int", lambda: moe_layer()(torch.zeros(3, 8, dtype=torch.long)), TypeError, "x"),
     ("TrainConfig-warmup>steps", lambda: TrainConfig(steps=10, warmup=1000), ValueError, "warmup"),
@@ -674,3 +673,140 @@ def test_value_checks_in_training_paths_do_not_read_accelerator_tensors():
 def test_model_settings_still_build():
     assert len(tiny_model(moe_every=2).moe_layers()) == 1
     assert MoE(8, 16, 4, 2, router="hash").router.table.shape == (256, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 26: command lines check every path and setting before any work; the inputs that legitimately pass
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--json", "{file}/run.json"], "--json"),
+        (["--out", "{file}/checkpoints"], "--out"),
+        (["--set", "warmup=1000"], "warmup"),
+    ],
+)
+def test_train_cli_refuses_bad_paths_and_settings_before_training(argv, flag, tmp_path, capsys):
+    from moe_course import train
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "a_file")) for a in argv]
+    with pytest.raises(SystemExit) as exc:  # without --dry-run: it would train if the checks passed
+        train.main(["--preset", "smoke", "--device", "cpu", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "preset smoke:" not in err
+
+
+@pytest.mark.parametrize("content", [None, b"not a snapshot", "foreign"])
+def test_snapshot_cli_prints_one_line_for_a_missing_or_foreign_file(content, tmp_path, capsys):
+    path = tmp_path / "x.xz"
+    if content == "foreign":
+        path = foreign_file()
+    elif content is not None:
+        path.write_bytes(content)
+    assert snapshot.main(["digest", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+LEGITIMATE_PASSES = [
+    # (id, call, why it passes)
+    ("MoE-empty-batch", lambda: moe_layer()(torch.zeros(0, 8)),
+     "an empty batch gives an empty output: a data loader's last, empty shard must not crash the layer"),
+    ("TinyLM-empty-sequence", lambda: tiny_model()(torch.zeros(2, 0).long()),
+     "T = 0 gives (B, 0, V) logits, as any sequence model would; only generation needs a prompt"),
+    ("MoE-nan-tokens", lambda: moe_layer()(torch.full((3, 8), math.nan)),
+     "NaN propagates through a forward pass: checking every activation would sync the GPU in each layer, and "
+     "the training loop already skips non-finite losses"),
+    ("switch_aux_loss-no-tokens", lambda: balancing.switch_aux_loss(torch.rand(0, 4), torch.zeros(0, 2).long(), 4),
+     "no tokens, no imbalance: 0, so summing the losses of layers over an empty batch stays finite"),
+    ("importance_loss-no-tokens", lambda: balancing.importance_loss(torch.zeros(0, 4)), "the same, for CV²: 0"),
+    ("router_z_loss-no-tokens", lambda: balancing.router_z_loss(torch.zeros(0, 4)), "the same: 0"),
+    ("expected_distinct-batch-0", lambda: serving.expected_distinct_experts(8, 8, 0),
+     "B = 0 tokens use 0 experts (k = N included): the formula's value, and the exercise's edge case"),
+    ("dispatch_sorted-no-tokens", lambda: dispatch.dispatch_sorted(torch.zeros(0, 8), torch.zeros(0, 2),
+                                                                   torch.zeros(0, 2).long(), experts4()),
+     "an empty batch dispatches nothing and returns (0, d)"),
+    ("simulate_cache-empty-trace", lambda: offload.simulate_cache(torch.zeros(0, 2).long(), 2),
+     "no steps, no requests: hit rate 0.0 by the documented convention"),
+    ("random_trace-0-steps", lambda: offload.random_trace(0, 8, 2), "zero steps is an empty trace (T = 0)"),
+    ("max_violation-all-zero", lambda: metrics.max_violation(torch.zeros(4)),
+     "an empty batch's counts are even by convention (documented): 0"),
+]
+
+
+@pytest.mark.parametrize(("call", "why"), [pytest.param(c, w, id=i) for i, c, w in LEGITIMATE_PASSES])
+def test_legitimate_inputs_pass(call, why):
+    """Inputs that look odd but have a well-defined answer: each passes on purpose, for the reason given."""
+    assert why
+    call()
+
+
+# Public functions whose bad inputs are checked elsewhere, or that take nothing a caller can get wrong
+EXEMPT = {
+    "moe_course.device": "pick_device, has_gpu, seed_everything, environment_report, cpu_threads: tests/test_imports",
+    "moe_course.timing": "timers of any callable; repeats and warmup checked in tests/test_timing.py",
+    "moe_course.train": "the CLI is covered above and in tests/test_cli.py; TrainConfig by a row",
+    "moe_course.synthetic": "checked in tests/test_synthetic.py (sizes and noise)",
+    "moe_course.experts": "layers built by MoE, whose arguments validate_moe_args checks (rows of test_layer_parts)",
+    "moe_course.params": "configs checked in tests/test_params.py",
+    "moe_course.validate": "the checks themselves",
+    "moe_course.moe": "validate_moe_args and MoE: rows above and tests/test_layer_parts.py",
+    "moe_course.model": "ModelConfig and TinyLM: rows above",
+}
+WHY_NO_ROW = {  # single functions of the checked modules, each with where its bad inputs are tested instead
+    **dict.fromkeys(["corpus.cache_path", "corpus.corpus_files", "corpus.corpus_sha256", "corpus.default_cache_dir",
+                     "corpus.freeze", "corpus.is_val_file", "corpus.label_token_types", "corpus.make_manifest",
+                     "corpus.read_manifest", "corpus.split_files", "corpus.stdlib_dir", "corpus.train_bytes",
+                     "corpus.val_part_of", "corpus.write_manifest"],
+                    "corpus build and manifest tooling: names are checked by _check_name (tests/test_corpus*.py)"),
+    **dict.fromkeys(["local_experts.confident_fraction", "local_experts.count_params",
+                     "local_experts.expert_region_mse", "local_experts.expert_regions", "local_experts.matched_mlp",
+                     "local_experts.mlp",
+                     "local_experts.partition_purity", "local_experts.plot_data", "local_experts.plot_expert_fits",
+                     "local_experts.plot_gate_partition", "local_experts.plot_learning_curves",
+                     "local_experts.specialisation_report", "local_experts.train_mixture"],
+                    "notebook 01's toolkit: argument errors in tests/test_local_experts.py"),
+    **dict.fromkeys(["fine_grained.comparison_configs", "fine_grained.expert_similarity",
+                     "fine_grained.fine_grained_config", "fine_grained.n_combinations", "fine_grained.param_table"],
+                    "tests/test_fine_grained.py (expert_similarity delegates to analysis, which has rows)"),
+    **dict.fromkeys(["loss_free.check_size", "loss_free.course_model", "loss_free.course_train", "loss_free.final",
+                     "loss_free.max_vio_batch"], "tests/test_loss_free.py"),
+    "links.binder_badge": "wraps binder_url, which has rows",
+    "links.colab_badge": "wraps colab_url, which has rows",
+    "offload.lru_hit_rate": "wraps simulate_cache, which has rows",
+    "snapshot.digest": "wraps read_snapshot, which has rows (and the CLI test above)",
+    "serving.dense_twin": "copies a config; ModelConfig checks the copy",
+    "analysis.shared_output_share": "tests/test_analysis.py",
+    "capstone.equal_active_moe": "builds a ModelConfig, which checks every field",
+    "parallel.all_to_all": "the collective inside ExpertParallelMoE, which has rows",
+    "parallel.fail_on_rank": "a deliberate failure for the launcher's tests",
+}
+MODULES_WITHOUT_PLOTS = ("plots", "widgets", "notebooks", "readme_tables", "course_table", "links", "gpu_results",
+                         "experiments")
+
+
+def concept_modules() -> list[str]:
+    """The top-level concept modules of moe_course (not plots, widgets, the course tooling), plus links."""
+    names = [p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")]
+    return sorted(f"moe_course.{n}" for n in names if not n.startswith(MODULES_WITHOUT_PLOTS)) + ["moe_course.links"]
+
+
+def test_every_public_function_of_a_concept_module_has_a_bad_input_row():
+    """A new public function of a concept module needs a row above (its name in a row's call), or its module an
+    entry in EXEMPT, or the function one in WHY_NO_ROW, that says where its bad inputs are tested or why none."""
+    import importlib
+    import inspect
+    rows_source = inspect.getsource(__import__(__name__))
+    missing = []
+    for name in concept_modules():
+        if name in EXEMPT:
+            continue
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", []):
+            obj = getattr(module, attr)
+            if inspect.isfunction(obj) and obj.__module__ == name and f"{name[11:]}.{attr}" not in WHY_NO_ROW \
+                    and f"{attr}(" not in rows_source:
+                missing.append(f"{name}.{attr}")
+    assert not missing, f"public functions without a bad-input row (add one, or an EXEMPT entry): {missing}"
