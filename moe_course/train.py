@@ -682,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"tenth must exceed block_size={model_cfg.block_size}), got {max_bytes}")
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"argument --out: {args.out} is a file; give a folder for the checkpoint")
+    if args.json is not None and Path(args.json).is_dir():
+        parser.error(f"argument --json: {args.json} is a folder; give a file name")
     for flag, path in (("--out", args.out and Path(args.out) / "checkpoint.pt"), ("--json", args.json)):
         if path is not None:  # checked before training: a path that cannot be written would lose the run
             try:
