@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from moe_course.capstone import DEFAULT_CODE, plot_routed_text, route_text
+from moe_course.capstone import DEFAULT_CODE, route_text
 from moe_course.model import ModelConfig, TinyLM
+from moe_course.plots.capstone import plot_routed_text
 
 TARGET_S = 1.0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import pickle
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +23,16 @@ import torch
 import torch.distributed as dist
 
 from moe_course.parallel import launch
+from moe_course.validate import check_ids, check_int, check_tensor
 
 __all__ = ["expected_received", "exchange_inputs", "row_origins", "run", "send_tokens"]
 
 
 def send_tokens(x: torch.Tensor, dest: torch.Tensor, world: int) -> torch.Tensor:
     """Send row t of x (T, d) to rank dest[t]; return the rows this rank receives, grouped by source rank."""
+    from moe_course.collectives import _check_exchange  # imported here: run() sends this function's source alone
+
+    _check_exchange(x, dest, world)
     order = torch.argsort(dest, stable=True)  # (T,) rows grouped by destination, each group in its original order
     send_counts = torch.bincount(dest, minlength=world)  # (W,) rows for each rank
     recv_counts = torch.empty_like(send_counts)
@@ -35,6 +40,21 @@ def send_tokens(x: torch.Tensor, dest: torch.Tensor, world: int) -> torch.Tensor
     out = x.new_empty(int(recv_counts.sum()), x.shape[1])  # (R, d)
     dist.all_to_all_single(out, x[order], recv_counts.tolist(), send_counts.tolist())
     return out
+
+
+def _check_exchange(x: object, dest: object, world: object) -> None:
+    """send_tokens' arguments: rows (T, d), one destination rank per row, inside a process group of ``world``."""
+    check_tensor("x", x, 2, "(T, d): one row per token", "; give one row as x[None]")
+    check_tensor("dest", dest, 1, "(T,) destination ranks")
+    check_int("world", world, 1)
+    if dest.shape[0] != x.shape[0]:
+        raise ValueError(f"dest must hold one rank per row of x ({x.shape[0]}), got {dest.shape[0]}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("send_tokens must run inside a process group (torch.distributed is not initialised): "
+                           "call it on every rank, e.g. with collectives.run(fn, world)")
+    if world != dist.get_world_size():
+        raise ValueError(f"world must be the process group's size {dist.get_world_size()}, got {world}")
+    check_ids("dest", dest, world, "ranks")
 
 
 def _source(fn: Callable[..., Any]) -> tuple[str, str]:
@@ -67,9 +87,19 @@ def run(fn: Callable[..., Any], world: int, *args: Any, args_by_rank: list[tuple
     raises or hangs (say, one that skips a collective the others call) stops the run with
     :class:`moe_course.parallel.RankFailed` naming it.
     """
-    if args_by_rank is not None and len(args_by_rank) != world:
-        raise ValueError(f"args_by_rank must hold one tuple per rank ({world}), got {len(args_by_rank)}")
+    check_int("world", world, 1)
+    if args_by_rank is not None:
+        if len(args_by_rank) != world:
+            raise ValueError(f"args_by_rank must hold one tuple per rank ({world}), got {len(args_by_rank)}")
+        if not all(isinstance(a, tuple) for a in args_by_rank):
+            raise TypeError(f"args_by_rank must hold one tuple of arguments per rank, got {args_by_rank!r}")
     source, name = _source(fn)
+    for what, value in (("args", args), ("args_by_rank", args_by_rank)):
+        try:
+            pickle.dumps(value)
+        except Exception as err:  # noqa: BLE001 - pickling raises many types; all mean the same here
+            raise TypeError(f"{what} cannot be sent to other processes ({err}); pass tensors, numbers, strings or "
+                            "lists of them") from None
     return launch(_call_source, world, source, name, args_by_rank, args, timeout_s=timeout_s)
 
 
@@ -80,6 +110,13 @@ def exchange_inputs(world: int, seed: int = 0, d: int = 2, skip_rank: int | None
     Ranks hold different numbers of rows, destinations are uneven and repeat (ties), and ``skip_rank``, when
     given, receives nothing: the cases a correct exchange must handle.
     """
+    check_int("world", world, 1)
+    check_int("seed", seed, 0)
+    check_int("d", d, 1)
+    if skip_rank is not None:
+        check_int("skip_rank", skip_rank, 0, world - 1, f" (a rank of the world of {world})")
+        if world == 1:
+            raise ValueError("skip_rank needs a world of at least 2 ranks: with one rank every row goes to it")
     gen = torch.Generator().manual_seed(seed)
     inputs = []
     for rank in range(world):
@@ -93,10 +130,13 @@ def exchange_inputs(world: int, seed: int = 0, d: int = 2, skip_rank: int | None
 
 def expected_received(inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """What each rank must receive: from every source rank in rank order, its rows for this rank in their order."""
+    if not inputs:
+        raise ValueError("inputs must hold one (x, dest) pair per rank, got none")
     world = len(inputs)
     return [torch.cat([x[dest == r] for x, dest in inputs]) for r in range(world)]
 
 
 def row_origins(out: torch.Tensor) -> list[tuple[int, int]]:
     """Decode received rows back to (source rank, row index) from their values (100·rank + row)."""
+    check_tensor("out", out, 2, "(R, d) received rows")
     return [(int(v) // 100, int(v) % 100) for v in out[:, 0].round().tolist()]

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from moe_course import snapshot
+from moe_course.validate import check_int, check_tensor
 
 __all__ = [
     "CORPORA",
@@ -427,6 +428,9 @@ def _read_files(names: Sequence[str]) -> dict[str, bytes]:
 
 def encode(text: str) -> torch.Tensor:
     """Encode text to byte tokens (a uint8 tensor)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}; decode bytes first or use "
+                        "torch.tensor(list(data), dtype=torch.uint8)")
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
@@ -434,6 +438,12 @@ def decode(tokens: torch.Tensor | np.ndarray | Sequence[int]) -> str:
     """Decode byte tokens to text (invalid UTF-8, e.g. a cut multi-byte character, becomes U+FFFD)."""
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"tokens must be byte tokens (ints in [0, 256)), got {type(tokens).__name__}")
+    ids = np.asarray(tokens)
+    if ids.size and (ids.dtype.kind not in "iub" or int(ids.min()) < 0 or int(ids.max()) > 255):
+        raise ValueError(f"tokens must be byte tokens (ints in [0, 256)), got dtype {ids.dtype}, values "
+                         f"{ids.min()}..{ids.max()}")
     return np.asarray(tokens, dtype=np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
@@ -532,11 +542,15 @@ def _build_part(
     return data, labels, used, np.array(offsets, dtype=np.int64)
 
 
+MIN_BYTES = 20
+"""The smallest ``max_bytes``: its validation tenth (2 bytes) holds one input byte and its target."""
+
+
 def _caps(max_bytes: int | None) -> tuple[int | None, int | None]:
     if max_bytes is None:
         return None, None
-    if max_bytes < 2:
-        raise ValueError(f"max_bytes must be at least 2 (one train and one validation byte), got {max_bytes}")
+    check_int("max_bytes", max_bytes, MIN_BYTES, hint=" (the validation tenth needs at least 2 bytes: one input "
+              "and its target)")
     val_cap = max(1, max_bytes // 10)
     return max_bytes - val_cap, val_cap
 
@@ -758,8 +772,9 @@ def get_batch(
     ``generator`` must be a CPU generator (start positions are drawn on the CPU); the windows are
     gathered where ``data`` lives, then moved to ``device``.
     """
-    if data.dim() != 1:
-        raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
+    check_tensor("data", data, 1, "(n,) byte tokens")
+    check_int("batch_size", batch_size, 1)
+    check_int("block_size", block_size, 1)
     if len(data) <= block_size:
         raise ValueError(f"data has {len(data)} tokens, need more than block_size={block_size}")
     if types is not None and types.shape != data.shape:

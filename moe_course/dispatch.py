@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_course.routing import count_per_expert
+from moe_course.validate import check_ids, check_int, check_tensor
 
 Experts = Sequence[nn.Module]
 
@@ -43,9 +44,7 @@ def _check(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_expe
         )
     # The values are checked on the CPU only: on a GPU, reading them would make the host wait (a sync) in every
     # layer; an out-of-range id there trips the device-side bounds check of the gather instead.
-    if indices.device.type == "cpu" and indices.numel() and (int(indices.min()) < 0 or
-                                                              int(indices.max()) >= n_experts):
-        raise ValueError(f"expert indices must lie in [0, {n_experts}), got {indices.min()}..{indices.max()}")
+    check_ids("indices", indices, n_experts, "expert ids", "; pass the ids topk returned, not the weights")
 
 
 def dispatch_dense(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: Experts) -> torch.Tensor:
@@ -88,6 +87,9 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     indices: (T, k) -> order (T*k,) (stable argsort of the flat expert ids: pairs grouped by expert, token
     order kept inside an expert), token_of (T*k,) = order // k, counts (N,) pairs per expert.
     """
+    check_int("n_experts", n_experts, 1)
+    check_tensor("indices", indices, 2, "(T, k) expert ids", "; flatten (B, T, k) to (B*T, k)")
+    check_ids("indices", indices, n_experts, "expert ids")
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
     return order, order // indices.shape[1], count_per_expert(flat, n_experts)
@@ -106,6 +108,8 @@ def combine(ys: torch.Tensor, weight: torch.Tensor, token: torch.Tensor, n_token
 
     Accumulates in the routing weights' precision (fp32), also when the experts ran in bf16 on a GPU.
     """
+    check_int("n_tokens", n_tokens, 0)
+    check_ids("token", token, n_tokens, "token positions")
     ys = ys.to(weight.dtype) * weight.unsqueeze(-1)
     return ys.new_zeros(n_tokens, ys.shape[-1]).index_add_(0, token, ys)  # in place: no second (T, d) buffer
 

@@ -30,6 +30,7 @@ from torch import nn
 from moe_course.analysis import expert_output_similarity
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
+from moe_course.validate import check_int, check_tensor
 
 __all__ = [
     "FineGrainedConfig",
@@ -149,6 +150,12 @@ def shared_moe_forward(x: torch.Tensor, gate_weight: torch.Tensor, experts: Sequ
     the K_s shared modules, k the routed experts per token. s = softmax(x·Wᵀ) over the routed experts; the
     gates are the chosen s_i themselves, not renormalised (as in the paper; Mixtral and DeepSeek-V3 renormalise).
     """
+    check_tensor("x", x, 2, "(T, d) tokens", "; flatten (B, S, d) to (B*S, d)")
+    check_tensor("gate_weight", gate_weight, 2, "(N, d): one row per routed expert")
+    if gate_weight.shape != (len(experts), x.shape[1]):
+        raise ValueError(f"gate_weight must be (N, d) = ({len(experts)}, {x.shape[1]}): one row per routed expert, "
+                         f"got {tuple(gate_weight.shape)}")
+    check_int("k", k, 1, len(experts), f" (at most the N={len(experts)} routed experts)")
     scores = (x @ gate_weight.T).softmax(dim=-1)  # (T, N)
     weights, indices = scores.topk(k, dim=-1)  # (T, k)
     y = torch.zeros_like(x)

@@ -188,6 +188,9 @@ def _check_shapes(p: torch.Tensor, o: torch.Tensor, d: torch.Tensor) -> None:
                          f"{tuple(o.shape)}, {tuple(d.shape)}")
     if o.shape[:2] != p.shape or o.shape[0] != d.shape[0] or o.shape[2] != d.shape[1]:
         raise ValueError(f"shapes do not fit together: p {tuple(p.shape)}, o {tuple(o.shape)}, d {tuple(d.shape)}")
+    if p.shape[0] == 0:
+        raise ValueError("p, o and d hold no cases (N = 0): the mean error over no cases is undefined; give at "
+                         "least one case")
 
 
 def _squared_errors(o: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from moe_course.validate import check_ids, check_int, check_number, check_tensor
+
 
 def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Assignments per expert, counting every one of a token's k choices. indices: (..., k) -> (N,)."""
-    flat = indices.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_experts):
-        raise ValueError(f"expert ids must lie in [0, {n_experts}), got {int(flat.min())}..{int(flat.max())}")
-    return torch.bincount(flat, minlength=n_experts)
+    check_int("n_experts", n_experts, 1)
+    check_tensor("indices", indices, tuple(range(1, 8)), "(..., k) expert ids")
+    check_ids("indices", indices, n_experts, "expert ids")
+    return torch.bincount(indices.reshape(-1).long(), minlength=n_experts)
 
 
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -113,6 +116,10 @@ PEAK_BF16_FLOPS = {
 
 def mfu(tokens_per_s: float, flops_per_token: float, device_name: str) -> float | None:
     """Model FLOPs utilisation: achieved training FLOP/s over the device's bf16 peak; None for an unknown device."""
+    check_number("tokens_per_s", tokens_per_s, 0)
+    check_number("flops_per_token", flops_per_token, 0)
+    if not isinstance(device_name, str):
+        raise TypeError(f"device_name must be a str such as 'NVIDIA H100 80GB HBM3', got {device_name!r}")
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
     return None if peak is None else tokens_per_s * flops_per_token / peak
 
@@ -133,8 +140,22 @@ class PairedGaps:
         return self.margin > self.spread
 
 
+def _results(name: str, values: object) -> list[float]:
+    """Per-seed results as floats: a list or tuple of finite real numbers (not strings, not a tensor)."""
+    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of per-seed results (floats), got {type(values).__name__}; "
+                        f"convert a tensor with {name}.tolist()")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must hold numbers (one result per seed), got {type(v).__name__} {v!r}")
+        if not math.isfinite(float(v)):
+            raise ValueError(f"{name} must hold finite results, got {v}; a diverged run has no comparable loss")
+    return [float(v) for v in values]
+
+
 def paired_gaps(a: Sequence[float], b: Sequence[float]) -> PairedGaps:
     """Compare per-seed results of two models (the same seeds in the same order), as notebook 08 and RESULTS.md do."""
+    a, b = _results("a", a), _results("b", b)
     if len(a) != len(b) or not a:
         raise ValueError(f"a and b must hold one result per seed each, the same seeds; got {len(a)} and {len(b)}")
     gaps = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
@@ -144,7 +165,7 @@ def paired_gaps(a: Sequence[float], b: Sequence[float]) -> PairedGaps:
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1) of per-seed results: the course's one convention for ±."""
-    values = [float(v) for v in values]
+    values = _results("values", values)
     if not values:
         raise ValueError("values is empty: give one result per seed")
     mean = sum(values) / len(values)

@@ -18,6 +18,7 @@ from torch import nn
 from moe_course.experts import GroupedExperts, SwiGLU
 from moe_course.moe import MoE, validate_moe_args
 from moe_course.routing import ExpertChoiceRouter
+from moe_course.validate import check_ids, check_int, check_number, check_tensor
 
 
 @dataclass
@@ -308,9 +309,15 @@ class TinyLM(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids -> logits (B, T, vocab); with targets also the loss (CE + balancing terms)."""
+        self._check_idx(idx)
         b, t = idx.shape
         if t > self.cfg.block_size:
-            raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
+            raise ValueError(f"idx has sequence length {t}, which exceeds block_size {self.cfg.block_size}")
+        if targets is not None:
+            check_tensor("targets", targets, 2, "(B, T) token ids")
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)} (idx shifted by one), got "
+                                 f"{tuple(targets.shape)}")
         pos = torch.arange(t, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, d)
         for block in self.blocks:
@@ -321,10 +328,24 @@ class TinyLM(nn.Module):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return logits, ce + self.aux_loss().to(ce.device)
 
+    def _check_idx(self, idx: object, min_len: int = 0) -> None:
+        """idx: a (B, T) tensor of token ids in [0, vocab_size), T >= min_len."""
+        check_tensor("idx", idx, 2, "(B, T) token ids", "; give one sequence as idx[None]")
+        check_ids("idx", idx, self.cfg.vocab_size, "token ids", f" (vocab_size={self.cfg.vocab_size})")
+        if idx.shape[1] < min_len:
+            raise ValueError(f"idx must hold at least {min_len} token per sequence (a prompt), got shape "
+                             f"{tuple(idx.shape)}")
+
+    def _check_sampling(self, idx: object, max_new_tokens: object, temperature: object) -> None:
+        self._check_idx(idx, 1)
+        check_int("max_new_tokens", max_new_tokens, 0)
+        check_number("temperature", temperature, 0)
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample ``max_new_tokens`` continuations of idx (B, T) autoregressively."""
+        self._check_sampling(idx, max_new_tokens, temperature)
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.cfg.block_size:])
             probs = (logits[:, -1] / max(temperature, 1e-6)).softmax(dim=-1)
@@ -334,6 +355,7 @@ class TinyLM(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens (default: block_size)."""
+        check_int("batch", batch, 1)
         max_len = self.cfg.block_size if max_len is None else max_len
         if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= self.cfg.block_size:
             raise ValueError(f"max_len must be an int in [1, block_size={self.cfg.block_size}] (the position table "
@@ -352,8 +374,7 @@ class TinyLM(nn.Module):
         exceptions: a capacity limit drops by batch, so its drops differ, and expert choice picks tokens across
         the batch (the future leaks, notebook 04), so it refuses to decode.
         """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (B, t) token ids, got shape {tuple(idx.shape)}")
+        self._check_idx(idx)
         if not isinstance(cache, KVCache) or len(cache.layers) != len(self.blocks):
             raise ValueError("cache must be a KVCache of this model (make one with model.new_cache(batch))")
         b, t = idx.shape
@@ -380,6 +401,7 @@ class TinyLM(nn.Module):
         Same samples as :meth:`generate` for the same generator while the whole text fits in ``block_size``
         (beyond it :meth:`generate` slides its window, which changes every position; this raises instead).
         """
+        self._check_sampling(idx, max_new_tokens, temperature)
         b, t = idx.shape
         if t + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceed block_size "

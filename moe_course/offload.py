@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_course.validate import check_choice, check_int, check_int_tensor, check_number, check_tensor
+
 __all__ = [
     "CacheStats",
     "RoutingRecord",
@@ -50,19 +52,26 @@ POLICIES = ("lru", "belady", "static")
 
 
 def _check_capacity(capacity: object) -> int:
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be an int >= 1 (experts that fit in fast memory), got {capacity!r}")
+    check_int("capacity", capacity, 1, hint=" (experts that fit in fast memory)")
     return capacity
+
+
+def _as_ids(trace: object, what: str) -> torch.Tensor:
+    """``trace`` as a tensor of integer expert ids (TypeError for anything else: strings, floats, bools)."""
+    try:
+        trace = torch.as_tensor(trace)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what} must be a tensor of integer expert ids, got {type(trace).__name__}") from None
+    check_int_tensor(what, trace, "expert ids")
+    return trace
 
 
 def _rows(trace: torch.Tensor, what: str = "trace") -> list[list[int]]:
     """The requests of a (T, m) trace: each row's distinct expert ids, in order of first appearance."""
-    trace = torch.as_tensor(trace)
+    trace = _as_ids(trace, what)
     if trace.dim() != 2:
         raise ValueError(f"{what} must be a (T, m) tensor of expert ids (one row per decoding step), got shape "
                          f"{tuple(trace.shape)}")
-    if trace.is_floating_point() or trace.dtype == torch.bool:
-        raise ValueError(f"{what} must hold integer expert ids, got {trace.dtype}")
     if trace.numel() and int(trace.min()) < 0:
         raise ValueError(f"{what} holds a negative expert id ({int(trace.min())})")
     return [list(dict.fromkeys(row)) for row in trace.tolist()]
@@ -109,39 +118,77 @@ def _next_uses(rows: list[list[int]]) -> list[dict[int, int]]:
 
 
 def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", prefetch: torch.Tensor | None = None,
-                   keep: Sequence[int] | None = None) -> CacheStats:
+                   keep: Sequence[int] | None = None, bypass: bool = False) -> CacheStats:
     """Run one layer's expert cache over a trace (T, m); returns the counts of hits, requests and loads.
 
     ``policy``: ``"lru"`` evicts the least recently used expert; ``"belady"`` evicts the cached expert whose next
-    request is farthest in the future (Belady's MIN, optimal for a known trace, an upper bound for any policy
-    that does not prefetch); ``"static"`` holds the fixed set ``keep`` (e.g. the C most popular experts) and
-    streams every other expert in for its step without caching it. ``prefetch`` (T, p), LRU only: before step t
-    the experts of row t are loaded into the cache (counted in ``prefetched``), as speculative loading does.
+    request is farthest in the future (Belady's MIN); ``"static"`` holds the fixed set ``keep`` (e.g. the C most
+    popular experts) from the start and streams every other expert in for its step without caching it.
+    ``prefetch`` (T, p), LRU only: before step t the experts of row t are loaded into the cache (counted in
+    ``prefetched``), as speculative loading does.
+
+    The policies count memory alike (C experts stay between steps) but start and cache differently. LRU and
+    Belady start cold (empty) and cache each step's experts; a step that needs more experts than fit (m > C)
+    streams the rest, and Belady then keeps whichever C of the cached and requested experts are needed soonest.
+    Under these rules Belady's MIN is optimal for a known trace: no policy that starts cold and caches what fits
+    without prefetching gets more hits (LRU is one). Static starts warm and bypasses the cache, so it can beat
+    cold Belady. For a like-for-like bound give Belady the same rules: ``keep`` (its warm start) and
+    ``bypass=True`` (any expert may be streamed without caching); it is then optimal among all non-prefetching
+    policies that start with ``keep`` loaded, static with the same ``keep`` included.
     """
     capacity = _check_capacity(capacity)
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+    check_choice("policy", policy, POLICIES)
+    if not isinstance(bypass, bool):
+        raise TypeError(f"bypass must be a bool (True: experts may be streamed without caching), got {bypass!r}")
+    if bypass and policy != "belady":
+        raise ValueError(f"bypass=True is simulated with the belady policy only, got policy={policy!r}")
     rows = _rows(trace)
-    stats = CacheStats()
+    if keep is not None or policy == "static":
+        if policy == "lru":
+            raise ValueError("keep=... is the static set or Belady's warm start; the lru policy starts empty")
+        keep = _check_keep(keep, capacity, trace)
     if policy == "static":
-        if keep is None or len(set(keep)) > capacity:
-            raise ValueError(f"the static policy needs keep=... with at most capacity={capacity} expert ids")
-        kept = set(keep)
-        for row in rows:
-            hits = sum(e in kept for e in row)
-            stats.hits += hits
-            stats.requests += len(row)
-            stats.loads += len(row) - hits
-        return stats
+        return _static(rows, set(keep))
     guesses = None
     if prefetch is not None:
         if policy != "lru":
             raise ValueError("prefetch is simulated with the lru policy only")
         guesses = _rows(prefetch, "prefetch")
         if len(guesses) != len(rows):
-            raise ValueError(f"prefetch has {len(guesses)} rows for a trace of {len(rows)} steps")
+            raise ValueError(f"prefetch has {len(guesses)} rows for a trace of {len(rows)} steps; give one row "
+                             "of guesses per step")
     if policy == "belady":
-        return _belady(rows, capacity)
+        return _belady(rows, capacity, set(keep or ()), bypass)
+    return _lru(rows, capacity, guesses)
+
+
+def _check_keep(keep: object, capacity: int, trace: torch.Tensor) -> list[int]:
+    """``keep``: at most ``capacity`` distinct expert ids (ints >= 0)."""
+    if keep is None:
+        raise ValueError(f"the static policy needs keep=... with at most capacity={capacity} expert ids")
+    if isinstance(keep, torch.Tensor):
+        keep = keep.tolist()
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
+        raise TypeError(f"keep must be a sequence of expert ids, got {type(keep).__name__} {keep!r}")
+    for e in keep:
+        check_int("keep", e, 0, hint=" (expert ids)")
+    if len(set(keep)) > capacity:
+        raise ValueError(f"keep must hold at most capacity={capacity} expert ids, got {len(set(keep))}")
+    return list(keep)
+
+
+def _static(rows: list[list[int]], kept: set[int]) -> CacheStats:
+    stats = CacheStats()
+    for row in rows:
+        hits = sum(e in kept for e in row)
+        stats.hits += hits
+        stats.requests += len(row)
+        stats.loads += len(row) - hits
+    return stats
+
+
+def _lru(rows: list[list[int]], capacity: int, guesses: list[list[int]] | None) -> CacheStats:
+    stats = CacheStats()
     cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
     for t, row in enumerate(rows):
         if guesses is not None:
@@ -164,22 +211,25 @@ def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", pref
     return stats
 
 
-def _belady(rows: list[list[int]], capacity: int) -> CacheStats:
+def _belady_keep(cache: set[int], row: list[int], capacity: int, next_use: dict[int, int],
+                bypass: bool = False) -> set[int]:
+    """The experts Belady's MIN keeps after a step: the step's own if they fit (unless ``bypass``), then the
+    cached or requested experts needed soonest, up to ``capacity`` (the rest are evicted or streamed)."""
+    forced = set() if bypass or len(row) > capacity else set(row)
+    rest = sorted((cache | set(row)) - forced, key=lambda e: (next_use.get(e, math.inf), e))
+    return forced | set(rest[:capacity - len(forced)])
+
+
+def _belady(rows: list[list[int]], capacity: int, start: set[int], bypass: bool) -> CacheStats:
     stats = CacheStats()
     nxt = _next_uses(rows)
-    cache: set[int] = set()
+    cache = set(start)
     for t, row in enumerate(rows):
         hits = sum(e in cache for e in row)
         stats.hits += hits
         stats.requests += len(row)
         stats.loads += len(row) - hits
-        need = len(cache) + len(row) - hits - capacity
-        if need > 0:  # make room among the experts this step does not use: drop those needed latest
-            others = sorted(cache - set(row), key=lambda e: (-nxt[t].get(e, math.inf), e))
-            cache.difference_update(others[:need])
-        cache.update(row)
-        if len(cache) > capacity:  # the step alone needs more than the capacity: keep those needed soonest
-            cache = set(sorted(cache, key=lambda e: (nxt[t].get(e, math.inf), e))[:capacity])
+        cache = _belady_keep(cache, row, capacity, nxt[t], bypass)
     return stats
 
 
@@ -189,9 +239,18 @@ def hit_rate_curve(traces: torch.Tensor, capacities: Sequence[int], policy: str 
 
     ``prefetch`` (S, T, p) holds each step's prefetched experts; ``keep[i]`` the static set for ``capacities[i]``.
     """
-    traces = torch.as_tensor(traces)
+    traces = _as_ids(traces, "traces")
     if traces.dim() != 3:
         raise ValueError(f"traces must be (S, T, m): S sequences of T steps, got shape {tuple(traces.shape)}")
+    for c in capacities:
+        _check_capacity(c)
+    if keep is not None and len(keep) != len(capacities):
+        raise ValueError(f"keep must hold one set per capacity ({len(capacities)}), got {len(keep)}")
+    if prefetch is not None:
+        prefetch = _as_ids(prefetch, "prefetch")
+        if prefetch.dim() != 3 or prefetch.shape[:2] != traces.shape[:2]:
+            raise ValueError(f"prefetch must be (S, T, p) with the traces' S, T = {tuple(traces.shape[:2])}, got "
+                             f"shape {tuple(prefetch.shape)}")
     out = []
     for i, c in enumerate(capacities):
         total = CacheStats()
@@ -207,11 +266,10 @@ def batch_trace(traces: torch.Tensor, batch: int) -> torch.Tensor:
 
     Step t of a group requests the experts of all its sequences' tokens t at once.
     """
-    traces = torch.as_tensor(traces)
+    traces = _as_ids(traces, "traces")
     if traces.dim() != 3:
         raise ValueError(f"traces must be (S, T, k), got shape {tuple(traces.shape)}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= traces.shape[0]:
-        raise ValueError(f"batch must be an int between 1 and the number of sequences {traces.shape[0]}, got {batch!r}")
+    check_int("batch", batch, 1, traces.shape[0], " (at most the number of sequences)")
     s, t, k = traces.shape
     g = s // batch
     return traces[:g * batch].reshape(g, batch, t, k).permute(0, 2, 1, 3).reshape(g, t, batch * k)
@@ -220,8 +278,11 @@ def batch_trace(traces: torch.Tensor, batch: int) -> torch.Tensor:
 def random_trace(steps: int, n_experts: int, k: int, generator: torch.Generator | None = None,
                  sequences: int | None = None) -> torch.Tensor:
     """Uniform random routing: each step picks k distinct experts of N. (steps, k), or (sequences, steps, k)."""
-    if not 1 <= k <= n_experts:
-        raise ValueError(f"k={k} must be between 1 and n_experts={n_experts}")
+    check_int("steps", steps, 0)
+    check_int("n_experts", n_experts, 1)
+    check_int("k", k, 1, n_experts, f" (at most n_experts={n_experts})")
+    if sequences is not None:
+        check_int("sequences", sequences, 1)
     shape = (steps, n_experts) if sequences is None else (sequences, steps, n_experts)
     return torch.rand(shape, generator=generator).argsort(dim=-1)[..., :k]
 
@@ -255,6 +316,14 @@ def record_routing(model: torch.nn.Module, idx: torch.Tensor, ahead: Sequence[in
     normalised hidden states that layer's router reads; Eliseev & Mazur 2023, §4.1), giving the ranking that
     speculative prefetch would load from, a layers early.
     """
+    if not hasattr(model, "moe_layers"):
+        raise TypeError(f"model must be a moe_course TinyLM, got {type(model).__name__}")
+    check_tensor("idx", idx, 2, "(B, T) token ids")
+    check_int_tensor("idx", idx, "token ids")
+    if isinstance(ahead, (int, str)) or not isinstance(ahead, Sequence):
+        raise TypeError(f"ahead must be a sequence of ints >= 1 (layers ahead), e.g. (1, 2); got {ahead!r}")
+    for a in ahead:
+        check_int("ahead", a, 1, hint=" (layers ahead)")
     layers = model.moe_layers()
     if not layers:
         raise ValueError("model has no MoE layers: a dense model routes nothing")
@@ -274,8 +343,6 @@ def record_routing(model: torch.nn.Module, idx: torch.Tensor, ahead: Sequence[in
     b, t = idx.shape
     record = RoutingRecord([layer.last_routing.indices.reshape(b, t, -1).long().cpu() for layer in layers])
     for a in ahead:
-        if isinstance(a, bool) or not isinstance(a, int) or a < 1:
-            raise ValueError(f"ahead must hold ints >= 1 (layers ahead), got {a!r}")
         per_layer: list[torch.Tensor | None] = []
         for i, layer in enumerate(layers):
             if i < a:
@@ -293,11 +360,12 @@ def prefetch_recall(ranking: torch.Tensor, chosen: torch.Tensor, m: int) -> floa
 
     ranking: (..., N) expert ids best first; chosen: (..., k) the experts the layer then used.
     """
+    check_tensor("ranking", ranking, tuple(range(2, 6)), "(..., N) expert ids best first")
+    check_tensor("chosen", chosen, ranking.dim(), "(..., k) expert ids")
     if ranking.shape[:-1] != chosen.shape[:-1]:
         raise ValueError(f"ranking {tuple(ranking.shape)} and chosen {tuple(chosen.shape)} must have the same "
                          "leading (token) dimensions")
-    if not 1 <= m <= ranking.shape[-1]:
-        raise ValueError(f"m must be between 1 and N={ranking.shape[-1]}, got {m}")
+    check_int("m", m, 1, ranking.shape[-1], f" (at most N={ranking.shape[-1]} experts)")
     guess = ranking[..., :m]
     found = (chosen.unsqueeze(-1) == guess.unsqueeze(-2)).any(dim=-1)  # (..., k)
     return float(found.float().mean())
@@ -311,8 +379,10 @@ def offload_seconds_per_token(hit_rate: float, n_moe_layers: int, k: int, expert
     A lower bound on the time: it assumes the link runs at ``link_bytes_per_s`` and nothing else waits
     (``other_seconds`` adds the compute, if known).
     """
-    if not 0.0 <= hit_rate <= 1.0:
-        raise ValueError(f"hit_rate must be in [0, 1], got {hit_rate}")
-    if link_bytes_per_s <= 0 or expert_bytes < 0:
-        raise ValueError("link_bytes_per_s must be > 0 and expert_bytes >= 0")
+    check_number("hit_rate", hit_rate, 0.0, 1.0)
+    check_int("n_moe_layers", n_moe_layers, 0)
+    check_int("k", k, 1)
+    check_number("expert_bytes", expert_bytes, 0)
+    check_number("link_bytes_per_s", link_bytes_per_s, positive=True)
+    check_number("other_seconds", other_seconds, 0)
     return n_moe_layers * k * (1.0 - hit_rate) * expert_bytes / link_bytes_per_s + other_seconds

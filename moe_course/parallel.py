@@ -245,6 +245,10 @@ class ExpertParallelMoE(nn.Module):
         return cls(moe, rank, world, group)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ExpertParallelMoE must run inside a process group (torch.distributed is not "
+                               "initialised): call it on every rank, e.g. from a function started with launch(fn, "
+                               "world)")
         shape = x.shape
         if shape[-1] != self.d_model:
             raise ValueError(f"ExpertParallelMoE expects last dimension {self.d_model}, got {tuple(shape)}")

@@ -34,6 +34,7 @@ import torch
 from moe_course.model import TinyLM
 from moe_course.offload import batch_trace, hit_rate_curve, prefetch_recall, random_trace, record_routing
 from moe_course.params import MoEConfig, active_params, flops_per_token, param_breakdown, total_params
+from moe_course.validate import check_ids, check_int, check_number, check_tensor
 
 __all__ = [
     "H100_SXM",
@@ -92,6 +93,9 @@ def pcie_bytes_per_s(generation: int, lanes: int = 16) -> float:
 
     Real host-to-device copies reach less (pinned memory helps); estimates built on this are upper bounds.
     """
+    if isinstance(generation, bool) or not isinstance(generation, int):
+        raise TypeError(f"generation must be an int, one of {sorted(_PCIE_GT_S)}, got {generation!r}")
+    check_int("lanes", lanes, 1)
     if generation not in _PCIE_GT_S:
         raise ValueError(f"PCIe generation must be one of {sorted(_PCIE_GT_S)}, got {generation!r}")
     return lanes * _PCIE_GT_S[generation] * 128 / 130 / 8
@@ -103,11 +107,24 @@ def pcie_bytes_per_s(generation: int, lanes: int = 16) -> float:
 
 
 def _check_nk(n_experts: object, k: object) -> None:
-    for name, value in (("n_experts", n_experts), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("n_experts", n_experts, 1)
+    check_int("k", k, 1)
     if k > n_experts:
         raise ValueError(f"k={k} experts per token cannot exceed n_experts={n_experts}")
+
+
+def _batch_tensor(batch: object, low: float = 0.0, name: str = "batch") -> torch.Tensor:
+    """``batch`` (an int, a float, a sequence or a tensor of batch sizes) as float64, each finite and >= low."""
+    if isinstance(batch, (str, bytes, bool)) or (isinstance(batch, torch.Tensor) and batch.dtype == torch.bool):
+        raise TypeError(f"{name} must be a number or a tensor of batch sizes, got {type(batch).__name__} {batch!r}")
+    try:
+        b = torch.as_tensor(batch, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number or a tensor of batch sizes, got {type(batch).__name__} "
+                        f"{batch!r}") from None
+    if not bool(torch.isfinite(b).all()) or bool((b < low).any()):
+        raise ValueError(f"{name} must hold finite batch sizes >= {low:g}, got {b.tolist()}")
+    return b
 
 
 def expected_distinct_experts(n_experts: int, k: int, batch: Any) -> torch.Tensor:
@@ -118,25 +135,39 @@ def expected_distinct_experts(n_experts: int, k: int, batch: Any) -> torch.Tenso
     tensor of batch sizes; returns float64 of the same shape.
     """
     _check_nk(n_experts, k)
-    b = torch.as_tensor(batch, dtype=torch.float64)
-    if bool((b < 0).any()):
-        raise ValueError(f"batch sizes must be >= 0, got {b.tolist()}")
+    b = _batch_tensor(batch)
     return n_experts * (1 - (1 - k / n_experts) ** b)
+
+
+def _share_tensor(share: object) -> torch.Tensor:
+    """``share`` (N,) as float64: finite, >= 0, one value per expert."""
+    if isinstance(share, (str, bytes)):
+        raise TypeError(f"share must be a 1-D tensor of per-expert shares, got {type(share).__name__}")
+    p = torch.as_tensor(share, dtype=torch.float64)
+    if p.dim() != 1 or not p.numel():
+        raise ValueError(f"share must be a 1-D tensor of per-expert shares, got shape {tuple(p.shape)}")
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+        raise ValueError(f"share must hold finite shares >= 0, got {p.tolist()}")
+    return p
 
 
 def distinct_from_share(share: Any, batch: Any) -> torch.Tensor:
     """Expected distinct experts of B independent tokens when a token uses expert e with probability p_e:
     Σ_e 1 − (1 − p_e)^B. ``share`` (N,) sums to k; with p_e = k/N it is :func:`expected_distinct_experts`."""
-    p = torch.as_tensor(share, dtype=torch.float64)
-    b = torch.as_tensor(batch, dtype=torch.float64)
-    if p.dim() != 1 or bool((p < 0).any()) or bool((p > 1).any()):
-        raise ValueError("share must be a 1-D tensor of per-expert probabilities in [0, 1]")
+    p = _share_tensor(share)
+    b = _batch_tensor(batch)
+    if bool((p > 1).any()):
+        raise ValueError(f"share must hold per-expert probabilities in [0, 1], got {p.tolist()}")
     return (1 - (1 - p) ** b.unsqueeze(-1)).sum(-1)
 
 
 def token_share(trace: torch.Tensor, n_experts: int) -> torch.Tensor:
     """(N,) float64: the share of tokens that use each expert (the trace's (..., k) choices; sums to k)."""
+    check_int("n_experts", n_experts, 1)
     trace = torch.as_tensor(trace)
+    check_ids("trace", trace, n_experts, "expert ids")
+    if trace.dim() == 0:
+        raise ValueError("trace must be a (..., k) tensor of expert ids, got a scalar")
     tokens = trace.reshape(-1, trace.shape[-1])
     counts = torch.bincount(tokens.reshape(-1).long(), minlength=n_experts).double()
     return counts / max(tokens.shape[0], 1)
@@ -150,9 +181,12 @@ def measured_distinct_experts(trace: torch.Tensor, batch_sizes: Sequence[int], n
     together (the S sequences split into S // B disjoint groups, every position counted). ``"consecutive"``:
     B consecutive tokens of one sequence (a prompt being prefilled, or draft tokens being verified).
     """
-    trace = torch.as_tensor(trace).long()
+    check_int("n_experts", n_experts, 1)
+    trace = torch.as_tensor(trace)
     if trace.dim() != 3:
         raise ValueError(f"trace must be (S, T, k), got shape {tuple(trace.shape)}")
+    check_ids("trace", trace, n_experts, "expert ids")
+    trace = trace.long()
     if mode not in ("sequences", "consecutive"):
         raise ValueError(f"mode must be 'sequences' or 'consecutive', got {mode!r}")
     s, t, _ = trace.shape
@@ -185,8 +219,15 @@ def bytes_per_token(indices: Sequence[torch.Tensor], expert_bytes: float, other_
     experts, the output head: everything that is not a routed expert) is read once per step whatever the routing.
     Experts of different layers are different weights, so each layer counts its own.
     """
+    if isinstance(indices, torch.Tensor) or not isinstance(indices, Sequence):
+        raise TypeError(f"indices must be a list with one (B, k) tensor per MoE layer, got {type(indices).__name__}; "
+                        "wrap a single layer's choices as [indices]")
     if len(indices) == 0:
         raise ValueError("indices is empty: give one (B, k) tensor per MoE layer")
+    for i, layer in enumerate(indices):
+        check_tensor(f"indices[{i}]", layer, 2, "(B, k)")
+    check_number("expert_bytes", expert_bytes, 0)
+    check_number("other_bytes", other_bytes, 0)
     batch = {int(i.shape[0]) for i in indices}
     if len(batch) != 1:
         raise ValueError(f"every layer must route the same B tokens, got batch sizes {sorted(batch)}")
@@ -210,6 +251,9 @@ def model_weight_bytes(model: torch.nn.Module, bytes_per_param: float = 4.0) -> 
     """A TinyLM's weight bytes for decoding: ``expert`` (one routed expert, per MoE layer), ``n_experts`` (per
     layer), ``other`` (everything read once per step: attention, norms, routers, shared experts, dense FFNs and
     the tied output head; the position table is a lookup of one row, so it is left out) and ``total``."""
+    check_number("bytes_per_param", bytes_per_param, positive=True)
+    if not isinstance(model, TinyLM):
+        raise TypeError(f"model must be a moe_course TinyLM, got {type(model).__name__}")
     expert = _routed_expert_params(model)
     routed = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
     total = sum(p.numel() for p in model.parameters())
@@ -226,6 +270,12 @@ def serving_row(cfg: MoEConfig, bytes_per_param: float = 2.0, batch_sizes: Seque
     (the input embedding is a lookup, so only the output head's matrix counts), plus each MoE layer's
     N·(1 − (1 − k/N)^B) distinct experts, divided by B. At B = 1 this is the active weights (minus the lookup).
     """
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"cfg must be a moe_course.params.MoEConfig (e.g. get_published(name)), got "
+                        f"{type(cfg).__name__}")
+    check_number("bytes_per_param", bytes_per_param, positive=True)
+    for b in batch_sizes:
+        check_int("batch_sizes", b, 1)
     parts = param_breakdown(cfg)
     expert = parts["routed_experts"] // (cfg.n_moe_layers * cfg.n_routed_experts)
     lookup = 0 if cfg.tied_embeddings else cfg.vocab_size * cfg.d_model
@@ -245,7 +295,11 @@ def moe_layer_roofline(batch: Any, n_experts: int, k: int, expert_params: int, b
     2 · B · k · expert_params; the step takes max(bytes / bandwidth, FLOPs / peak). Returns float64 tensors:
     ``bytes``, ``flops``, ``intensity`` (FLOPs per byte), ``seconds``, ``seconds_per_token`` and ``memory_bound``.
     """
-    b = torch.as_tensor(batch, dtype=torch.float64)
+    b = _batch_tensor(batch, 1.0)
+    check_int("expert_params", expert_params, 1)
+    check_number("bytes_per_param", bytes_per_param, positive=True)
+    if not isinstance(accelerator, Accelerator):
+        raise TypeError(f"accelerator must be an Accelerator (e.g. H100_SXM), got {type(accelerator).__name__}")
     distinct = expected_distinct_experts(n_experts, k, b)
     nbytes = distinct * expert_params * bytes_per_param
     flops = 2 * b * k * expert_params
@@ -266,7 +320,9 @@ def placement_load(share: Any, n_gpus: int, redundant: int = 0) -> dict[str, Any
     same in spirit (arXiv:2412.19437 §3.4: 32 redundant experts for prefilling, one extra per GPU, chosen from
     online load statistics); its exact placement algorithm is not given there, so this greedy one is ours.
     """
-    p = torch.as_tensor(share, dtype=torch.float64)
+    p = _share_tensor(share)
+    check_int("n_gpus", n_gpus, 1)
+    check_int("redundant", redundant, 0)
     n = p.numel()
     if n % n_gpus or (n + redundant) % n_gpus or not 0 <= redundant <= n:
         raise ValueError(f"n_gpus={n_gpus} must divide n_experts={n} and n_experts + redundant={n + redundant}")
@@ -378,6 +434,31 @@ def _split_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     return out
 
 
+def _check_decode(models: object, batch_sizes: Sequence[int], prompt_len: int, new_tokens: int, repeats: int,
+                  data: torch.Tensor | None) -> None:
+    """time_decode's arguments, before any model runs."""
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models must be a non-empty dict of name -> TinyLM, got {models!r}")
+    for name, model in models.items():
+        if not isinstance(model, TinyLM):
+            raise TypeError(f"models[{name!r}] must be a TinyLM, got {type(model).__name__}")
+    if isinstance(batch_sizes, (int, str)) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
+        raise TypeError(f"batch_sizes must be a non-empty list of ints, got {batch_sizes!r}")
+    for b in batch_sizes:
+        check_int("batch_sizes", b, 1)
+    check_int("prompt_len", prompt_len, 1)
+    check_int("new_tokens", new_tokens, 1)
+    check_int("repeats", repeats, 1)
+    block = min(m.cfg.block_size for m in models.values())
+    if prompt_len + new_tokens > block:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceed block_size={block}; decode "
+                         "fewer tokens")
+    if data is not None:
+        check_tensor("data", data, 1, "(n,) token ids")
+        if len(data) <= prompt_len:
+            raise ValueError(f"data must hold more than prompt_len={prompt_len} tokens, got {len(data)}")
+
+
 def time_decode(models: Mapping[str, torch.nn.Module], batch_sizes: Sequence[int], prompt_len: int = 16,
                 new_tokens: int = 64, repeats: int = 3, data: torch.Tensor | None = None, seed: int = 0,
                 split: bool = True, threads: int | None = 1) -> dict[str, list[DecodeTiming]]:
@@ -391,6 +472,7 @@ def time_decode(models: Mapping[str, torch.nn.Module], batch_sizes: Sequence[int
     timing runs on ``threads`` torch threads (default 1; None: leave the setting): on a machine whose cores other
     programs share, two threads that wait for each other can run many times slower than one.
     """
+    _check_decode(models, batch_sizes, prompt_len, new_tokens, repeats, data)
     first = next(iter(models.values()))
     device = next(first.parameters()).device
     saved = torch.get_num_threads()
@@ -467,6 +549,8 @@ def serving_probe(model: torch.nn.Module, corpus: Any, size: str = "cpu") -> dic
     for every number of prefetched experts; and a small sample of the traces. Then it checks the KV cache
     against the full forward pass and times decoding against a dense twin with the same active width.
     """
+    if size not in PROBE_SIZES:
+        raise ValueError(f"size must be one of {', '.join(map(repr, PROBE_SIZES))}, got {size!r}")
     opts = PROBE_SIZES[size]
     device = next(model.parameters()).device
     block = model.cfg.block_size

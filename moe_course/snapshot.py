@@ -84,7 +84,15 @@ class Snapshot:
 
 def read_index(path: str | Path = INDEX_PATH) -> dict[str, dict[str, Any]]:
     """``{name: entry}`` of :data:`INDEX_PATH`: each entry has file, file_sha256, corpus_sha256, python, ..."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))["snapshots"]
+    path = Path(path)
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))["snapshots"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise SnapshotError(f"{path} is not a snapshot index (a JSON object with \"snapshots\"): "
+                            f"{type(err).__name__}: {err}") from None
+    if not isinstance(index, dict) or not all(isinstance(e, dict) for e in index.values()):
+        raise SnapshotError(f"{path} is not a snapshot index: \"snapshots\" must map names to entries")
+    return index
 
 
 def snapshot_path(name: str, index: dict[str, dict[str, Any]] | None = None) -> Path:
@@ -92,6 +100,9 @@ def snapshot_path(name: str, index: dict[str, dict[str, Any]] | None = None) -> 
     index = read_index() if index is None else index
     if name not in index:
         raise ValueError(f"unknown corpus {name!r}; the snapshots are {', '.join(sorted(index))}")
+    if not isinstance(index[name].get("file"), str):
+        raise SnapshotError(f"the index entry of {name!r} names no file (its \"file\" is missing); restore the "
+                            "index moe_course/data/corpus_snapshots.json")
     root = os.environ.get("MOE_COURSE_DATA")
     folder = Path(root).expanduser() / "corpus" if root else DATA_DIR
     return folder / index[name]["file"]
@@ -117,6 +128,11 @@ def _restore_hint(path: Path) -> str:
 def write_snapshot(path: str | Path, header: dict[str, Any], train: bytes, val: bytes, train_types: bytes,
                    val_types: bytes) -> dict[str, str]:
     """Write a snapshot file; return its ``file_sha256`` and ``corpus_sha256`` (for the index)."""
+    for arg, value in (("train", train), ("val", val), ("train_types", train_types), ("val_types", val_types)):
+        if not isinstance(value, (bytes, bytearray)):
+            raise TypeError(f"{arg} must be bytes, got {type(value).__name__}")
+    if not isinstance(header, dict):
+        raise TypeError(f"header must be a dict, got {type(header).__name__}")
     if len(train) != len(train_types) or len(val) != len(val_types):
         raise ValueError("every byte needs one token type: the tokens and types lengths differ")
     header = {**header, "format": FORMAT, "n_train": len(train), "n_val": len(val)}
@@ -127,6 +143,24 @@ def write_snapshot(path: str | Path, header: dict[str, Any], train: bytes, val: 
     path.write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
                                    preset=9 | lzma.PRESET_EXTREME))
     return {"file_sha256": _sha256_file(path), "corpus_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _header(raw: bytes, path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header after MAGIC and where it ends; SnapshotError if it is malformed."""
+    end = raw.find(b"\n", len(MAGIC))
+    try:
+        header = json.loads(raw[len(MAGIC):end].decode("utf-8")) if end >= 0 else None
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise SnapshotError(f"{path} has a malformed header (not one line of JSON after {MAGIC!r}); "
+                            f"{_restore_hint(path)}")
+    if header.get("format") != FORMAT:
+        raise SnapshotError(f"{path} has header format {header.get('format')}, this code reads format {FORMAT}")
+    sizes = [header.get("n_train"), header.get("n_val")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
+        raise SnapshotError(f"{path} has a malformed header: n_train and n_val must be ints >= 0, got {sizes}")
+    return header, end
 
 
 def read_snapshot(path: str | Path, file_sha256: str | None = None, corpus_sha256: str | None = None) -> Snapshot:
@@ -147,10 +181,7 @@ def read_snapshot(path: str | Path, file_sha256: str | None = None, corpus_sha25
         raise SnapshotError(f"the corpus snapshot {path} cannot be decompressed ({err}); {hint}") from None
     if not raw.startswith(MAGIC):
         raise SnapshotError(f"{path} is not a corpus snapshot (it does not start with {MAGIC!r})")
-    end = raw.index(b"\n", len(MAGIC))
-    header = json.loads(raw[len(MAGIC):end].decode("utf-8"))
-    if header.get("format") != FORMAT:
-        raise SnapshotError(f"{path} has format {header.get('format')}, this code reads format {FORMAT}")
+    header, end = _header(raw, path)
     n_train, n_val = header["n_train"], header["n_val"]
     body = raw[end + 1:]
     if len(body) != 2 * (n_train + n_val):
@@ -177,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2 or argv[0] != "digest":
         print("usage: python moe_course/snapshot.py digest PATH", file=sys.stderr)
         return 2
-    print(json.dumps(digest(argv[1]), sort_keys=True))
+    try:
+        print(json.dumps(digest(argv[1]), sort_keys=True))
+    except (SnapshotError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -29,6 +29,7 @@ from moe_course.corpus import get_batch, load_corpus, train_bytes
 from moe_course.device import pick_device, seed_everything
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
+from moe_course.validate import check_output_path
 
 
 @dataclass
@@ -56,6 +57,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.warmup > self.steps:
+            raise ValueError(f"TrainConfig.warmup must be an int between 0 and steps={self.steps} (warm-up longer "
+                             f"than the run never reaches the peak learning rate), got {self.warmup}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 
@@ -680,6 +684,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --out: {args.out} is a file; give a folder for the checkpoint")
     if args.json is not None and Path(args.json).is_dir():
         parser.error(f"argument --json: {args.json} is a folder; give a file name")
+    for flag, path in (("--out", args.out and Path(args.out) / "checkpoint.pt"), ("--json", args.json)):
+        if path is not None:  # checked before training: a path that cannot be written would lose the run
+            try:
+                check_output_path(flag, path)
+            except ValueError as exc:
+                parser.error(f"argument {exc}")
     device = _check_device(parser, args.device)
     out = Path(args.resume) if blob is not None and args.out is None else Path(args.out or "checkpoints") / f"{name}.pt"
     if args.dry_run:

@@ -19,7 +19,26 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_course import analysis, balancing, capstone, experiments, loss_free, parallel, routing
+from moe_course import (
+    analysis,
+    balancing,
+    capstone,
+    collectives,
+    corpus,
+    dispatch,
+    experiments,
+    fine_grained,
+    local_experts,
+    loss_free,
+    metrics,
+    offload,
+    parallel,
+    params,
+    routing,
+    serving,
+    snapshot,
+)
+from moe_course.course import links
 from moe_course.experiments import capstone as capstone_runs
 from moe_course.experiments import runner as experiment_runner
 from moe_course.model import ModelConfig, TinyLM
@@ -320,6 +339,256 @@ ROWS = [
 ]
 
 
+def moe_layer() -> MoE:
+    torch.manual_seed(0)
+    return MoE(8, 16, 4, 2)
+
+
+def experts4() -> list[torch.nn.Module]:
+    return [torch.nn.Linear(8, 8) for _ in range(4)]
+
+
+def foreign_file(tmp: str = "foreign.xz") -> Path:
+    """A file that is not a snapshot (valid xz of other bytes), under a fresh temporary folder."""
+    import lzma
+    import tempfile
+    path = Path(tempfile.mkdtemp()) / tmp
+    path.write_bytes(lzma.compress(b"MOE-COURSE-CORPUS\n{not json\n"))
+    return path
+
+
+def decode_with(model: TinyLM, **kw):
+    return serving.time_decode({"m": model}, **{"batch_sizes": [1], "prompt_len": 2, "new_tokens": 2, "repeats": 1,
+                                                "split": False, **kw})
+
+
+TRACE = T([[0, 1], [2, 3], [0, 2]])
+TRACES = T([[[0, 1], [2, 3]], [[1, 2], [0, 3]]])
+X8 = torch.randn(3, 8)
+
+# issue 26: the areas a hold-out set of bad calls found failing deep inside torch, numpy or the standard library,
+# or passing silently
+ROWS += [
+    # serving.py
+    ("expected_distinct-batch-str", lambda: serving.expected_distinct_experts(8, 2, "4"), TypeError, "batch"),
+    ("expected_distinct-batch-nan", lambda: serving.expected_distinct_experts(8, 2, math.nan), ValueError, "batch"),
+    ("expected_distinct-k-float", lambda: serving.expected_distinct_experts(8, 2.0, 4), TypeError, "k must"),
+    ("distinct_from_share-batch-str", lambda: serving.distinct_from_share([0.5, 0.5], "2"), TypeError, "batch"),
+    ("distinct_from_share-batch-negative", lambda: serving.distinct_from_share([0.5, 0.5], -1), ValueError, "batch"),
+    ("distinct_from_share-share-nan", lambda: serving.distinct_from_share([math.nan, 0.5], 2), ValueError, "share"),
+    ("token_share-id-negative", lambda: serving.token_share(T([[0, -1]]), 4), ValueError, "trace"),
+    ("token_share-id>=N", lambda: serving.token_share(T([[0, 4]]), 4), ValueError, "trace"),
+    ("token_share-n_experts-0", lambda: serving.token_share(T([[0, 1]]), 0), ValueError, "n_experts"),
+    ("token_share-float", lambda: serving.token_share(T([[0.5, 1.0]]), 4), TypeError, "trace"),
+    ("measured_distinct-id>=N", lambda: serving.measured_distinct_experts(TRACES, [1], 3), ValueError, "trace"),
+    ("measured_distinct-id-negative", lambda: serving.measured_distinct_experts(-TRACES - 1, [1], 4), ValueError,
+     "trace"),
+    ("measured_distinct-batch-0", lambda: serving.measured_distinct_experts(TRACES, [0], 4), ValueError, "batch"),
+    ("measured_distinct-n_experts-str", lambda: serving.measured_distinct_experts(TRACES, [1], "4"), TypeError,
+     "n_experts"),
+    ("bytes_per_token-tensor-not-list", lambda: serving.bytes_per_token(T([[0, 1], [2, 3]]), 1.0, 1.0), TypeError,
+     "indices"),
+    ("bytes_per_token-1d-layer", lambda: serving.bytes_per_token([T([0, 1])], 1.0, 1.0), ValueError, "indices"),
+    ("bytes_per_token-expert_bytes-negative", lambda: serving.bytes_per_token([T([[0, 1]])], -1.0, 1.0), ValueError,
+     "expert_bytes"),
+    ("bytes_per_token-other_bytes-str", lambda: serving.bytes_per_token([T([[0, 1]])], 1.0, "1"), TypeError,
+     "other_bytes"),
+    ("model_weight_bytes-negative", lambda: serving.model_weight_bytes(tiny_model(), -2.0), ValueError,
+     "bytes_per_param"),
+    ("model_weight_bytes-model", lambda: serving.model_weight_bytes(torch.nn.Linear(2, 2)), TypeError, "model"),
+    ("roofline-batch-0", lambda: serving.moe_layer_roofline(0, 8, 2, 100), ValueError, "batch"),
+    ("roofline-batch-str", lambda: serving.moe_layer_roofline("4", 8, 2, 100), TypeError, "batch"),
+    ("roofline-expert_params-negative", lambda: serving.moe_layer_roofline(4, 8, 2, -100), ValueError,
+     "expert_params"),
+    ("roofline-bytes-0", lambda: serving.moe_layer_roofline(4, 8, 2, 100, 0.0), ValueError, "bytes_per_param"),
+    ("placement_load-n_gpus-0", lambda: serving.placement_load([0.25] * 4, 0), ValueError, "n_gpus"),
+    ("placement_load-n_gpus-float", lambda: serving.placement_load([0.25] * 4, 2.0), TypeError, "n_gpus"),
+    ("placement_load-redundant-negative", lambda: serving.placement_load([0.25] * 4, 2, -2), ValueError,
+     "redundant"),
+    ("placement_load-share-negative", lambda: serving.placement_load([0.5, -0.5, 0.5, 0.5], 2), ValueError, "share"),
+    ("pcie-lanes-0", lambda: serving.pcie_bytes_per_s(4, 0), ValueError, "lanes"),
+    ("pcie-generation-bool", lambda: serving.pcie_bytes_per_s(True), TypeError, "generation"),
+    ("serving_row-cfg", lambda: serving.serving_row({"name": "x"}), TypeError, "cfg"),
+    ("serving_row-batch-0", lambda: serving.serving_row(params.get_published("mixtral-8x7b"), batch_sizes=[0]),
+     ValueError, "batch_sizes"),
+    ("time_decode-no-models", lambda: serving.time_decode({}, [1]), ValueError, "models"),
+    ("time_decode-repeats-0", lambda: decode_with(tiny_model(), repeats=0), ValueError, "repeats"),
+    ("time_decode-new_tokens-0", lambda: decode_with(tiny_model(), new_tokens=0), ValueError, "new_tokens"),
+    ("time_decode-batch-0", lambda: decode_with(tiny_model(), batch_sizes=[0]), ValueError, "batch_sizes"),
+    ("time_decode-prompt_len-0", lambda: decode_with(tiny_model(), prompt_len=0), ValueError, "prompt_len"),
+    ("time_decode-too-long", lambda: decode_with(tiny_model(), prompt_len=6, new_tokens=6), ValueError, "block_size"),
+    ("time_decode-data-short", lambda: decode_with(tiny_model(), data=data()[:2]), ValueError, "data"),
+    ("serving_probe-size", lambda: serving.serving_probe(tiny_model(), None, "huge"), ValueError, "size"),
+    # offload.py
+    ("simulate_cache-capacity-float", lambda: offload.simulate_cache(TRACE, 2.0), TypeError, "capacity"),
+    ("simulate_cache-keep-negative", lambda: offload.simulate_cache(TRACE, 2, "static", keep=[-1]), ValueError,
+     "keep"),
+    ("simulate_cache-keep-str", lambda: offload.simulate_cache(TRACE, 2, "static", keep="01"), TypeError, "keep"),
+    ("simulate_cache-keep-float", lambda: offload.simulate_cache(TRACE, 2, "static", keep=[0.5]), TypeError, "keep"),
+    ("simulate_cache-keep-with-lru", lambda: offload.simulate_cache(TRACE, 2, keep=[0]), ValueError, "keep"),
+    ("simulate_cache-bypass-lru", lambda: offload.simulate_cache(TRACE, 2, bypass=True), ValueError, "bypass"),
+    ("simulate_cache-trace-1d", lambda: offload.simulate_cache(T([0, 1]), 2), ValueError, "trace"),
+    ("simulate_cache-trace-list-of-str", lambda: offload.simulate_cache([["a"]], 2), TypeError, "trace"),
+    ("simulate_cache-prefetch-float", lambda: offload.simulate_cache(TRACE, 2, prefetch=TRACE.float()), TypeError,
+     "prefetch"),
+    ("hit_rate_curve-keep-short", lambda: offload.hit_rate_curve(TRACES, [1, 2], "static", keep=[[0]]), ValueError,
+     "keep"),
+    ("hit_rate_curve-traces-2d", lambda: offload.hit_rate_curve(TRACE, [1]), ValueError, "traces"),
+    ("hit_rate_curve-capacity-0", lambda: offload.hit_rate_curve(TRACES, [0]), ValueError, "capacity"),
+    ("hit_rate_curve-prefetch-short", lambda: offload.hit_rate_curve(TRACES, [1], prefetch=TRACES[:1]), ValueError,
+     "prefetch"),
+    ("batch_trace-batch-0", lambda: offload.batch_trace(TRACES, 0), ValueError, "batch"),
+    ("batch_trace-batch-float", lambda: offload.batch_trace(TRACES, 1.0), TypeError, "batch"),
+    ("random_trace-steps-negative", lambda: offload.random_trace(-1, 8, 2), ValueError, "steps"),
+    ("random_trace-k-float", lambda: offload.random_trace(4, 8, 1.5), TypeError, "k must"),
+    ("random_trace-k>N", lambda: offload.random_trace(4, 2, 3), ValueError, "k"),
+    ("random_trace-sequences-0", lambda: offload.random_trace(4, 8, 2, sequences=0), ValueError, "sequences"),
+    ("record_routing-idx-1d", lambda: offload.record_routing(tiny_model(), T([1, 2, 3])), ValueError, "idx"),
+    ("record_routing-idx-float", lambda: offload.record_routing(tiny_model(), torch.zeros(1, 4)), TypeError, "idx"),
+    ("record_routing-ahead-int", lambda: offload.record_routing(tiny_model(), torch.zeros(1, 4).long(), ahead=1),
+     TypeError, "ahead"),
+    ("prefetch_recall-1d", lambda: offload.prefetch_recall(T([0, 1, 2]), T([0, 1]), 1), ValueError, "ranking"),
+    ("prefetch_recall-m-float", lambda: offload.prefetch_recall(T([[0, 1, 2]]), T([[0]]), 1.0), TypeError, "m must"),
+    ("offload_seconds-hit_rate-nan", lambda: offload.offload_seconds_per_token(math.nan, 2, 2, 1.0, 1.0), ValueError,
+     "hit_rate"),
+    ("offload_seconds-layers-negative", lambda: offload.offload_seconds_per_token(0.5, -2, 2, 1.0, 1.0), ValueError,
+     "n_moe_layers"),
+    ("offload_seconds-k-0", lambda: offload.offload_seconds_per_token(0.5, 2, 0, 1.0, 1.0), ValueError, "k must"),
+    ("offload_seconds-bandwidth-str", lambda: offload.offload_seconds_per_token(0.5, 2, 2, 1.0, "1e9"), TypeError,
+     "link_bytes_per_s"),
+    ("offload_seconds-other-negative", lambda: offload.offload_seconds_per_token(0.5, 2, 2, 1.0, 1.0, -1.0),
+     ValueError, "other_seconds"),
+    # the KV cache (model.py)
+    ("generate_cached-empty-prompt", lambda: tiny_model().generate_cached(torch.zeros(1, 0).long(), 2), ValueError,
+     "idx"),
+    ("generate_cached-token>=vocab", lambda: tiny_model().generate_cached(T([[1, 256]]), 2), ValueError, "idx"),
+    ("generate_cached-token-negative", lambda: tiny_model().generate_cached(T([[1, -1]]), 2), ValueError, "idx"),
+    ("generate_cached-max_new_tokens-negative", lambda: tiny_model().generate_cached(T([[1, 2]]), -1), ValueError,
+     "max_new_tokens must"),
+    ("generate_cached-max_new_tokens-float", lambda: tiny_model().generate_cached(T([[1, 2]]), 2.0), TypeError,
+     "max_new_tokens"),
+    ("generate_cached-idx-1d", lambda: tiny_model().generate_cached(T([1, 2]), 2), ValueError, "idx"),
+    ("generate_cached-idx-float", lambda: tiny_model().generate_cached(torch.zeros(1, 2), 2), TypeError, "idx"),
+    ("generate_cached-temperature-nan", lambda: tiny_model().generate_cached(T([[1, 2]]), 2, math.nan), ValueError,
+     "temperature"),
+    ("generate-max_new_tokens-negative", lambda: tiny_model().generate(T([[1, 2]]), -1), ValueError,
+     "max_new_tokens"),
+    ("generate-token>=vocab", lambda: tiny_model().generate(T([[1, 300]]), 1), ValueError, "idx"),
+    ("new_cache-batch-0", lambda: tiny_model().new_cache(0), ValueError, "batch"),
+    ("new_cache-batch-float", lambda: tiny_model().new_cache(1.0), TypeError, "batch"),
+    ("forward_cached-token>=vocab", lambda: tiny_model().forward_cached(T([[300]]), tiny_model().new_cache(1)),
+     ValueError, "idx"),
+    ("TinyLM-forward-token>=vocab", lambda: tiny_model()(T([[1, 256]])), ValueError, "idx"),
+    ("TinyLM-forward-idx-float", lambda: tiny_model()(torch.zeros(1, 2)), TypeError, "idx"),
+    ("TinyLM-forward-too-long", lambda: tiny_model()(torch.zeros(1, 9).long()), ValueError, "block_size"),
+    ("TinyLM-forward-targets-shape", lambda: tiny_model()(torch.zeros(1, 4).long(), torch.zeros(1, 3).long()),
+     ValueError, "targets"),
+    # collectives.py
+    ("send_tokens-x-1d", lambda: collectives.send_tokens(T([1.0, 2.0]), T([0, 0]), 1), ValueError, "x must"),
+    ("send_tokens-no-process-group", lambda: collectives.send_tokens(X8, T([0, 0, 0]), 1), RuntimeError,
+     "process group"),
+    ("send_tokens-dest-outside", lambda: one_rank_group(lambda: collectives.send_tokens(X8, T([0, 1, 0]), 1)),
+     ValueError, "dest"),
+    ("send_tokens-dest-length", lambda: collectives.send_tokens(X8, T([0, 0]), 1), ValueError, "dest"),
+    ("send_tokens-world-0", lambda: collectives.send_tokens(X8, T([0, 0, 0]), 0), ValueError, "world"),
+    ("run-world-0", lambda: collectives.run(snapshot.main, 0), ValueError, "world"),
+    ("run-unpicklable-args", lambda: collectives.run(snapshot.main, 1, lambda: 0), TypeError, "args"),
+    ("run-args_by_rank-not-tuples", lambda: collectives.run(snapshot.main, 1, args_by_rank=[5]), TypeError,
+     "args_by_rank"),
+    ("exchange_inputs-world-0", lambda: collectives.exchange_inputs(0), ValueError, "world"),
+    ("exchange_inputs-skip_rank-outside", lambda: collectives.exchange_inputs(2, skip_rank=2), ValueError,
+     "skip_rank"),
+    ("exchange_inputs-skip-only-rank", lambda: collectives.exchange_inputs(1, skip_rank=0), ValueError, "skip_rank"),
+    ("exchange_inputs-d-0", lambda: collectives.exchange_inputs(2, d=0), ValueError, "d must"),
+    ("expected_received-empty", lambda: collectives.expected_received([]), ValueError, "inputs"),
+    ("row_origins-1d", lambda: collectives.row_origins(T([100.0, 101.0])), ValueError, "out"),
+    # snapshot.py
+    ("read_snapshot-foreign-header", lambda: snapshot.read_snapshot(foreign_file()), snapshot.SnapshotError,
+     "header"),
+    ("read_index-not-an-index", lambda: snapshot.read_index(foreign_file()), snapshot.SnapshotError, "index"),
+    ("snapshot_path-index-malformed", lambda: snapshot.snapshot_path("course", {"course": {}}),
+     snapshot.SnapshotError, "index"),
+    ("write_snapshot-train-str", lambda: snapshot.write_snapshot(foreign_file("x.xz"), {}, "ab", b"", b"ab", b""),
+     TypeError, "train"),
+    # course/links.py
+    ("repo_slug-None", lambda: links.repo_slug(None), TypeError, "repo_url"),
+    ("repo_slug-not-a-repository", lambda: links.repo_slug("https://github.com/owner/repo/issues/3"), ValueError,
+     "repo_url"),
+    ("repo_slug-bad-name", lambda: links.repo_slug("https://github.com/own er/re po"), ValueError, "repo_url"),
+    ("colab_url-branch-with-space", lambda: links.colab_url("notebooks/00_welcome.ipynb", branch="my branch"),
+     ValueError, "branch"),
+    ("binder_url-branch-int", lambda: links.binder_url(branch=3), TypeError, "branch"),
+    ("colab_url-path-int", lambda: links.colab_url(5), TypeError, "notebook_path"),
+    ("stamp_readme-text-bytes", lambda: links.stamp_readme(b"x"), TypeError, "text"),
+    ("set_repo-branch-with-space", lambda: links.set_repo("a/b", branch="a b", root="/nonexistent"), ValueError,
+     "branch"),
+    # metrics.py
+    ("paired_gaps-strings", lambda: metrics.paired_gaps(["1.0", "2.0"], [1.0, 2.0]), TypeError, "a must"),
+    ("paired_gaps-tensors", lambda: metrics.paired_gaps(T([1.0, 2.0]), T([1.0, 2.0])), TypeError, "a must"),
+    ("paired_gaps-nan", lambda: metrics.paired_gaps([1.0, math.nan], [1.0, 2.0]), ValueError, "a must"),
+    ("paired_gaps-str-whole", lambda: metrics.paired_gaps("12", "34"), TypeError, "a must"),
+    ("mean_std-nan", lambda: metrics.mean_std([1.0, math.nan]), ValueError, "values"),
+    ("mean_std-str", lambda: metrics.mean_std("12"), TypeError, "values"),
+    ("expert_counts-float", lambda: metrics.expert_counts(T([[0.5, 1.0]]), 4), TypeError, "indices"),
+    ("expert_counts-n_experts-0", lambda: metrics.expert_counts(T([[0, 1]]), 0), ValueError, "n_experts"),
+    ("max_violation-nan", lambda: metrics.max_violation(T([0.5, math.nan])), ValueError, "load"),
+    ("max_violation-negative", lambda: metrics.max_violation(T([0.5, -0.5, 1.0])), ValueError, "load"),
+    ("load_entropy-negative", lambda: metrics.load_entropy(T([0.5, -0.5, 1.0])), ValueError, "load"),
+    ("routing_entropy-negative", lambda: metrics.routing_entropy(T([[0.5, -0.5]])), ValueError, "scores"),
+    ("mfu-tokens-negative", lambda: metrics.mfu(-1.0, 1e6, "H100"), ValueError, "tokens_per_s"),
+    ("mfu-device-int", lambda: metrics.mfu(1.0, 1e6, 5), TypeError, "device_name"),
+    # corpus.py
+    ("load_corpus-max_bytes-10", lambda: corpus.load_corpus(max_bytes=10), ValueError, "max_bytes"),
+    ("load_corpus-max_bytes-float", lambda: corpus.load_corpus(max_bytes=1e4), TypeError, "max_bytes"),
+    ("load_corpus-max_bytes-bool", lambda: corpus.load_corpus(max_bytes=True), TypeError, "max_bytes"),
+    ("get_batch-block-too-long", lambda: corpus.get_batch(data()[:10], 2, 10), ValueError, "block_size"),
+    ("get_batch-batch_size-0", lambda: corpus.get_batch(data(), 0, 4), ValueError, "batch_size"),
+    ("get_batch-data-2d", lambda: corpus.get_batch(data()[None], 2, 4), ValueError, "data"),
+    ("get_batch-types-length", lambda: corpus.get_batch(data(), 2, 4, types=types()[:10]), ValueError, "types"),
+    ("encode-bytes", lambda: corpus.encode(b"x"), TypeError, "text"),
+    ("decode-out-of-range", lambda: corpus.decode([65, 300]), ValueError, "tokens"),
+    ("decode-negative", lambda: corpus.decode([-1]), ValueError, "tokens"),
+    # parallel.py, dispatch.py, fine_grained.py, local_experts.py: the older rows still open
+    ("ExpertParallelMoE-no-process-group", lambda: parallel.ExpertParallelMoE.from_moe(moe_layer(), 0, 1)(X8),
+     RuntimeError, "process group"),
+    ("ExpertParallelMoE-world-0", lambda: parallel.ExpertParallelMoE(moe_layer(), 0, 0), ValueError, "world"),
+    ("shared_moe_forward-k>N", lambda: fine_grained.shared_moe_forward(X8, torch.randn(4, 8), experts4(), [], 5),
+     ValueError, "k"),
+    ("shared_moe_forward-k-0", lambda: fine_grained.shared_moe_forward(X8, torch.randn(4, 8), experts4(), [], 0),
+     ValueError, "k"),
+    ("shared_moe_forward-gate-rows", lambda: fine_grained.shared_moe_forward(X8, torch.randn(3, 8), experts4(), [],
+                                                                             2), ValueError, "gate_weight"),
+    ("shared_moe_forward-x-1d", lambda: fine_grained.shared_moe_forward(torch.randn(8), torch.randn(4, 8),
+                                                                        experts4(), [], 2), ValueError, "x must"),
+    ("dispatch_sorted-indices-float", lambda: dispatch.dispatch_sorted(X8, torch.ones(3, 2), torch.ones(3, 2),
+                                                                       experts4()), TypeError, "indices"),
+    ("dispatch_loop-indices-float", lambda: dispatch.dispatch_loop(X8, torch.ones(3, 2), torch.ones(3, 2),
+                                                                   experts4()), TypeError, "indices"),
+    ("dispatch_dense-indices-float", lambda: dispatch.dispatch_dense(X8, torch.ones(3, 2), torch.ones(3, 2),
+                                                                     experts4()), TypeError, "indices"),
+    ("sort_by_expert-1d", lambda: dispatch.sort_by_expert(T([0, 1]), 4), ValueError, "indices"),
+    ("sort_by_expert-float", lambda: dispatch.sort_by_expert(T([[0.0, 1.0]]), 4), TypeError, "indices"),
+    ("sort_by_expert-id>=N", lambda: dispatch.sort_by_expert(T([[0, 4]]), 4), ValueError, "indices"),
+    ("combine-n_tokens-negative", lambda: dispatch.combine(torch.ones(2, 3), torch.ones(2), T([0, 1]), -1),
+     ValueError, "n_tokens"),
+    ("combine-token-outside", lambda: dispatch.combine(torch.ones(2, 3), torch.ones(2), T([0, 5]), 2), ValueError,
+     "token"),
+    ("capacity_mask-capacity-negative", lambda: dispatch.capacity_mask(T([[0, 1]]), 4, -1), ValueError, "capacity"),
+    ("get_dispatcher-unknown", lambda: dispatch.get_dispatcher("fast"), ValueError, "fast"),
+    ("cooperative_loss-no-cases", lambda: local_experts.cooperative_loss(torch.zeros(0, 2), torch.zeros(0, 2, 1),
+                                                                         torch.zeros(0, 1)), ValueError, "p"),
+    ("competitive_loss-no-cases", lambda: local_experts.competitive_loss(torch.zeros(0, 2), torch.zeros(0, 2, 1),
+                                                                         torch.zeros(0, 1)), ValueError, "p"),
+    ("weighted_squared_error-no-cases", lambda: local_experts.weighted_squared_error(
+        torch.zeros(0, 2), torch.zeros(0, 2, 1), torch.zeros(0, 1)), ValueError, "p"),
+    ("responsibilities-no-cases", lambda: local_experts.responsibilities(torch.zeros(0, 2), torch.zeros(0, 2, 1),
+                                                                         torch.zeros(0, 1)), ValueError, "p"),
+    ("MoE-token-dim", lambda: moe_layer()(torch.randn(3, 5)), ValueError, "x"),
+    ("MoE-x-int", lambda: moe_layer()(torch.zeros(3, 8, dtype=torch.long)), TypeError, "x"),
+    ("TrainConfig-warmup>steps", lambda: TrainConfig(steps=10, warmup=1000), ValueError, "warmup"),
+]
+
+
 @pytest.mark.parametrize(("call", "error", "argument"), [pytest.param(*row[1:], id=row[0]) for row in ROWS])
 def test_bad_input_raises_a_named_error_at_entry(call, error, argument):
     with pytest.raises(Exception) as info:  # noqa: B017, PT011 - the type is asserted below, with the message
@@ -407,3 +676,136 @@ def test_value_checks_in_training_paths_do_not_read_accelerator_tensors():
 def test_model_settings_still_build():
     assert len(tiny_model(moe_every=2).moe_layers()) == 1
     assert MoE(8, 16, 4, 2, router="hash").router.table.shape == (256, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 26: command lines check every path and setting before any work; the inputs that legitimately pass
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--json", "{file}/run.json"], "--json"),
+        (["--out", "{file}/checkpoints"], "--out"),
+        (["--set", "warmup=1000"], "warmup"),
+    ],
+)
+def test_train_cli_refuses_bad_paths_and_settings_before_training(argv, flag, tmp_path, capsys):
+    from moe_course import train
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "a_file")) for a in argv]
+    with pytest.raises(SystemExit) as exc:  # without --dry-run: it would train if the checks passed
+        train.main(["--preset", "smoke", "--device", "cpu", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "preset smoke:" not in err
+
+
+@pytest.mark.parametrize("content", [None, b"not a snapshot", "foreign"])
+def test_snapshot_cli_prints_one_line_for_a_missing_or_foreign_file(content, tmp_path, capsys):
+    path = tmp_path / "x.xz"
+    if content == "foreign":
+        path = foreign_file()
+    elif content is not None:
+        path.write_bytes(content)
+    assert snapshot.main(["digest", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+LEGITIMATE_PASSES = [
+    # (id, call, why it passes)
+    ("MoE-empty-batch", lambda: moe_layer()(torch.zeros(0, 8)),
+     "an empty batch gives an empty output: a data loader's last, empty shard must not crash the layer"),
+    ("TinyLM-empty-sequence", lambda: tiny_model()(torch.zeros(2, 0).long()),
+     "T = 0 gives (B, 0, V) logits, as any sequence model would; only generation needs a prompt"),
+    ("MoE-nan-tokens", lambda: moe_layer()(torch.full((3, 8), math.nan)),
+     "NaN propagates through a forward pass: checking every activation would sync the GPU in each layer, and "
+     "the training loop already skips non-finite losses"),
+    ("switch_aux_loss-no-tokens", lambda: balancing.switch_aux_loss(torch.rand(0, 4), torch.zeros(0, 2).long(), 4),
+     "no tokens, no imbalance: 0, so summing the losses of layers over an empty batch stays finite"),
+    ("importance_loss-no-tokens", lambda: balancing.importance_loss(torch.zeros(0, 4)), "the same, for CV²: 0"),
+    ("router_z_loss-no-tokens", lambda: balancing.router_z_loss(torch.zeros(0, 4)), "the same: 0"),
+    ("expected_distinct-batch-0", lambda: serving.expected_distinct_experts(8, 8, 0),
+     "B = 0 tokens use 0 experts (k = N included): the formula's value, and the exercise's edge case"),
+    ("dispatch_sorted-no-tokens", lambda: dispatch.dispatch_sorted(torch.zeros(0, 8), torch.zeros(0, 2),
+                                                                   torch.zeros(0, 2).long(), experts4()),
+     "an empty batch dispatches nothing and returns (0, d)"),
+    ("simulate_cache-empty-trace", lambda: offload.simulate_cache(torch.zeros(0, 2).long(), 2),
+     "no steps, no requests: hit rate 0.0 by the documented convention"),
+    ("random_trace-0-steps", lambda: offload.random_trace(0, 8, 2), "zero steps is an empty trace (T = 0)"),
+    ("max_violation-all-zero", lambda: metrics.max_violation(torch.zeros(4)),
+     "an empty batch's counts are even by convention (documented): 0"),
+]
+
+
+@pytest.mark.parametrize(("call", "why"), [pytest.param(c, w, id=i) for i, c, w in LEGITIMATE_PASSES])
+def test_legitimate_inputs_pass(call, why):
+    """Inputs that look odd but have a well-defined answer: each passes on purpose, for the reason given."""
+    assert why
+    call()
+
+
+# Public functions whose bad inputs are checked elsewhere, or that take nothing a caller can get wrong
+EXEMPT = {
+    "moe_course.device": "pick_device, has_gpu, seed_everything, environment_report, cpu_threads: tests/test_imports",
+    "moe_course.timing": "timers of any callable; repeats and warmup checked in tests/test_timing.py",
+    "moe_course.train": "the CLI is covered above and in tests/test_cli.py; TrainConfig by a row",
+    "moe_course.synthetic": "checked in tests/test_synthetic.py (sizes and noise)",
+    "moe_course.experts": "layers built by MoE, whose arguments validate_moe_args checks (rows of test_layer_parts)",
+    "moe_course.params": "configs checked in tests/test_params.py",
+    "moe_course.validate": "the checks themselves",
+    "moe_course.moe": "validate_moe_args and MoE: rows above and tests/test_layer_parts.py",
+    "moe_course.model": "ModelConfig and TinyLM: rows above",
+}
+WHY_NO_ROW = {  # single functions of the checked modules, each with where its bad inputs are tested instead
+    **dict.fromkeys(["corpus.cache_path", "corpus.corpus_files", "corpus.corpus_sha256", "corpus.default_cache_dir",
+                     "corpus.freeze", "corpus.is_val_file", "corpus.label_token_types", "corpus.make_manifest",
+                     "corpus.read_manifest", "corpus.split_files", "corpus.stdlib_dir", "corpus.train_bytes",
+                     "corpus.val_part_of", "corpus.write_manifest"],
+                    "corpus build and manifest tooling: names are checked by _check_name (tests/test_corpus*.py)"),
+    **dict.fromkeys(["local_experts.confident_fraction", "local_experts.count_params",
+                     "local_experts.expert_region_mse", "local_experts.expert_regions", "local_experts.matched_mlp",
+                     "local_experts.mlp",
+                     "local_experts.partition_purity", "local_experts.specialisation_report",
+                     "local_experts.train_mixture"],
+                    "notebook 01's toolkit: argument errors in tests/test_local_experts.py"),
+    **dict.fromkeys(["fine_grained.comparison_configs", "fine_grained.expert_similarity",
+                     "fine_grained.fine_grained_config", "fine_grained.n_combinations", "fine_grained.param_table"],
+                    "tests/test_fine_grained.py (expert_similarity delegates to analysis, which has rows)"),
+    **dict.fromkeys(["loss_free.check_size", "loss_free.course_model", "loss_free.course_train", "loss_free.final",
+                     "loss_free.max_vio_batch"], "tests/test_loss_free.py"),
+    "links.binder_badge": "wraps binder_url, which has rows",
+    "links.colab_badge": "wraps colab_url, which has rows",
+    "offload.lru_hit_rate": "wraps simulate_cache, which has rows",
+    "snapshot.digest": "wraps read_snapshot, which has rows (and the CLI test above)",
+    "serving.dense_twin": "copies a config; ModelConfig checks the copy",
+    "analysis.shared_output_share": "tests/test_analysis.py",
+    "capstone.equal_active_moe": "builds a ModelConfig, which checks every field",
+    "parallel.all_to_all": "the collective inside ExpertParallelMoE, which has rows",
+    "parallel.fail_on_rank": "a deliberate failure for the launcher's tests",
+}
+def concept_modules() -> list[str]:
+    """The concept modules at the top of moe_course (plots/, experiments/ and course/ are not), plus links."""
+    names = [p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")]
+    return sorted(f"moe_course.{n}" for n in names) + ["moe_course.course.links"]
+
+
+def test_every_public_function_of_a_concept_module_has_a_bad_input_row():
+    """A new public function of a concept module needs a row above (its name in a row's call), or its module an
+    entry in EXEMPT, or the function one in WHY_NO_ROW, that says where its bad inputs are tested or why none."""
+    import importlib
+    import inspect
+    rows_source = inspect.getsource(__import__(__name__))
+    missing = []
+    for name in concept_modules():
+        if name in EXEMPT:
+            continue
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", []):
+            obj = getattr(module, attr)
+            short = f"{name.rsplit('.', 1)[1]}.{attr}"
+            if inspect.isfunction(obj) and obj.__module__ == name and short not in WHY_NO_ROW \
+                    and f"{attr}(" not in rows_source:
+                missing.append(f"{name}.{attr}")
+    assert not missing, f"public functions without a bad-input row (add one, or an EXEMPT entry): {missing}"

@@ -179,7 +179,7 @@ def test_bad_arguments_name_the_choices():
         load_corpus(name="huge")
     with pytest.raises(ValueError, match="source must be one of 'snapshot', 'installed'"):
         load_corpus(source="web")
-    with pytest.raises(ValueError, match="max_bytes must be at least 2"):
+    with pytest.raises(ValueError, match="max_bytes must be an int >= 20"):
         load_corpus(max_bytes=1)
     assert snapshot.main(["nope"]) == 2
 

@@ -32,7 +32,7 @@ def test_expected_distinct_by_hand():
     assert float(expected_distinct_experts(4, 4, 3)) == 4.0
     with pytest.raises(ValueError, match="k=5 experts per token cannot exceed n_experts=4"):
         expected_distinct_experts(4, 5, 1)
-    with pytest.raises(ValueError, match="batch sizes must be >= 0"):
+    with pytest.raises(ValueError, match="batch must hold finite batch sizes >= 0"):
         expected_distinct_experts(4, 2, torch.tensor([-1]))
 
 

@@ -48,15 +48,20 @@ DEFAULT_NOTEBOOK = "notebooks/00_welcome.ipynb"
 
 def repo_slug(repo_url: str = REPO_URL) -> str:
     """``"OWNER/REPO"`` of a ``https://github.com/OWNER/REPO`` URL (Colab and Binder address repos so)."""
+    if not isinstance(repo_url, str):
+        raise TypeError(f"repo_url must be a str such as {REPO_URL!r}, got {type(repo_url).__name__} {repo_url!r}")
     prefix = "https://github.com/"
     parts = repo_url.removeprefix(prefix).removesuffix(".git").strip("/").split("/")
-    if not repo_url.startswith(prefix) or len(parts) != 2 or not all(parts):
+    if not repo_url.startswith(prefix) or len(parts) != 2 or not all(_NAME.fullmatch(p) for p in parts):
         raise ValueError(f"repo_url must look like https://github.com/OWNER/REPO, got {repo_url!r}")
     return "/".join(parts)
 
 
 def _notebook(notebook_path: str | os.PathLike[str]) -> str:
     """Validate a notebook path relative to the repository root and return it in POSIX form."""
+    if not isinstance(notebook_path, (str, os.PathLike)):
+        raise TypeError(f"notebook_path must be a str or path such as 'notebooks/00_welcome.ipynb', got "
+                        f"{type(notebook_path).__name__} {notebook_path!r}")
     path = PurePosixPath(os.fspath(notebook_path).replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or path.suffix != ".ipynb" or len(path.parts) < 2:
         raise ValueError(
@@ -68,14 +73,14 @@ def _notebook(notebook_path: str | os.PathLike[str]) -> str:
 
 def colab_url(notebook_path: str | os.PathLike[str], repo_url: str | None = None, branch: str | None = None) -> str:
     """URL that opens ``notebook_path`` (e.g. ``notebooks/00_welcome.ipynb``) on Google Colab."""
-    slug, branch = repo_slug(repo_url or REPO_URL), branch or BRANCH
+    slug, branch = repo_slug(repo_url or REPO_URL), _check_branch(branch or BRANCH)
     return f"https://colab.research.google.com/github/{slug}/blob/{branch}/{_notebook(notebook_path)}"
 
 
 def binder_url(notebook_path: str | os.PathLike[str] = DEFAULT_NOTEBOOK, repo_url: str | None = None,
                branch: str | None = None) -> str:
     """URL that builds the repository on mybinder.org and opens ``notebook_path`` in JupyterLab."""
-    slug, branch = repo_slug(repo_url or REPO_URL), branch or BRANCH
+    slug, branch = repo_slug(repo_url or REPO_URL), _check_branch(branch or BRANCH)
     return f"https://mybinder.org/v2/gh/{slug}/{branch}?urlpath=lab/tree/{_notebook(notebook_path)}"
 
 
@@ -105,8 +110,19 @@ def _check_slug(slug: str) -> str:
     return "/".join(parts)
 
 
+def _check_branch(branch: object) -> str:
+    """A git branch or tag name (letters, digits, '.', '_', '-', '/'; no spaces, no '..')."""
+    if not isinstance(branch, str):
+        raise TypeError(f"branch must be a str such as 'main', got {type(branch).__name__} {branch!r}")
+    if not _BRANCH.fullmatch(branch) or ".." in branch or branch.endswith(("/", ".lock")):
+        raise ValueError(f"branch must be a git branch or tag name such as main or v1.0, got {branch!r}")
+    return branch
+
+
 def stamp_readme(text: str, repo_url: str | None = None, branch: str | None = None) -> str:
     """``text`` with every Colab, Binder and repository link rewritten for ``repo_url`` at ``branch``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str (the README's text), got {type(text).__name__}")
     repo_url, branch = repo_url or REPO_URL, branch or BRANCH
     text = _COLAB_ANY.sub(lambda m: colab_url(m.group(1), repo_url, branch), text)
     text = _BINDER_ANY.sub(lambda m: binder_url(m.group(1), repo_url, branch), text)
@@ -120,9 +136,7 @@ def set_repo(slug: str, branch: str | None = None, root: str | Path = ".") -> li
     solutions' setup and title cells and the exercise notebooks with the new values.
     """
     slug = _check_slug(slug)
-    branch = branch or BRANCH
-    if not _BRANCH.fullmatch(branch) or ".." in branch or branch.endswith(("/", ".lock")):
-        raise ValueError(f"branch must be a git branch or tag name such as main or v1.0, got {branch!r}")
+    branch = _check_branch(branch or BRANCH)
     root = Path(root)
     source = root / "moe_course" / "course" / "links.py"
     if not source.is_file():
