@@ -13,6 +13,7 @@ PYTHON     ?= $(shell for p in python3 python3.13 python3.12 python3.11 python3.
                 && { echo $$p; break; }; done)
 VENV       ?= .venv
 BIN        := $(VENV)/bin
+LAB_STAMP  := $(VENV)/.moe_course_lab
 STAMP      := $(VENV)/.moe_course_installed
 SANITIZE   := tests/nbval_sanitize.cfg
 NBVAL      := --nbval-current-env --nbval-sanitize-with $(SANITIZE) --nbval-cell-timeout=600
@@ -41,14 +42,22 @@ help:
 	@echo "make exercises - regenerate notebooks/ from solutions/"
 	@echo "make execute   - re-execute the solution notebooks in place (after editing them; NB=path for one)"
 
-$(STAMP): pyproject.toml
+# make lab installs what a learner needs (the package, PyTorch, JupyterLab); make test adds the test tools.
+# PyTorch's index is tried with one retry and a short timeout, so an unreachable index fails in seconds.
+$(LAB_STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.10 or newer is required: install it (python.org, Homebrew, apt) and retry"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_INDEX_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --retries 1 --timeout 20 \
+		$(TORCH_INDEX_ARGS) "$(TORCH_SPEC)" || { echo "could not install PyTorch ($(TORCH_SPEC) $(TORCH_INDEX_ARGS));" \
+		"if PyTorch's index is unreachable, install from PyPI instead: make lab TORCH_INDEX_ARGS="; exit 1; }
+	$(BIN)/python -m pip install -e ".[lab]"
+	touch $(LAB_STAMP)
+
+$(STAMP): $(LAB_STAMP)
 	$(BIN)/python -m pip install -e ".[dev,lab]"
 	touch $(STAMP)
 
-$(LAB_SETTINGS): jupyter-settings/overrides.json $(STAMP)
+$(LAB_SETTINGS): jupyter-settings/overrides.json $(LAB_STAMP)
 	mkdir -p $(@D)
 	cp jupyter-settings/overrides.json $@
 
@@ -57,7 +66,7 @@ setup: $(STAMP) $(LAB_SETTINGS)
 # JupyterLab refuses to start as root (containers, Binder-like set-ups) unless told it may.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-lab: $(STAMP) $(LAB_SETTINGS)
+lab: $(LAB_STAMP) $(LAB_SETTINGS)
 	$(BIN)/jupyter lab $(LAB_ARGS) --notebook-dir=. notebooks/00_welcome.ipynb
 
 lint: $(STAMP)
@@ -116,7 +125,4 @@ clean:
 
 # The learners' copy of the course: the last commit without solutions/ (INSTRUCTORS.md, "Handing out").
 handout:
-	mkdir -p handout
-	git archive --format=zip --prefix=moe-from-scratch/ -o handout/moe-from-scratch.zip HEAD \
-		$$(git ls-tree --name-only HEAD | grep -v '^solutions$$')
-	@echo "wrote handout/moe-from-scratch.zip (without solutions/)"
+	$(PYTHON) moe_course/course/handout.py  # standard library only: no venv needed

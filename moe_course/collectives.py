@@ -103,27 +103,35 @@ def run(fn: Callable[..., Any], world: int, *args: Any, args_by_rank: list[tuple
     return launch(_call_source, world, source, name, args_by_rank, args, timeout_s=timeout_s)
 
 
-def exchange_inputs(world: int, seed: int = 0, d: int = 2, skip_rank: int | None = None
+def exchange_inputs(world: int, seed: int = 0, d: int = 2, skip_rank: int | None = None, rows: int = 5,
+                    dtype: torch.dtype = torch.float32, empty_rank: int | None = None
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per rank: rows x (T_r, d) whose values say where they come from (100·rank + row) and destinations (T_r,).
+    """Per rank: rows x (T_r, d) whose first column says where they come from (100·rank + row) and destinations.
 
-    Ranks hold different numbers of rows, destinations are uneven and repeat (ties), and ``skip_rank``, when
-    given, receives nothing: the cases a correct exchange must handle.
+    Rank r holds ``rows + 2·r`` rows (none for ``empty_rank``), destinations are uneven and repeat (ties: 40 rows
+    or more expose an unstable sort), ``skip_rank``, when given, receives nothing, and ``dtype`` may be any
+    float or integer type: the cases a correct exchange must handle.
     """
     check_int("world", world, 1)
     check_int("seed", seed, 0)
     check_int("d", d, 1)
-    if skip_rank is not None:
-        check_int("skip_rank", skip_rank, 0, world - 1, f" (a rank of the world of {world})")
-        if world == 1:
-            raise ValueError("skip_rank needs a world of at least 2 ranks: with one rank every row goes to it")
+    check_int("rows", rows, 1, 99 - 2 * (world - 1), " (row ids must stay below 100 on every rank)")
+    if not isinstance(dtype, torch.dtype) or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"dtype must be a real torch dtype (e.g. torch.float64, torch.int64), got {dtype!r}")
+    for name, rank in (("skip_rank", skip_rank), ("empty_rank", empty_rank)):
+        if rank is not None:
+            check_int(name, rank, 0, world - 1, f" (a rank of the world of {world})")
+    if skip_rank is not None and world == 1:
+        raise ValueError("skip_rank needs a world of at least 2 ranks: with one rank every row goes to it")
     gen = torch.Generator().manual_seed(seed)
+    targets = torch.tensor([r for r in range(world) if r != skip_rank])
+    step = 1000 if not dtype.is_floating_point else 0.1  # later columns differ from the first, which stays exact
     inputs = []
     for rank in range(world):
-        rows = 5 + 2 * rank
-        x = (100 * rank + torch.arange(rows, dtype=torch.float32)).unsqueeze(1) + torch.arange(d) / 10  # (T_r, d)
-        targets = [r for r in range(world) if r != skip_rank]
-        dest = torch.tensor(targets)[torch.randint(len(targets), (rows,), generator=gen)]  # (T_r,)
+        n = 0 if rank == empty_rank else rows + 2 * rank
+        ids = (100 * rank + torch.arange(n, dtype=torch.float64)).unsqueeze(1)  # (T_r, 1)
+        x = (ids + step * torch.arange(d, dtype=torch.float64)).to(dtype)  # (T_r, d)
+        dest = targets[torch.randint(len(targets), (n,), generator=gen)]  # (T_r,)
         inputs.append((x, dest))
     return inputs
 

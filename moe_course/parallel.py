@@ -386,7 +386,8 @@ def _receive(results: Any, timeout: float) -> tuple[int, str, Any]:  # noqa: ANN
         raise
     except (OSError, EOFError, pickle.UnpicklingError) as err:
         raise LaunchFailed(f"the process machinery failed (not the function run on the ranks): "
-                           f"{type(err).__name__}: {err}") from err
+                           f"{type(err).__name__}: {err}. Run it again; if it fails twice, restart the kernel"
+                           ) from err
 
 
 def _free_port() -> int:
@@ -473,7 +474,8 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo"
             if p.pid is not None:
                 p.terminate()
         raise LaunchFailed(f"the process machinery failed (not the function run on the ranks): starting the "
-                           f"ranks raised {type(err).__name__}: {err}") from err
+                           f"ranks raised {type(err).__name__}: {err}. Run it again; if it fails twice, restart "
+                           "the kernel") from err
     ready: set[int] = set()
     done: dict[int, Any] = {}
     deadline = time.monotonic() + start_timeout_s

@@ -611,8 +611,11 @@ def _check_device(parser: argparse.ArgumentParser, name: str | None) -> torch.de
 
 
 def _list_presets() -> None:
+    """Print each preset with its parameter counts; the models are built on the meta device (no memory, no init)."""
     for name, preset in sorted(PRESETS.items()):
-        total, active = count_model(TinyLM(preset.model))
+        with torch.device("meta"):
+            model = TinyLM(preset.model)
+        total, active = count_model(model)
         print(f"{name:<10} total={total:<10,} active={active:<10,} {preset.description}")
 
 

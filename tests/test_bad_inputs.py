@@ -500,6 +500,12 @@ ROWS += [
      "skip_rank"),
     ("exchange_inputs-skip-only-rank", lambda: collectives.exchange_inputs(1, skip_rank=0), ValueError, "skip_rank"),
     ("exchange_inputs-d-0", lambda: collectives.exchange_inputs(2, d=0), ValueError, "d must"),
+    ("exchange_inputs-rows-0", lambda: collectives.exchange_inputs(2, rows=0), ValueError, "rows must"),
+    ("exchange_inputs-rows-100", lambda: collectives.exchange_inputs(2, rows=100), ValueError, "below 100"),
+    ("exchange_inputs-dtype-bool", lambda: collectives.exchange_inputs(2, dtype=torch.bool), TypeError, "dtype"),
+    ("exchange_inputs-dtype-str", lambda: collectives.exchange_inputs(2, dtype="float64"), TypeError, "dtype"),
+    ("exchange_inputs-empty_rank-outside", lambda: collectives.exchange_inputs(2, empty_rank=2), ValueError,
+     "empty_rank"),
     ("expected_received-empty", lambda: collectives.expected_received([]), ValueError, "inputs"),
     ("row_origins-1d", lambda: collectives.row_origins(T([100.0, 101.0])), ValueError, "out"),
     # snapshot.py

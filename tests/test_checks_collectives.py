@@ -22,6 +22,9 @@ def test_reference_passes(capsys):
     (wrong.no_minlength, "rank 2 receives nothing.*output holds their sum"),
     (wrong.sorts_dest_in_place, "changed its input dest in place"),
     (wrong.all_reduce_counts, "received .* rows, expected|output holds their sum"),
+    (wrong.unstable_sort, "40 to 44 rows each.*another order.*stable sort"),
+    (wrong.float32_output, "float64 rows.*dtype torch.float32, expected torch.float64.*x.new_empty"),
+    (wrong.counts_from_max, "rank 1 sends nothing.*rank 1 raised"),
 ])
 def test_wrong_exchanges_are_named(fn, match):
     with pytest.raises(CheckError, match=match):

@@ -245,6 +245,8 @@ def make_capacity(mistake: str | None = None):
             return keep.reshape(k, t).t().flip(0)
         if mistake == "transposed":
             return keep.reshape(k, t)
+        if mistake == "no_transpose_back":  # rank order reshaped straight to (T, k)
+            return keep.reshape(t, k)
         if mistake == "int":
             return keep.reshape(k, t).t().long()
         return keep.reshape(k, t).t()
@@ -292,6 +294,8 @@ def test_capacity_references_pass(fn, capsys):
         (make_capacity("latest_tokens"), "dropped the earliest tokens"),
         (keep_last_arrivals, "dropped the earliest assignments"),
         (make_capacity("transposed"), "transpose back"),
+        (make_capacity("no_transpose_back"), r"reshaped the rank-order mask .* straight to \(T, k\).*"
+                                             r"\.reshape\(k, t\)\.t\(\)"),
         (make_capacity("int"), "return a bool tensor"),
     ],
 )

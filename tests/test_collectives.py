@@ -46,6 +46,17 @@ def test_exchange_inputs_are_uneven_with_ties():
     assert all(torch.bincount(d, minlength=3).max() > 1 for _, d in inputs)
 
 
+def test_exchange_inputs_keep_row_ids_exact_in_every_dtype_and_can_leave_a_rank_empty():
+    for dtype in (torch.float32, torch.float64, torch.int64, torch.int32):
+        inputs = collectives.exchange_inputs(3, 1, d=3, dtype=dtype, empty_rank=1)
+        assert [x.shape for x, _ in inputs] == [(5, 3), (0, 3), (9, 3)] and inputs[1][1].shape == (0,)
+        assert all(x.dtype == dtype for x, _ in inputs)
+        assert collectives.row_origins(inputs[2][0]) == [(2, i) for i in range(9)]
+        assert not torch.equal(inputs[0][0][:, 0], inputs[0][0][:, 1])  # the columns differ
+    big = collectives.exchange_inputs(3, 0, rows=40)
+    assert [x.shape[0] for x, _ in big] == [40, 42, 44]
+
+
 def test_run_refuses_what_cannot_travel():
     with pytest.raises(TypeError, match="defined with def"):
         collectives.run(lambda: 1, 2)

@@ -134,3 +134,24 @@ def test_bench_width_lines_list_the_widths_within_the_target():
     assert lines[-1].startswith("Within 1.10 of the dense twin: the top-2 MoE at d_model 192, 256 and 384, the "
                                 "recipe at d_model 384.")
     assert "at none of these widths" in readme_tables._width_lines(data, None)[-1]  # the recipe, without gpu rows
+
+
+def test_the_title_cell_states_the_same_learner_time_as_the_readme():
+    """One source: the title's stamped line and the README's column both come from learner_minutes."""
+    for path in sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        title = nbformat.read(path, as_version=4).cells[0].source
+        stamped = [line for line in title.splitlines() if line.startswith(notebooks.LEARNER_TIME_PREFIX)]
+        assert stamped == [f"{notebooks.LEARNER_TIME_PREFIX} about {readme_tables.learner_minutes(path)} minutes "
+                           "to read the notebook and do its exercises (the course table in the README counts the "
+                           "same way; running it comes on top)."], path.name
+        assert not re.search(r"\bAbout \d+ minutes\b", title), f"{path.name}: a typed learner time in the title"
+
+
+def test_stamp_learner_time_replaces_its_line_and_does_not_count_it(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 01 · X\n\n" + "word " * 590)])
+    assert notebooks.stamp_learner_time(nb) and nb.cells[0].source.endswith("about 5 minutes to read the notebook "
+                                                                            "and do its exercises (the course table "
+                                                                            "in the README counts the same way; "
+                                                                            "running it comes on top).")
+    assert not notebooks.stamp_learner_time(nb)  # stamping twice changes nothing: the line is not counted
+    assert nb.cells[0].source.count(notebooks.LEARNER_TIME_PREFIX) == 1

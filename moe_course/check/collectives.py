@@ -14,10 +14,14 @@ from moe_course.parallel import LaunchFailed, RankFailed, launch
 
 __all__ = ["send_tokens"]
 
-CASES = (  # (what, world, seed, rank that receives nothing)
-    ("2 ranks", 2, 0, None),
-    ("3 ranks", 3, 2, None),
-    ("3 ranks, rank 2 receives nothing", 3, 1, 2),
+CASES = (  # (what, world, seed, exchange_inputs options)
+    ("2 ranks", 2, 0, {}),
+    ("3 ranks", 3, 2, {}),
+    ("3 ranks, rank 2 receives nothing", 3, 1, {"skip_rank": 2}),
+    ("3 ranks, 40 to 44 rows each (many ties)", 3, 3, {"rows": 40}),  # an unstable sort reorders ties above 16
+    ("3 ranks, rank 1 sends nothing", 3, 4, {"empty_rank": 1}),
+    ("2 ranks, float64 rows", 2, 5, {"dtype": torch.float64}),
+    ("2 ranks, int64 rows", 2, 6, {"dtype": torch.int64}),
 )
 SIZES = ("In all_to_all_single(output, input, output_split_sizes, input_split_sizes) the input splits are your "
          "counts per destination, the output splits the counts you receive from each rank (exchange them first), "
@@ -66,6 +70,9 @@ def _diagnose(what: str, rank: int, got: torch.Tensor, want: torch.Tensor, input
         extra = (" (as many rows as it sent: size the output by the counts received, exchanged first with "
                  "all_to_all_single)") if got.shape[0] == sent_own else ""
         fail(f"case '{what}': rank {rank} received {got.shape[0]} rows, expected {want.shape[0]}{extra}")
+    if got.dtype != want.dtype:
+        fail(f"case '{what}': rank {rank} returned rows of dtype {got.dtype}, expected {want.dtype} (the dtype of "
+             "x): make the output with x.new_empty(rows, d), which keeps x's dtype and device")
     if got.shape[1:] != want.shape[1:]:
         fail(f"case '{what}': rank {rank} returned rows of shape {tuple(got.shape[1:])}, "
              f"expected {tuple(want.shape[1:])}")
@@ -89,14 +96,15 @@ def _diagnose(what: str, rank: int, got: torch.Tensor, want: torch.Tensor, input
 def send_tokens(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> None:
     """Run ``fn(x, dest, world)`` on 2 and 3 gloo processes and compare what every rank receives."""
     source, name = _source(fn)
-    for what, world, seed, skip in CASES:
-        inputs = exchange_inputs(world, seed, skip_rank=skip)
+    for what, world, seed, options in CASES:
+        inputs = exchange_inputs(world, seed, **options)
         try:
             results = launch(_run_rank, world, source, name, inputs, world, timeout_s=TIMEOUT_S)
         except RankFailed as err:
             raise CheckError(_explain_failure(err, what)) from None
         except LaunchFailed as err:
-            raise CheckError(f"case '{what}': not your answer: the processes failed ({err}) — rerun the check; "
+            cause = str(err).split(". Run it again")[0]
+            raise CheckError(f"case '{what}': not your answer: the processes failed ({cause}) — rerun the check; "
                              "if it fails again, restart the kernel") from None
         for rank, (res, want) in enumerate(zip(results, expected_received(inputs), strict=True)):
             if res["changed"]:

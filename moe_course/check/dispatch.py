@@ -303,6 +303,8 @@ def _capacity_variant(indices: torch.Tensor, n_experts: int, capacity: int, mode
         return _queue_position(indices.reshape(-1), n_experts).reshape(t, k) < capacity
     rank_major = indices.t().reshape(-1)
     pos = _queue_position(rank_major, n_experts)
+    if mode == "no_transpose_back":  # the rank-order mask reshaped straight to (T, k)
+        return (pos < capacity).reshape(t, k)
     if mode == "plus_one":
         return (pos <= capacity).reshape(k, t).t()
     if mode == "minus_one":
@@ -328,6 +330,9 @@ _CAPACITY_MISTAKES = [
     ("token_major", "filled the queues in token order (token 0's choices, then token 1's, ...); every "
                     "token's first choice must claim a slot before any second choice: walk indices rank by rank "
                     "(indices.t())"),
+    ("no_transpose_back", "reshaped the rank-order mask (all first choices, then all second choices) straight to "
+                          "(T, k), so its rows are no longer tokens; reshape it to (k, T), then transpose: "
+                          ".reshape(k, t).t()"),
     ("plus_one", f"let each expert keep capacity + 1 assignments (off by one). {_OFF_BY_ONE}"),
     ("minus_one", f"let each expert keep only capacity - 1 assignments (off by one). {_OFF_BY_ONE}"),
     ("latest", "dropped the earliest assignments instead of the latest; the first to arrive keep their slots"),

@@ -7,6 +7,7 @@
                        ``data/results/`` (``python -m moe_course.course.readme_tables``)
 ``course_table``       the whole course in one table: each notebook's headline number and its paper (08)
 ``gpu_results``        the GPU suite's stored capstone, read back (``python -m moe_course.course.gpu_results``)
+``handout``            the learners' zip without the solutions (``make handout``)
 ``links``              the repository URL, branch, Colab and Binder badges
                        (``python -m moe_course.course.links set-repo OWNER/NAME``)
 =====================  ==========================================================================

@@ -26,6 +26,7 @@ import copy
 import hashlib
 import html
 import json
+import math
 import os
 import platform
 import re
@@ -57,6 +58,9 @@ __all__ = [
     "execute",
     "generate",
     "find_setup_cell",
+    "learner_minutes",
+    "learner_time_line",
+    "stamp_learner_time",
     "is_setup_cell",
     "badge_line",
     "finish_progress_bars",
@@ -335,6 +339,55 @@ def stamp_badges(nb: NotebookNode, notebook_path: str) -> bool:
     return True
 
 
+READING_WORDS_PER_MIN = 120
+"""Reading speed of technical prose with formulas, for :func:`learner_minutes`."""
+CODE_LINES_PER_MIN = 15
+"""Reading speed of the code cells a learner runs but does not write."""
+
+LEARNER_TIME_PREFIX = "**Learner time:**"
+"""The line :func:`stamp_learner_time` writes at the end of the title cell (the README's table reads the same count)."""
+
+
+def learner_minutes(nb: NotebookNode | str | Path) -> int:
+    """A learner's time for a notebook, in minutes rounded up to 5: reading + its exercises' stated minutes.
+
+    Reading: the markdown at :data:`READING_WORDS_PER_MIN` words a minute (the stamped learner-time line not
+    counted) and the code a learner runs at :data:`CODE_LINES_PER_MIN` lines a minute; each exercise's
+    ``about N minutes``. Running time is extra.
+    """
+    if not isinstance(nb, NotebookNode):
+        nb = read_notebook(nb)
+    markdown = " ".join(line for c in nb.cells if c.cell_type == "markdown" for line in _cell_source(c).split("\n")
+                        if not line.startswith(LEARNER_TIME_PREFIX))
+    code = [_cell_source(c) for c in nb.cells if c.cell_type == "code" and not _cell_source(c).startswith("#@title")]
+    words = len(re.findall(r"[A-Za-z]+", markdown))
+    lines = sum(1 for src in code for line in src.splitlines() if line.strip())
+    exercises = sum(int(m) for m in re.findall(r"\*\*Difficulty [★☆]+, about (\d+) minutes\.\*\*", markdown))
+    total = words / READING_WORDS_PER_MIN + lines / CODE_LINES_PER_MIN + exercises
+    return 5 * math.ceil(total / 5)
+
+
+def learner_time_line(nb: NotebookNode) -> str:
+    """``**Learner time:** about N minutes ...``: the title cell's last line, from :func:`learner_minutes`."""
+    return (f"{LEARNER_TIME_PREFIX} about {learner_minutes(nb)} minutes to read the notebook and do its exercises "
+            "(the course table in the README counts the same way; running it comes on top).")
+
+
+def stamp_learner_time(nb: NotebookNode) -> bool:
+    """End the title cell with :func:`learner_time_line` (an older one replaced); return whether ``nb`` changed."""
+    cell = _title_cell(nb)
+    if cell is None:
+        return False
+    lines = [line for line in _cell_source(cell).rstrip("\n").split("\n") if not line.startswith(LEARNER_TIME_PREFIX)]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    source = "\n".join([*lines, "", learner_time_line(nb)])
+    if source == _cell_source(cell):
+        return False
+    cell.source = source
+    return True
+
+
 def _retarget_badges(nb: NotebookNode) -> None:
     """Point the title's badges of a solution (``solutions/NAME``) at its exercise copy (``notebooks/NAME``)."""
     cell = _title_cell(nb)
@@ -377,12 +430,13 @@ def nbval_comments_to_tags(nb: NotebookNode) -> bool:
 def prepare_solution(nb: NotebookNode, name: str) -> NotebookNode:
     """Bring solution ``nb`` (file ``solutions/<name>``) into the form the pipeline keeps (in place).
 
-    Stamps the setup cell and the title's badges, turns nbval comment markers into tags and normalises the
-    metadata. :func:`generate` and :func:`execute` both call it, so their results agree.
+    Stamps the setup cell, the title's badges and its learner time, turns nbval comment markers into tags and
+    normalises the metadata. :func:`generate` and :func:`execute` both call it, so their results agree.
     """
     stamp_setup_cell(nb)
     stamp_badges(nb, f"{SOLUTIONS_DIR}/{name}")
     nbval_comments_to_tags(nb)
+    stamp_learner_time(nb)
     return normalize_notebook(nb)
 
 

@@ -18,9 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import nbformat
-
-from moe_course.course.notebooks import NOTEBOOK_TIMES
+from moe_course.course.notebooks import NOTEBOOK_TIMES, learner_minutes
 from moe_course.experiments import ExperimentResult, load_result
 from moe_course.experiments.capstone import BIAS_RATES, CAPSTONE_LABELS, TUNING_LRS, TUNING_WARMUPS, tuning_choice
 from moe_course.metrics import mean_std, paired_gaps
@@ -37,10 +35,6 @@ RESULTS = ROOT / "RESULTS.md"
 INSTRUCTORS = ROOT / "INSTRUCTORS.md"
 PAGES = (README, RESULTS, INSTRUCTORS)
 
-READING_WORDS_PER_MIN = 120
-"""Reading speed of technical prose with formulas, for :func:`learner_minutes`."""
-CODE_LINES_PER_MIN = 15
-"""Reading speed of the code cells a learner runs but does not write."""
 
 TOPICS = {
     "00_welcome": "welcome; dense vs sparse; total vs active parameters",
@@ -179,22 +173,6 @@ LOSS_FREE_PAPER_1B = {"loss_free_maxvio": 0.04, "aux_maxvio": 0.72, "loss_free_p
 
 def _notebook_paths(solutions_dir: Path | None = None) -> list[Path]:
     return sorted((solutions_dir or ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
-
-
-def learner_minutes(path: str | Path) -> int:
-    """A learner's time for a notebook, in minutes rounded up to 5: reading + its exercises' stated minutes.
-
-    Reading: the markdown at :data:`READING_WORDS_PER_MIN` words a minute and the code a learner runs at
-    :data:`CODE_LINES_PER_MIN` lines a minute; each exercise's ``about N minutes``. Running time is extra.
-    """
-    nb = nbformat.read(path, as_version=4)
-    markdown = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    code = [c.source for c in nb.cells if c.cell_type == "code" and not c.source.startswith("#@title")]
-    words = len(re.findall(r"[A-Za-z]+", markdown))
-    lines = sum(1 for src in code for line in src.splitlines() if line.strip())
-    exercises = sum(int(m) for m in re.findall(r"\*\*Difficulty [★☆]+, about (\d+) minutes\.\*\*", markdown))
-    total = words / READING_WORDS_PER_MIN + lines / CODE_LINES_PER_MIN + exercises
-    return 5 * math.ceil(total / 5)
 
 
 def _timings() -> dict:
