@@ -315,8 +315,8 @@ def lru_hit_rate(fn: Callable[[torch.Tensor, int], Any]) -> None:
     _requires_value_error(fn, (torch.tensor([[0, 1]]), 0), f"{fn_name(fn)}(trace, capacity=0)",
                           "a cache must hold at least one expert")
     ok("lru_hit_rate", f"e.g. {ref_lru(torch.tensor(random_rows[3]), 3):.3f} at C=3 and "
-       f"{ref_lru(torch.tensor(random_rows[5]), 5):.3f} at C=5 on random top-2 routing over 8 experts (C/N = 0.375 "
-       "and 0.625 in the long run); capacity 0 raises ValueError")
+       f"{ref_lru(torch.tensor(random_rows[5]), 5):.3f} at C=5 on its 60-step top-2 traces over 8 experts (drawn "
+       "so that no eviction depends on the order within a step); capacity 0 raises ValueError")
 
 
 # ----------------------------------------------------------------------------------------------------------

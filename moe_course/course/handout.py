@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import subprocess
 import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["PREFIX", "README_CHANGES", "build", "handout_readme", "main"]
+__all__ = ["OMIT", "PREFIX", "README_CHANGES", "build", "handout_readme", "main"]
 
 PREFIX = "moe-from-scratch/"
 """The folder every file of the zip sits in."""
@@ -32,10 +33,15 @@ README_CHANGES = (
 """(sentence of README.md, what the handout says instead); a sentence that is missing is an error."""
 
 
+OMIT = re.compile(r"\n<!-- not in the handout -->\n.*?<!-- end not in the handout -->\n", re.DOTALL)
+"""README.md's passages for maintainers of the full repository (e.g. what ``make test`` does), left out."""
+
+
 def handout_readme(text: str) -> str:
-    """README.md as the handout gives it: each of :data:`README_CHANGES` applied (each must be found once)."""
+    """README.md as the handout gives it: :data:`OMIT` passages removed, each of :data:`README_CHANGES` applied."""
     if not isinstance(text, str):
         raise TypeError(f"text must be the README's text (str), got {type(text).__name__}")
+    text = OMIT.sub("", text)
     for old, new in README_CHANGES:
         if text.count(old) != 1:
             raise ValueError(f"README.md should hold {old.strip()!r} once (found {text.count(old)}); update "
