@@ -367,6 +367,11 @@ class RankFailed(RuntimeError):
 class LaunchFailed(RuntimeError):
     """The process machinery itself failed (a broken queue or pipe), not the function run on the ranks."""
 
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"the process machinery failed (not the function run on the ranks): {cause}. Run it "
+                         "again; if it fails twice, restart the kernel")
+        self.cause = cause  # what broke, without the advice: a check words its own
+
 
 def _pack(value: Any) -> bytes:  # noqa: ANN401
     """``value`` as plain bytes, tensors by value: nothing a reader must fetch from the process that sent it.
@@ -380,14 +385,10 @@ def _pack(value: Any) -> bytes:  # noqa: ANN401
 def _receive(results: Any, timeout: float) -> tuple[int, str, Any]:  # noqa: ANN401
     """The next (rank, status, value) message of a rank; :class:`LaunchFailed` if the queue itself breaks."""
     try:
-        rank, status, packed = results.get(timeout=timeout)
+        rank, status, packed = results.get(timeout=timeout)  # queue.Empty passes through to the caller
         return rank, status, pickle.loads(packed)  # noqa: S301 - bytes our own ranks packed
-    except queue.Empty:
-        raise
     except (OSError, EOFError, pickle.UnpicklingError) as err:
-        raise LaunchFailed(f"the process machinery failed (not the function run on the ranks): "
-                           f"{type(err).__name__}: {err}. Run it again; if it fails twice, restart the kernel"
-                           ) from err
+        raise LaunchFailed(f"{type(err).__name__}: {err}") from err
 
 
 def _free_port() -> int:
@@ -473,9 +474,7 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo"
         for p in procs:
             if p.pid is not None:
                 p.terminate()
-        raise LaunchFailed(f"the process machinery failed (not the function run on the ranks): starting the "
-                           f"ranks raised {type(err).__name__}: {err}. Run it again; if it fails twice, restart "
-                           "the kernel") from err
+        raise LaunchFailed(f"starting the ranks raised {type(err).__name__}: {err}") from err
     ready: set[int] = set()
     done: dict[int, Any] = {}
     deadline = time.monotonic() + start_timeout_s

@@ -88,7 +88,7 @@ def test_a_broken_queue_is_named_as_the_machinery(monkeypatch):
 
 def test_a_check_meeting_the_machinery_failing_says_it_is_not_the_answer(monkeypatch):
     def broken(*args: Any, **kwargs: Any) -> None:  # noqa: ANN401
-        raise LaunchFailed("the process machinery failed (not the function run on the ranks): FileNotFoundError")
+        raise LaunchFailed("FileNotFoundError: [Errno 2] No such file or directory: '/tmp/pymp-x/listener-y'")
 
     monkeypatch.setattr(check_collectives, "launch", broken)
     with pytest.raises(CheckError, match="not your answer: the processes failed.*rerun") as info:

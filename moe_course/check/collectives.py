@@ -103,8 +103,7 @@ def send_tokens(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -
         except RankFailed as err:
             raise CheckError(_explain_failure(err, what)) from None
         except LaunchFailed as err:
-            cause = str(err).split(". Run it again")[0]
-            raise CheckError(f"case '{what}': not your answer: the processes failed ({cause}) — rerun the check; "
+            raise CheckError(f"case '{what}': not your answer: the processes failed ({err.cause}) — rerun the check; "
                              "if it fails again, restart the kernel") from None
         for rank, (res, want) in enumerate(zip(results, expected_received(inputs), strict=True)):
             if res["changed"]:
