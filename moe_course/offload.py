@@ -146,7 +146,7 @@ def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", pref
     if keep is not None or policy == "static":
         if policy == "lru":
             raise ValueError("keep=... is the static set or Belady's warm start; the lru policy starts empty")
-        keep = _check_keep(keep, capacity, trace)
+        keep = _check_keep(keep, capacity)
     if policy == "static":
         return _static(rows, set(keep))
     guesses = None
@@ -162,7 +162,7 @@ def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", pref
     return _lru(rows, capacity, guesses)
 
 
-def _check_keep(keep: object, capacity: int, trace: torch.Tensor) -> list[int]:
+def _check_keep(keep: object, capacity: int) -> list[int]:
     """``keep``: at most ``capacity`` distinct expert ids (ints >= 0)."""
     if keep is None:
         raise ValueError(f"the static policy needs keep=... with at most capacity={capacity} expert ids")

@@ -210,7 +210,7 @@ def _random_unambiguous_rows(gen: torch.Generator, steps: int, n_experts: int, k
         if _splits_a_step(after, capacity):
             continue
         rows.append(row)
-        last_used = dict(sorted(after.items(), key=lambda item: item[1])[len(after) - min(len(after), capacity):])
+        last_used = dict(sorted(after.items(), key=lambda item: item[1])[-capacity:])  # the cache after the step
     return rows
 
 
