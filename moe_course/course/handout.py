@@ -55,7 +55,7 @@ def build(out: str | Path = "handout/moe-from-scratch.zip", root: str | Path = "
     root, out = Path(root), Path(out)
     if not (root / ".git").exists():
         raise FileNotFoundError(f"{root.resolve()} is not a git checkout: run this in the course repository")
-    if out.exists() and out.is_dir():
+    if out.is_dir():
         raise ValueError(f"out must be a file path, got the folder {out}; e.g. handout/moe-from-scratch.zip")
     names = subprocess.run(["git", "ls-tree", "--name-only", ref], cwd=root, check=True, capture_output=True,
                            text=True).stdout.split()
