@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from moe_course.routing import TopKRouter
-from moe_course.train import evaluate
+from moe_course.train import evaluate_text
 from moe_course.validate import check_int
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "probe",
     "random_router_table",
     "redundancy",
+    "shared_as_routed",
     "routing_tables",
     "shared_output_share",
     "specialisation",
@@ -78,23 +79,49 @@ def mask_top_experts(model: torch.nn.Module, m: int) -> Iterator[torch.nn.Module
             r.mask_top = value
 
 
-def redundancy(model: torch.nn.Module, data: torch.Tensor, masks: tuple[int, ...] = (1,), batch_size: int = 16,
-               n_batches: int = 8, seed: int = 1234) -> dict[str, float]:
-    """Validation loss with nothing masked (``"base"``) and with each token's top-``m`` experts masked (``"mask_m"``).
+def redundancy(model: torch.nn.Module, data: torch.Tensor, masks: tuple[int, ...] = (1,),
+               batch_size: int = 16) -> dict[str, float]:
+    """Loss on the whole of ``data`` with nothing masked (``"base"``) and with each token's top-``m`` experts
+    skipped (``"mask_m"``; the next-ranked experts take their place, as in DeepSeekMoE §4.5).
 
     Masks that a layer cannot take (m > N − k: too few experts left to choose k) are left out.
     """
     for m in masks:
         check_int("masks", m, 0)
     check_int("batch_size", batch_size, 1)
-    check_int("n_batches", n_batches, 1)
     _check_data(data, model.cfg.block_size)
-    out = {"base": evaluate(model, data, batch_size, n_batches, seed)}
+    out = {"base": evaluate_text(model, data, batch_size)}
     spare = min((r.n_experts - r.k for r in _routers(model)), default=0)
     for m in (m for m in masks if m <= spare):
         with mask_top_experts(model, m):
-            out[f"mask_{m}"] = evaluate(model, data, batch_size, n_batches, seed)
+            out[f"mask_{m}"] = evaluate_text(model, data, batch_size)
     return out
+
+
+@contextlib.contextmanager
+def shared_as_routed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, each MoE layer drops its shared experts and routes each token to that many more experts.
+
+    DeepSeekMoE's direct test of shared-expert isolation (arXiv:2401.06066 §4.5): if the shared expert only
+    duplicated what routed experts know, one more routed expert per token would replace it at no cost.
+    """
+    layers = [layer for layer in model.moe_layers() if getattr(layer, "shared", None) is not None]
+    if not layers:
+        raise ValueError("shared_as_routed needs a model with shared experts (ModelConfig.n_shared >= 1)")
+    saved = [(layer.shared, layer.top_k, layer.router.k) for layer in layers]
+    for layer in layers:
+        extra = model.cfg.n_shared
+        if layer.router.k + extra > layer.n_experts:
+            raise ValueError(f"the layer has {layer.n_experts} routed experts, too few to route "
+                             f"{layer.router.k} + {extra} per token")
+    try:
+        for layer in layers:
+            layer.shared, layer.top_k, layer.router.k = None, layer.top_k + model.cfg.n_shared, \
+                layer.router.k + model.cfg.n_shared
+        yield model
+    finally:
+        for layer, (shared, top_k, k) in zip(layers, saved, strict=True):
+            layer.shared, layer.top_k, layer.router.k = shared, top_k, k
 
 
 def _windows(data: torch.Tensor, types: torch.Tensor, batch_size: int, block_size: int,
@@ -288,17 +315,29 @@ def shared_output_share(model: torch.nn.Module, data: torch.Tensor, n_tokens: in
 
 
 def probe(model: torch.nn.Module, corpus: Any, masks: tuple[int, ...] = (1,), n_batches: int = 8,
-          batch_size: int = 16) -> dict[str, Any]:
-    """Everything notebook 05 measures on a trained model: masking losses, similarity, specialisation, shared share."""
+          batch_size: int = 16, group: int = 1) -> dict[str, Any]:
+    """Everything notebook 05 measures on a trained model, on the test half of the validation files.
+
+    Masking losses and (with shared experts) the shared-as-routed swap on the whole test half; similarity per
+    expert and, with ``group > 1``, per block of ``group`` experts (equal width with a coarser layout);
+    specialisation tables on ``n_batches // 2`` batches; the shared experts' share of the output.
+    """
     from moe_course.corpus import TOKEN_TYPE_NAMES
 
     check_int("n_batches", n_batches, 2)  # the type tables use n_batches // 2 >= 1 of them
+    check_int("group", group, 1)
     if not model.moe_layers():
         return {}
-    out: dict[str, Any] = {"redundancy": redundancy(model, corpus.val, masks, batch_size, n_batches)}
-    out["similarity"] = expert_output_similarity(model, corpus.val)
-    tables = routing_tables(model, corpus.val, corpus.val_types, len(TOKEN_TYPE_NAMES), batch_size, n_batches // 2)
+    data, types = corpus.val_part("test")
+    out: dict[str, Any] = {"redundancy": redundancy(model, data, masks, batch_size)}
+    if getattr(model.cfg, "n_shared", 0):
+        with shared_as_routed(model):
+            out["redundancy"]["shared_as_routed"] = evaluate_text(model, data, batch_size)
+    out["similarity"] = expert_output_similarity(model, data)
+    if group > 1:
+        out["similarity_blocks"] = expert_output_similarity(model, data, group=group)
+    tables = routing_tables(model, data, types, len(TOKEN_TYPE_NAMES), batch_size, n_batches // 2)
     out["specialisation"] = specialisation(tables)
     out["tables"] = [t.tolist() for t in tables]
-    out["shared_share"] = shared_output_share(model, corpus.val)
+    out["shared_share"] = shared_output_share(model, data)
     return out

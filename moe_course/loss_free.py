@@ -44,6 +44,8 @@ __all__ = [
     "LossFreeRecorder",
     "base_model",
     "base_train",
+    "bias_flips",
+    "bias_probe",
     "check_size",
     "course_model",
     "course_train",
@@ -76,6 +78,8 @@ class GradientInterference:
     lm_norm: float
     aux_norm: float
     cosine: float
+    lm: torch.Tensor | None = None  # the two gradients themselves (flattened, float64), for Adam's view of them
+    aux: torch.Tensor | None = None
 
     def ratio(self, alpha: float) -> float:
         """‖∇(α·L_aux)‖ / ‖∇L_LM‖ on the router weights."""
@@ -134,7 +138,7 @@ def router_gradients(model: TinyLM, x: torch.Tensor, y: torch.Tensor) -> Gradien
         model.train(was_training)
     g_lm, g_aux = g_lm.double(), g_aux.double()
     cosine = float(F.cosine_similarity(g_lm, g_aux, dim=0)) if g_aux.norm() > 0 and g_lm.norm() > 0 else 0.0
-    return GradientInterference(float(g_lm.norm()), float(g_aux.norm()), cosine)
+    return GradientInterference(float(g_lm.norm()), float(g_aux.norm()), cosine, g_lm, g_aux)
 
 
 def max_vio_batch(model: TinyLM) -> float:
@@ -202,6 +206,9 @@ class LossFreeRecorder:
         self.grad_lm: list[float] = []
         self.grad_aux: list[float] = []
         self.grad_cos: list[float] = []
+        self.lm_step: list[float] = []  # Adam's step along the LM gradient with the aux term / without it
+        self._v_lm: torch.Tensor | None = None  # second-moment estimates of the LM-only and the total gradient
+        self._v_all: torch.Tensor | None = None
         self.val_step: list[int] = []
         self.max_vio_global: list[float] = []
         self._vio, self._n = 0.0, 0
@@ -235,16 +242,87 @@ class LossFreeRecorder:
                 self.grad_lm.append(grads.lm_norm)
                 self.grad_aux.append(grads.aux_norm)
                 self.grad_cos.append(grads.cosine)
+                self.lm_step.append(self._adam_step_ratio(grads, model.cfg.aux_loss_coef))
         if done % self.cfg.eval_every == 0 or last:
             self.val_step.append(done)
             self.max_vio_global.append(max_vio_global(model, self.val_data, self.cfg.batch_size,
                                                       self.cfg.eval_batches))
 
+    def _adam_step_ratio(self, grads: GradientInterference, alpha: float) -> float:
+        """How much the aux term shrinks Adam's step along the LM gradient on the router weights.
+
+        Adam divides each weight's gradient by √v, the running mean of its squared *total* gradient, so an aux
+        gradient that is orthogonal to the LM gradient (cosine ≈ 0) still slows the LM's learning where it is
+        large. Two second-moment estimates, of g_LM² and of (g_LM + α·g_aux)², are kept from the probe batch's
+        gradients at each log point (β₂ = 0.95 per step, so 0.95^log_every between points), and the ratio
+        ‖g_LM / √v_total‖ / ‖g_LM / √v_LM‖ is recorded: 1 means no effect, 0.5 a halved LM step.
+        """
+        g_lm, g_all = grads.lm, grads.lm + alpha * grads.aux
+        beta = 0.95 ** self.log_every
+        if self._v_lm is None:
+            self._v_lm, self._v_all = g_lm ** 2, g_all ** 2
+        else:
+            self._v_lm = beta * self._v_lm + (1 - beta) * g_lm ** 2
+            self._v_all = beta * self._v_all + (1 - beta) * g_all ** 2
+        eps = 1e-8
+        with_aux = (g_lm / (self._v_all.sqrt() + eps)).norm()
+        without = (g_lm / (self._v_lm.sqrt() + eps)).norm()
+        return float(with_aux / without) if without > 0 else 1.0
+
     def record(self) -> dict[str, list]:
         """What was recorded, for ``RunRecord.extra`` (lists indexed by log point; ``max_vio_global`` by
         evaluation point)."""
         return {"max_vio_batch": self.max_vio_batch, "bias": self.bias, "grad_lm": self.grad_lm,
-                "grad_aux": self.grad_aux, "grad_cos": self.grad_cos, "max_vio_global": self.max_vio_global}
+                "grad_aux": self.grad_aux, "grad_cos": self.grad_cos, "lm_step": self.lm_step,
+                "max_vio_global": self.max_vio_global}
+
+
+@torch.no_grad()
+def bias_flips(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_batches: int = 8,
+               seed: int = 1234) -> list[float]:
+    """Per MoE layer with a routing bias: the share of tokens whose chosen experts change when the bias is removed.
+
+    The layer's real inputs on ``n_batches`` fixed windows of ``data`` (eval mode); each token's top-k set of
+    the biased scores against that of the scores alone (group limits ignored): how much routing the bias
+    actually decides, where its size alone (a few hundredths) says little.
+    """
+    check_int("batch_size", batch_size, 1)
+    check_int("n_batches", n_batches, 1)
+    layers = [layer for layer in model.moe_layers() if hasattr(layer.router, "expert_bias")]
+    if not layers:
+        raise ValueError("model has no MoE layer with a routing bias; train with ModelConfig.bias_update_rate > 0")
+    inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.router.register_forward_pre_hook(lambda _m, args, i=i: inputs[i].append(args[0].detach()))
+             for i, layer in enumerate(layers)]
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(n_batches):
+            x, _ = get_batch(data, batch_size, model.cfg.block_size, gen, device)
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    shares = []
+    for layer, xs in zip(layers, inputs, strict=True):
+        r = layer.router
+        scores = r.gate(torch.cat(xs)).float()
+        scores = scores.sigmoid() if r.score == "sigmoid" else scores.softmax(-1)
+        k = r.k
+        plain = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, -1).indices, True)
+        biased = torch.zeros_like(plain).scatter_(1, (scores + r.expert_bias).topk(k, -1).indices, True)
+        shares.append(float((plain != biased).any(-1).float().mean()))
+    return shares
+
+
+def bias_probe(model: TinyLM, corpus: Any) -> dict[str, Any]:
+    """loss_free_06's probe after training: the share of routing decisions the bias flips, per layer."""
+    if not any(hasattr(layer.router, "expert_bias") for layer in model.moe_layers()):
+        return {}
+    return {"bias_flips": bias_flips(model, corpus.val_part("test")[0])}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,9 +427,12 @@ def course_train(size: str, **overrides: Any) -> TrainConfig:
 
 LOG_EVERY = {"smoke": 2, "cpu": 10, "gpu": 50}  # training steps per recorded point
 U = 1e-3  # DeepSeek-V3's bias update speed
+ALPHAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the aux loss's trade-off curve in loss_free_06
+RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the routing bias's
+SEEDS = tuple(range(10))
 SMALLER = {  # notebook 06 trains 27 runs: at cpu size, a smaller model and half the steps of the course's default
     "model": {"cpu": dict(block_size=32, d_model=32, expert_hidden=32, d_hidden=64)},
-    "train": {"cpu": dict(steps=300, warmup=20, eval_every=50)},
+    "train": {"cpu": dict(steps=600, warmup=20, eval_every=50)},
 }
 
 
@@ -368,16 +449,19 @@ def base_train(size: str, **overrides: Any) -> TrainConfig:
 def track(corpus: Any, cfg: TrainConfig, log_every: int, size: str, device: torch.device | None) -> LossFreeRecorder:
     """The experiment's per-step tracker: a :class:`LossFreeRecorder` with a fixed validation probe batch."""
     check_size(size)
-    return LossFreeRecorder(log_every, cfg, corpus.val, probe_batch=PROBE_BATCH[size])
+    return LossFreeRecorder(log_every, cfg, corpus.val_part("tune")[0] if size != "smoke" else corpus.val,
+                            probe_batch=PROBE_BATCH[size])
 
 
 def final(record: Any) -> dict[str, float]:
-    """Headline numbers of one run of ``loss_free_06``: last val loss and MaxVio_global; MaxVio_batch averaged
-    over the last quarter of training."""
+    """Headline numbers of one run of ``loss_free_06``: test- and tuning-half loss, last val loss and MaxVio_global;
+    MaxVio_batch averaged over the last quarter of training."""
     batch = record.extra.get("max_vio_batch", [])
     last = batch[-max(1, len(batch) // 4):]
     glob = record.extra.get("max_vio_global", [])
     return {
+        "test_loss": getattr(record, "test_loss", math.nan),
+        "tune_loss": getattr(record, "tune_loss", math.nan),
         "val_loss": record.val_loss[-1] if record.val_loss else math.nan,
         "max_vio_global": glob[-1] if glob else math.nan,
         "max_vio_batch": sum(last) / len(last) if last else math.nan,
@@ -388,7 +472,7 @@ def stats(result: Any, label: str, key: str) -> tuple[float, float]:
     """Mean and sample std over seeds (:func:`moe_course.metrics.mean_std`) of one :func:`final` number of ``label``."""
     from moe_course.metrics import mean_std
 
-    keys = ("val_loss", "max_vio_global", "max_vio_batch")
+    keys = ("test_loss", "tune_loss", "val_loss", "max_vio_global", "max_vio_batch")
     if key not in keys:
         raise ValueError(f"key must be one of {keys} (the numbers final() reports), got {key!r}")
     return mean_std([final(r)[key] for r in result.records_of(label)])

@@ -1,4 +1,5 @@
-"""How evenly is the work spread over the experts (notebooks 00-09)? Load fractions, MaxVio, CV, entropy, seed gaps."""
+"""How evenly is the work spread over the experts (notebooks 00-09)? Load fractions, MaxVio, CV, entropy; and the
+course's one statistic for trained comparisons: paired seed gaps with a Student-t interval (:func:`paired_gaps`)."""
 
 from __future__ import annotations
 
@@ -126,18 +127,96 @@ def mfu(tokens_per_s: float, flops_per_token: float, device_name: str) -> float 
 
 @dataclass(frozen=True)
 class PairedGaps:
-    """Two models compared seed by seed: gaps a − b (positive: b is better), their mean ± std, and the margin test."""
+    """Two models compared seed by seed: gaps a − b (positive: b is better) and their 95% Student-t interval.
+
+    The course's one statistic for trained comparisons (notebooks 04-08, RESULTS.md): say "b beats a" only when
+    the interval excludes 0 (:attr:`clear`); otherwise "no difference detected at this scale", with the interval
+    and :attr:`detectable`, the smallest true gap this many seeds would find four times in five.
+    """
 
     gaps: list[float]
     mean: float
-    std: float
-    margin: float  # worst of b against best of a: min(a) − max(b); positive when b wins on every pairing
-    spread: float  # the larger of the two models' seed spreads, max − min
+    std: float  # sample std (n − 1) of the gaps
+    low: float  # the confidence interval of the mean gap
+    high: float
+    detectable: float  # smallest |true gap| found with 80% power by a two-sided paired t-test at this noise
+    p: float  # two-sided p-value of the paired t-test (mean gap = 0)
+    confidence: float = 0.95
+
+    @property
+    def n(self) -> int:
+        """Number of paired seeds."""
+        return len(self.gaps)
 
     @property
     def clear(self) -> bool:
-        """Whether b's lead exceeds the seed noise: the worst-against-best margin is larger than the spread."""
-        return self.margin > self.spread
+        """Whether the interval excludes 0: then one model beats the other at this confidence."""
+        return self.low > 0 or self.high < 0
+
+    def verdict(self, a: str = "a", b: str = "b", unit: str = "nats/byte", digits: int = 3) -> str:
+        """The protocol's sentence: who beats whom by how much, or "no difference detected" with the interval."""
+        def sign(x: float) -> str:
+            return f"{x:+.{digits}f}".replace("-", "−")
+
+        ci = f"{sign(self.mean)}, {self.confidence:.0%} CI [{sign(self.low)}, {sign(self.high)}]"
+        seeds = f"{self.n} paired seeds"
+        if self.low > 0:
+            return f"{b} beats {a}: {a} − {b} = {ci} {unit}, {seeds}"
+        if self.high < 0:
+            return f"{a} beats {b}: {a} − {b} = {ci} {unit}, {seeds}"
+        return (f"no difference detected at this scale between {a} and {b}: {a} − {b} = {ci} {unit}, {seeds}; "
+                f"it could detect a gap of about {self.detectable:.{digits}f} (80% power)")
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (Lentz's method)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _beta_inc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b), for the Student t distribution."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+    check_int("df", df, 1)
+    tail = 0.5 * _beta_inc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (bisection on :func:`t_cdf`)."""
+    check_number("q", q, 0.0, 1.0, hint=" (a probability strictly between 0 and 1, e.g. 0.975)")
+    check_int("df", df, 1)
+    if q in (0.0, 1.0):
+        raise ValueError(f"q must be strictly between 0 and 1, got {q}; e.g. 0.975 for a 95% interval")
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def _results(name: str, values: object) -> list[float]:
@@ -153,14 +232,27 @@ def _results(name: str, values: object) -> list[float]:
     return [float(v) for v in values]
 
 
-def paired_gaps(a: Sequence[float], b: Sequence[float]) -> PairedGaps:
-    """Compare per-seed results of two models (the same seeds in the same order), as notebook 08 and RESULTS.md do."""
+def paired_gaps(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedGaps:
+    """Compare per-seed results of two models trained with the same seeds (in the same order): paired t-interval.
+
+    The interval is mean ± t(1 − (1 − confidence)/2, n − 1) · std / √n of the gaps a − b; ``detectable`` is
+    (t(1 − (1 − confidence)/2) + t(0.8)) · std / √n, the usual power-analysis size at 80% power.
+    """
     a, b = _results("a", a), _results("b", b)
-    if len(a) != len(b) or not a:
-        raise ValueError(f"a and b must hold one result per seed each, the same seeds; got {len(a)} and {len(b)}")
-    gaps = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    check_number("confidence", confidence, 0.0, 1.0, hint=" (e.g. 0.95 for a 95% interval)")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence}; e.g. 0.95")
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a and b must hold one result per seed each, the same seeds, at least 2 for an "
+                         f"interval (the protocol asks for 5); got {len(a)} and {len(b)}")
+    gaps = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(gaps)
     m, s = mean_std(gaps)
-    return PairedGaps(gaps, m, s, min(a) - max(b), max(max(a) - min(a), max(b) - min(b)))
+    se = s / math.sqrt(n)
+    t_crit = t_quantile(1.0 - (1.0 - confidence) / 2.0, n - 1)
+    p = 1.0 if se == 0 and m == 0 else (0.0 if se == 0 else 2.0 * (1.0 - t_cdf(abs(m) / se, n - 1)))
+    return PairedGaps(gaps, m, s, m - t_crit * se, m + t_crit * se, (t_crit + t_quantile(0.8, n - 1)) * se, p,
+                      confidence)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

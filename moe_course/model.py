@@ -49,6 +49,7 @@ class ModelConfig:
     bias_update_rate: float = 0.0  # u of auxiliary-loss-free balancing (DeepSeek-V3)
     n_groups: int = 1  # group-limited routing (DeepSeek-V3): expert groups ...
     topk_groups: int = 1  # ... of which each token may use this many
+    noisy_router: bool = False  # Shazeer et al. 2017's trainable noise on the router logits (token choice only)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_hidden", "moe_every"):
@@ -93,6 +94,11 @@ class ModelConfig:
         if self.moe_every > self.n_layer:
             raise ValueError(f"ModelConfig.moe_every={self.moe_every} > n_layer={self.n_layer} leaves no MoE layer: "
                              "use moe_every <= n_layer, or ffn='dense' for a dense model")
+        if not isinstance(self.noisy_router, bool):
+            raise TypeError(f"ModelConfig.noisy_router must be True or False, got {self.noisy_router!r}")
+        if self.noisy_router and self.router != "topk":
+            raise ValueError(f"ModelConfig.noisy_router adds noise to token-choice logits: router={self.router!r} "
+                             "has none; use router='topk' or noisy_router=False")
         for name in ("n_groups", "topk_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -256,7 +262,7 @@ def default_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
             capacity_factor=cfg.capacity_factor, dispatch=cfg.dispatch, score=cfg.router_score,
             aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef, router=cfg.router, experts=cfg.experts,
             seq_aux_loss_coef=cfg.seq_aux_loss_coef, bias_update_rate=cfg.bias_update_rate,
-            n_groups=cfg.n_groups, topk_groups=cfg.topk_groups, vocab_size=cfg.vocab_size,
+            n_groups=cfg.n_groups, topk_groups=cfg.topk_groups, vocab_size=cfg.vocab_size, noisy=cfg.noisy_router,
         )
     return SwiGLU(cfg.d_model, cfg.d_hidden)
 

@@ -29,7 +29,7 @@ from moe_course.corpus import get_batch, load_corpus, train_bytes
 from moe_course.device import pick_device, seed_everything
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.params import count_model
-from moe_course.validate import check_output_path
+from moe_course.validate import check_int, check_output_path
 
 
 @dataclass
@@ -207,6 +207,74 @@ def evaluate(
         losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).item())
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate_text(
+    model: TinyLM, data: torch.Tensor, batch_size: int = 16, device: torch.device | None = None, amp: bool = True,
+    max_windows: int | None = None,
+) -> float:
+    """Mean cross-entropy (nats per byte) over the whole of ``data``: every byte after the first scored once.
+
+    The text is cut into consecutive, non-overlapping windows of ``block_size`` (the last one shorter), read
+    in order, ``batch_size`` windows per forward pass: the evidence protocol's score (``Corpus.val_part("test")``),
+    where a few random windows (:func:`evaluate`) swing by more than the gaps they are asked to show.
+    ``max_windows`` scores only the first that many windows (say so where it is used).
+    """
+    if not isinstance(data, torch.Tensor) or data.dim() != 1 or data.numel() < 2:
+        raise ValueError("data must be a 1-D tensor of at least 2 byte tokens (e.g. corpus.val_part('test')[0]), "
+                         f"got {type(data).__name__}{tuple(data.shape) if isinstance(data, torch.Tensor) else ''}")
+    check_int("batch_size", batch_size, 1)
+    if max_windows is not None:
+        check_int("max_windows", max_windows, 1, hint=" (or None for the whole text)")
+    device = device or next(model.parameters()).device
+    T = model.cfg.block_size
+    starts = list(range(0, data.numel() - 1, T))[:max_windows]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        lengths = {min(T, data.numel() - 1 - s) for s in chunk}
+        for length in sorted(lengths, reverse=True):  # the last, shorter window gets a pass of its own
+            rows = [s for s in chunk if min(T, data.numel() - 1 - s) == length]
+            x = torch.stack([data[s:s + length] for s in rows]).long().to(device)
+            y = torch.stack([data[s + 1:s + 1 + length] for s in rows]).long().to(device)
+            with _autocast(device, amp):
+                logits, _ = model(x)
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                     reduction="sum").item()
+            count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def causal_prefix_loss(model: TinyLM, data: torch.Tensor, n_windows: int = 64, amp: bool = True) -> float:
+    """Mean cross-entropy (nats per byte) when every prediction is routed with only the text before it.
+
+    Each of the first ``n_windows`` windows of :func:`evaluate_text` is fed prefix by prefix, one sequence at a
+    time, and only the last position is scored: what generation sees. A causal router scores the same as in
+    :func:`evaluate_text`; expert choice, whose experts pick among all tokens of a batch, does not.
+    """
+    if not isinstance(data, torch.Tensor) or data.dim() != 1 or data.numel() < 2:
+        raise ValueError("data must be a 1-D tensor of at least 2 byte tokens (e.g. corpus.val_part('test')[0])")
+    check_int("n_windows", n_windows, 1)
+    device = next(model.parameters()).device
+    T = model.cfg.block_size
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in list(range(0, data.numel() - 1, T))[:n_windows]:
+        length = min(T, data.numel() - 1 - start)
+        for t in range(1, length + 1):
+            x = data[start:start + t].long()[None].to(device)  # (1, t)
+            with _autocast(device, amp):
+                logits, _ = model(x)
+            total += F.cross_entropy(logits[0, -1].float()[None], data[start + t].long()[None].to(device)).item()
+            count += 1
+    model.train(was_training)
+    return total / count
 
 
 def train(

@@ -57,7 +57,7 @@ def test_redundancy_and_probes_on_a_small_model() -> None:
     model = tiny(n_shared=1)
     data = torch.randint(0, 32, (500,), dtype=torch.uint8)
     types = torch.randint(0, 3, (500,), dtype=torch.uint8)
-    out = redundancy(model, data, masks=(1, 2, 5), batch_size=4, n_batches=2)
+    out = redundancy(model, data, masks=(1, 2, 5), batch_size=4)
     assert set(out) == {"base", "mask_1", "mask_2"}  # mask 5 > N - k = 4 is left out
     assert out["mask_1"] != out["base"]
     tables = routing_tables(model, data, types, n_types=3, batch_size=4, n_batches=2)

@@ -55,7 +55,8 @@ def test_every_experiment_runs_at_smoke_size_and_round_trips(name, tmp_path):
     blob = json.loads(result_path(name, "smoke", tmp_path).read_text())
     for key in ("package_version", "torch_version", "device", "seeds", "runs", "fingerprint", "created"):
         assert blob[key] not in (None, "", [])
-    assert blob["runs"][0]["model"] == runs[0].model.to_dict()
+    assert blob["runs"][0]["model"] == {k: v for k, v in runs[0].model.to_dict().items()
+                                        if not (k in ex.NEW_DEFAULTS and v == ex.NEW_DEFAULTS[k])}
     loaded = load_result(name, "smoke", tmp_path)
     assert [r.val_loss for r in loaded.records] == [r.val_loss for r in result.records]
     assert loaded.records[0].final["val_loss"] == result.records[0].final["val_loss"]
@@ -75,8 +76,10 @@ def test_seeds_give_one_record_each_and_differ(tmp_path):
 
 def test_alpha_sweep_covers_the_switch_values():
     coefs = [r.model.aux_loss_coef for r in EXPERIMENTS["aux_sweep"].runs("cpu")]
-    assert coefs == [0.0, 1e-3, 1e-2, 1e-1]
-    assert len(EXPERIMENTS["aux_sweep"].seeds) >= 2
+    assert coefs == [0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    for name in ("collapse", "aux_sweep", "aux_sweep_capacity", "z_loss", "routers", "fine_grained"):
+        assert len(EXPERIMENTS[name].seeds) >= 5  # the protocol's minimum
+        assert all(r.val == "tune" for r in EXPERIMENTS[name].runs("cpu"))  # curves never touch the test half
 
 
 def _stored(tmp_path, name="z_loss") -> Path:
@@ -199,7 +202,22 @@ def test_recorder_logs_on_the_training_loop_schedule():
     model.moe_layers = lambda: []
     for step in range(7):
         recorder(step, model)
-    assert len(recorder.drop_rate) == 3  # after steps 3, 6 and the last one (7)
+    assert all(len(v) == 3 for v in recorder.points.values())  # after steps 3, 6 and the last one (7)
+
+
+def test_recorder_reads_signed_logits_their_spread_gap_and_entropy():
+    from types import SimpleNamespace
+
+    logits = torch.tensor([[3.0, -1.0, 0.0], [-2.0, -4.0, 1.0]])
+    layer = SimpleNamespace(last_dropped=0.0, last_routing=SimpleNamespace(logits=logits))
+    model = SimpleNamespace(moe_layers=lambda: [layer])
+    recorder = ex._Recorder(log_every=1, steps=1)
+    recorder(0, model)
+    p = recorder.points
+    assert (p["logit_top"], p["logit_bottom"], p["logit_max"]) == ([3.0], [-4.0], [4.0])
+    assert p["logit_range"] == [pytest.approx((4.0 + 5.0) / 2)] and p["logit_gap"] == [pytest.approx((3 + 3) / 2)]
+    q = logits.softmax(-1)
+    assert p["gate_entropy"] == [pytest.approx(float(-(q * q.log()).sum(-1).mean()))]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
-"""Notebook 06's experiment (auxiliary-loss-free balancing): a sigmoid-gated MoE with no balancing, the aux loss,
-DeepSeek-V3's routing bias at three rates, the sequence-wise loss and group-limited routing.
+"""Notebook 06's experiment (auxiliary-loss-free balancing): a sigmoid-gated MoE with no balancing, the aux loss
+at six weights, DeepSeek-V3's routing bias at five rates, the sequence-wise loss and group-limited routing.
 
-The model, training and tracker are notebook 06's own (:mod:`moe_course.loss_free`).
+The model, training and tracker are notebook 06's own (:mod:`moe_course.loss_free`); ten paired seeds, scored on
+the whole test half of the validation files.
 """
 
 from __future__ import annotations
@@ -11,23 +12,22 @@ from moe_course.experiments.runner import Run, register
 
 __all__: list[str] = []
 
-@register("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (1e-3, 1e-2, 1e-1), loss-free bias "
-          "(u = 1e-4, 1e-3, 1e-2), + sequence-wise aux loss, + group-limited routing", seeds=(0, 1, 2))
+
+@register("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (alpha 1e-4 ... 1e-1), loss-free "
+          "bias (u = 1e-4 ... 1e-2), + sequence-wise aux loss, + group-limited routing", seeds=loss_free.SEEDS,
+          version=2)
 def _loss_free_06(size: str) -> list[Run]:
     m, t = loss_free.base_model, loss_free.base_train(size)
     groups = 4 if m(size).n_experts >= 8 else 2  # DeepSeek-V3: 8 groups (nodes), each token uses at most 4
     u = loss_free.U
-    configs = [
-        ("no balancing", m(size)),
-        ("aux alpha=1e-3", m(size, aux_loss_coef=1e-3)),
-        ("aux alpha=1e-2", m(size, aux_loss_coef=1e-2)),
-        ("aux alpha=1e-1", m(size, aux_loss_coef=1e-1)),
-        ("loss-free u=1e-3", m(size, bias_update_rate=u)),
-        ("loss-free u=1e-4", m(size, bias_update_rate=1e-4)),
-        ("loss-free u=1e-2", m(size, bias_update_rate=1e-2)),
+    configs = [("no balancing", m(size))]
+    configs += [(f"aux alpha={a:g}", m(size, aux_loss_coef=a)) for a in loss_free.ALPHAS]
+    configs += [(f"loss-free u={r:g}", m(size, bias_update_rate=r)) for r in loss_free.RATES]
+    configs += [
         ("loss-free + seq aux 1e-4", m(size, bias_update_rate=u, seq_aux_loss_coef=1e-4)),
         (f"loss-free, best {groups // 2} of {groups} groups",
          m(size, bias_update_rate=u, n_groups=groups, topk_groups=groups // 2)),
     ]
-    return [Run(label, cfg, t, tracker=loss_free.track, log_every=loss_free.LOG_EVERY[size])
+    return [Run(label, cfg, t, tracker=loss_free.track, log_every=loss_free.LOG_EVERY[size], val="tune",
+                probe=loss_free.bias_probe)
             for label, cfg in configs]

@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -49,7 +50,8 @@ from moe_course.loss_free import SIZES
 from moe_course.loss_free import check_size as _check_size
 from moe_course.metrics import load_entropy, max_violation
 from moe_course.model import ModelConfig, TinyLM
-from moe_course.train import TrainConfig, train
+from moe_course.train import TrainConfig, evaluate_text, train
+from moe_course.validate import check_output_path
 
 __all__ = [
     "CODE_VERSION",
@@ -189,10 +191,17 @@ class RunRecord:
     drop_rate: list[float] = field(default_factory=list)  # mean over the interval and the MoE layers
     logit_max: list[float] = field(default_factory=list)  # largest |router logit| in the interval, any layer
     logit_lse: list[float] = field(default_factory=list)  # mean logsumexp of the router logits (z-loss = its square)
+    logit_top: list[float] = field(default_factory=list)  # largest signed router logit in the interval, any layer
+    logit_bottom: list[float] = field(default_factory=list)  # smallest signed router logit in the interval
+    logit_range: list[float] = field(default_factory=list)  # mean per-token spread, max − min over the experts
+    logit_gap: list[float] = field(default_factory=list)  # mean per-token gap, 1st − 2nd largest logit
+    gate_entropy: list[float] = field(default_factory=list)  # mean per-token entropy (nats) of softmax(logits)
     skipped: list[float] = field(default_factory=list)  # fraction of tokens no expert processed (expert choice)
     tokens_per_s: float = 0.0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # what the run's probe measured on the trained model
+    test_loss: float = math.nan  # the protocol's score: the whole test half of the validation files, every byte once
+    tune_loss: float = math.nan  # the same on the whole tuning half: what settings are chosen by
 
     @property
     def final(self) -> dict[str, float]:
@@ -200,6 +209,8 @@ class RunRecord:
         last = self.load[-1] if self.load else []
         return {
             "val_loss": self.val_loss[-1] if self.val_loss else math.nan,
+            "test_loss": self.test_loss,
+            "tune_loss": self.tune_loss,
             "max_vio": _mean(self.max_vio[-1]) if self.max_vio else math.nan,
             "load_entropy": _mean([load_entropy(torch.tensor(layer)) for layer in last]) if last else math.nan,
             "drop_rate": self.drop_rate[-1] if self.drop_rate else math.nan,
@@ -216,38 +227,55 @@ def _mean(values: Sequence[float]) -> float:
 class _Recorder:
     """The ``train`` callback: accumulates drop rate and router-logit statistics between log points."""
 
+    KEYS = ("drop_rate", "logit_max", "logit_lse", "skipped", "logit_top", "logit_bottom", "logit_range",
+            "logit_gap", "gate_entropy")
+    EXTREMES = {"logit_max": max, "logit_top": max, "logit_bottom": min}  # the interval's extreme, not its mean
+
     def __init__(self, log_every: int, steps: int) -> None:
         self.log_every, self.steps = log_every, steps
-        self.drop_rate: list[float] = []
-        self.logit_max: list[float] = []
-        self.logit_lse: list[float] = []
-        self.skipped: list[float] = []
-        self._drop, self._max, self._lse, self._skip, self._n = 0.0, 0.0, 0.0, 0.0, 0
+        self.points: dict[str, list[float]] = {k: [] for k in self.KEYS}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._acc: dict[str, float] = {k: 0.0 for k in self.KEYS}
+        self._acc.update(logit_top=-math.inf, logit_bottom=math.inf)
+        self._n = 0
 
     @torch.no_grad()
     def __call__(self, step: int, model: TinyLM) -> None:
-        layers = model.moe_layers()
-        drops, lses, skips = [], [], []
-        for layer in layers:
-            drops.append(float(getattr(layer, "last_dropped", 0.0)))
+        per_layer: dict[str, list[float]] = {k: [] for k in self.KEYS}
+        for layer in model.moe_layers():
+            per_layer["drop_rate"].append(float(getattr(layer, "last_dropped", 0.0)))
             routing = getattr(layer, "last_routing", None)
             if hasattr(routing, "experts_per_token"):
-                skips.append(float((routing.experts_per_token() == 0).float().mean()))
+                per_layer["skipped"].append(float((routing.experts_per_token() == 0).float().mean()))
             logits = getattr(routing, "logits", None)
-            if logits is not None:
-                self._max = max(self._max, float(logits.abs().max()))
-                lses.append(float(torch.logsumexp(logits.float(), dim=-1).mean()))
-        self._drop += _mean(drops) if drops else 0.0
-        self._lse += _mean(lses) if lses else 0.0
-        self._skip += _mean(skips) if skips else 0.0
+            if logits is None:
+                continue
+            logits = logits.float().reshape(-1, logits.shape[-1])  # (T, N)
+            per_layer["logit_max"].append(float(logits.abs().max()))
+            per_layer["logit_top"].append(float(logits.max()))
+            per_layer["logit_bottom"].append(float(logits.min()))
+            per_layer["logit_lse"].append(float(torch.logsumexp(logits, dim=-1).mean()))
+            per_layer["logit_range"].append(float((logits.max(-1).values - logits.min(-1).values).mean()))
+            if logits.shape[-1] > 1:
+                top2 = logits.topk(2, dim=-1).values
+                per_layer["logit_gap"].append(float((top2[:, 0] - top2[:, 1]).mean()))
+            p = logits.softmax(-1)
+            per_layer["gate_entropy"].append(float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()))
+        for key, values in per_layer.items():
+            if key in self.EXTREMES:
+                if values:
+                    self._acc[key] = self.EXTREMES[key](self._acc[key], self.EXTREMES[key](values))
+            else:
+                self._acc[key] += _mean(values) if values else 0.0
         self._n += 1
         done = step + 1  # the callback receives the 0-based index of the step just taken
         if done % self.log_every == 0 or done == self.steps:
-            self.drop_rate.append(self._drop / self._n)
-            self.logit_max.append(self._max)
-            self.logit_lse.append(self._lse / self._n)
-            self.skipped.append(self._skip / self._n)
-            self._drop, self._max, self._lse, self._skip, self._n = 0.0, 0.0, 0.0, 0.0, 0
+            for key in self.KEYS:
+                value = self._acc[key] if key in self.EXTREMES else self._acc[key] / self._n
+                self.points[key].append(value if math.isfinite(value) else 0.0)
+            self._reset()
 
 
 def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch.device | None = None,
@@ -270,22 +298,33 @@ def train_run(run: Run, seed: int, corpus: Any, size: str = "cpu", device: torch
         if tracker is not None:
             tracker(step, model)
 
-    val = corpus.val if run.val == "all" else corpus.val_part(run.val)[0]
+    whole = run.val == "all" or (size == "smoke" and not _has_parts(corpus))  # smoke's cut corpus has one half
+    val = corpus.val if whole else corpus.val_part(run.val)[0]
     hist = train(model, corpus.train, val, cfg, device=device, progress=progress, log_every=log_every,
                  desc=f"{run.label} seed {seed}", callback=callback)
     extra = dict(tracker.record()) if tracker is not None else {}
     if run.probe is not None:
         extra.update(run.probe(model, corpus))
     extra = _round(extra)
+    scores = {part: round(evaluate_text(model, corpus.val_part(part)[0], cfg.batch_size, amp=cfg.amp), 6)
+              for part in ("test", "tune")} if _has_parts(corpus) else {}
     return RunRecord(
         label=run.label, seed=seed, step=list(hist.step), train_loss=_round(hist.train_loss),
         aux_loss=_round(hist.aux_loss), val_step=list(hist.val_step), val_loss=_round(hist.val_loss),
         load=_round(hist.load), max_vio=_round([[max_violation(torch.tensor(layer)) for layer in point]
                                                 for point in hist.load]),
-        drop_rate=_round(recorder.drop_rate), logit_max=_round(recorder.logit_max),
-        logit_lse=_round(recorder.logit_lse), skipped=_round(recorder.skipped),
+        **{key: _round(values) for key, values in recorder.points.items()},
         tokens_per_s=round(hist.tokens_per_s, 1), seconds=round(hist.seconds, 2), extra=extra,
+        test_loss=scores.get("test", math.nan), tune_loss=scores.get("tune", math.nan),
     )
+
+
+def _has_parts(corpus: Any) -> bool:
+    """Whether the corpus has both validation halves (a tiny smoke corpus may hold only one)."""
+    try:
+        return all(corpus.val_part(part)[0].numel() >= 2 for part in ("test", "tune"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _round(values: Any, digits: int = 5) -> Any:
@@ -304,8 +343,16 @@ def _round(values: Any, digits: int = 5) -> Any:
 # ---------------------------------------------------------------------------------------------------------
 
 
+NEW_DEFAULTS = {"noisy_router": False}  # ModelConfig fields added later: left out at their default, so that the
+# fingerprints of results stored before they existed stay valid
+
+
+def _model_dict(model: ModelConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(model).items() if not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])}
+
+
 def _configs(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    return [{"label": r.label, "model": asdict(r.model), "train": asdict(r.train),
+    return [{"label": r.label, "model": _model_dict(r.model), "train": asdict(r.train),
              **({"log_every": r.log_every} if r.log_every else {}), **({"val": r.val} if r.val != "all" else {})}
             for r in runs]
 
@@ -447,26 +494,45 @@ def run_experiment(
         raise TypeError(f"jobs must be an int (processes at once), got {type(jobs).__name__} {jobs!r}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    path = result_path(name, size, results_dir)
+    if save:
+        check_output_path("results_dir", path)
     start = time.perf_counter()
-    tasks = [(run, seed) for run in runs for seed in seeds]
-    bar = tqdm(total=len(tasks), desc=f"{name} ({size})", disable=not progress)
-    if jobs == 1:
-        corpus = load_corpus(max_bytes=CORPUS_BYTES[size], name=CORPUS_NAME[size])
-        records = []
-        for run, seed in tasks:
-            bar.set_postfix_str(f"{run.label}, seed {seed}")
-            records.append(train_run(run, seed, corpus, size, device))
+    fp = fingerprint(name, size)
+    done = _finished_records(name, size, fp, results_dir) if save else {}
+    tasks = [(i, run, seed) for i, run in enumerate(runs) for seed in seeds if (run.label, seed) not in done]
+    reused = sum(r.seconds for (label, seed), r in done.items() if seed in seeds) / jobs  # earlier sessions' share
+    bar = tqdm(total=len(runs) * len(seeds), initial=len(runs) * len(seeds) - len(tasks), desc=f"{name} ({size})",
+               disable=not progress)
+    partial = _partial_path(name, size, results_dir)
+    lock = threading.Lock()
+
+    def keep(record: RunRecord) -> None:
+        """Store a finished (run, seed) at once, so that an interrupted sweep resumes where it stopped."""
+        with lock:
+            done[(record.label, record.seed)] = record
+            if save:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                with partial.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"fingerprint": fp, "record": asdict(record)}, separators=(",", ":")) + "\n")
             bar.update()
+
+    if jobs == 1 or len(tasks) <= 1:
+        corpus = load_corpus(max_bytes=CORPUS_BYTES[size], name=CORPUS_NAME[size]) if tasks else None
+        for _, run, seed in tasks:
+            bar.set_postfix_str(f"{run.label}, seed {seed}")
+            keep(train_run(run, seed, corpus, size, device))
     else:  # one process per job, one torch thread each: a record does not depend on which process made it
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_in_worker, name, size, i, seed, str(device))
-                       for i in range(len(runs)) for seed in seeds]  # the order of ``tasks``
+            futures = [pool.submit(_train_in_worker, name, size, i, seed, str(device)) for i, _, seed in tasks]
             for future in futures:
-                future.add_done_callback(lambda _: bar.update())
-            records = [f.result() for f in futures]
+                future.add_done_callback(lambda f: keep(f.result()) if f.exception() is None else None)
+            for future in futures:
+                future.result()  # re-raises a worker's error
+    records = [done[(run.label, seed)] for run in runs for seed in seeds]
     bar.close()
     result = ExperimentResult(
         experiment=name, size=size, seeds=seeds, fingerprint=fingerprint(name, size), runs=_configs(runs),
@@ -475,12 +541,49 @@ def run_experiment(
         package_version=__version__, torch_version=torch.__version__,
         device=f"{device.type} ({_device_name(device)}{_jobs_note(jobs)})",
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        seconds=round(time.perf_counter() - start, 1), corpus=CORPUS_NAME[size],
+        seconds=round(time.perf_counter() - start + reused, 1), corpus=CORPUS_NAME[size],
         corpus_sha256=corpus_sha256(CORPUS_NAME[size]),
     )
     if save:
-        result.save(result_path(name, size, results_dir))
+        result.save(path)
+        partial.unlink(missing_ok=True)
     return result
+
+
+def _partial_path(name: str, size: str, results_dir: str | Path | None) -> Path:
+    """Where a sweep in progress keeps its finished records, one JSON line each."""
+    return result_path(name, size, results_dir).with_suffix(".partial.jsonl")
+
+
+def _finished_records(name: str, size: str, fp: str,
+                      results_dir: str | Path | None) -> dict[tuple[str, int], RunRecord]:
+    """Records already trained with today's configurations: the stored result's and an interrupted sweep's.
+
+    A run is reused only when the fingerprint matches, so a changed configuration retrains everything; this is
+    how a long sweep is split over sessions (interrupt it, run the same command again) or given more seeds
+    (``--seeds 0 ... 9`` after 0 ... 4 trains only the new ones).
+    """
+    done: dict[tuple[str, int], RunRecord] = {}
+    path = result_path(name, size, results_dir)
+    if path.exists():
+        try:
+            blob = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            blob = {}
+        if blob.get("fingerprint") == fp:
+            for r in blob.get("records", []):
+                done[(r["label"], r["seed"])] = RunRecord(**r)
+    partial = _partial_path(name, size, results_dir)
+    if partial.exists():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short when the sweep was killed
+                continue
+            if entry.get("fingerprint") == fp:
+                r = entry["record"]
+                done[(r["label"], r["seed"])] = RunRecord(**r)
+    return done
 
 
 def _jobs_note(jobs: int) -> str:
@@ -506,10 +609,11 @@ def _device_name(device: torch.device) -> str:
 def format_summary(result: ExperimentResult) -> str:
     """A plain-text table of the final numbers per run and seed."""
     lines = [f"{result.experiment} ({result.size}, {result.device}, {result.seconds:.0f} s)",
-             f"{'run':<28} {'seed':>4} {'val loss':>9} {'MaxVio':>7} {'load H':>7} {'drop':>6} {'skip':>6} "
+             f"{'run':<28} {'seed':>4} {'val loss':>9} {'test':>7} {'MaxVio':>7} {'load H':>7} {'drop':>6} {'skip':>6} "
              f"{'|logit|max':>10} {'tok/s':>8}"]
     for row in result.summary():
-        lines.append(f"{row['label']:<28} {row['seed']:>4} {row['val_loss']:>9.4f} {row['max_vio']:>7.3f} "
+        lines.append(f"{row['label']:<28} {row['seed']:>4} {row['val_loss']:>9.4f} {row['test_loss']:>7.4f} "
+                     f"{row['max_vio']:>7.3f} "
                      f"{row['load_entropy']:>7.3f} {row['drop_rate']:>6.3f} {row['skipped']:>6.3f} "
                      f"{row['logit_max']:>10.2f} {row['tokens_per_s']:>8.0f}")
     return "\n".join(lines)
