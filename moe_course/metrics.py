@@ -153,10 +153,17 @@ class PairedGaps:
         """Whether the interval excludes 0: then one model beats the other at this confidence."""
         return self.low > 0 or self.high < 0
 
+    def interval(self, digits: int = 3) -> str:
+        """The mean gap and its interval for a table cell, e.g. "+0.057 [+0.048, +0.067]"."""
+        def sign(x: float) -> str:
+            return f"{x + 0.0:+.{digits}f}".replace("-", "−")
+
+        return f"{sign(self.mean)} [{sign(self.low)}, {sign(self.high)}]"
+
     def verdict(self, a: str = "a", b: str = "b", unit: str = "nats/byte", digits: int = 3) -> str:
         """The protocol's sentence: who beats whom by how much, or "no difference detected" with the interval."""
         def sign(x: float) -> str:
-            return f"{x:+.{digits}f}".replace("-", "−")
+            return f"{x + 0.0:+.{digits}f}".replace("-", "−")
 
         ci = f"{sign(self.mean)}, {self.confidence:.0%} CI [{sign(self.low)}, {sign(self.high)}]"
         seeds = f"{self.n} paired seeds"

@@ -55,6 +55,18 @@ T = torch.tensor
 
 
 @functools.cache
+def _exp_loss_free():
+    from moe_course.experiments import loss_free as exp
+
+    return exp
+
+
+def _exp_fine_grained():
+    from moe_course.experiments import fine_grained as exp
+
+    return exp
+
+
 def tiny_model(**overrides) -> TinyLM:
     torch.manual_seed(0)
     cfg = dict(vocab_size=256, block_size=8, n_layer=2, n_head=2, d_model=16, n_experts=4, top_k=2,
@@ -316,6 +328,14 @@ ROWS = [
     ("track-size", lambda: loss_free.track(SimpleNamespace(val=data()), TRAIN_CFG, 2, "huge", None), ValueError,
      "size"),
     ("stats-key", lambda: loss_free.stats(a_result(), "z=0", "val_los"), ValueError, "key"),
+    ("bias_flips-dense", lambda: loss_free.bias_flips(dense_model(), data(), 2, 1), ValueError, "routing bias"),
+    ("bias_flips-batch_size-0", lambda: loss_free.bias_flips(tiny_model(), data(), 0, 1), ValueError, "batch_size"),
+    ("balanced_choice-prefix", lambda: _exp_loss_free().balanced_choice(a_result(), "aux", 0.3), ValueError,
+     "prefix must"),
+    ("balanced_choice-target", lambda: _exp_loss_free().balanced_choice(a_result(), "aux alpha=", -1), ValueError,
+     "target must"),
+    ("tuned_regime-layout", lambda: _exp_fine_grained().tuned_regime(a_result(), "GShard"), ValueError,
+     "layout must"),
     # model.py: ModelConfig settings that used to fail only when TinyLM was built or run (or never)
     ("ModelConfig-expert_hidden-0", lambda: ModelConfig(expert_hidden=0), ValueError, "expert_hidden"),
     ("ModelConfig-router-not-str", lambda: ModelConfig(router=5), TypeError, "router"),
@@ -790,6 +810,7 @@ WHY_NO_ROW = {  # single functions of the checked modules, each with where its b
     **dict.fromkeys(["fine_grained.comparison_configs", "fine_grained.expert_similarity",
                      "fine_grained.fine_grained_config", "fine_grained.n_combinations", "fine_grained.param_table"],
                     "tests/test_fine_grained.py (expert_similarity delegates to analysis, which has rows)"),
+    "loss_free.bias_probe": "tests/test_loss_free.py (a probe: a model without a routing bias gives {})",
     **dict.fromkeys(["loss_free.check_size", "loss_free.course_model", "loss_free.course_train", "loss_free.final",
                      "loss_free.max_vio_batch"], "tests/test_loss_free.py"),
     "links.binder_badge": "wraps binder_url, which has rows",

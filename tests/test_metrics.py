@@ -119,8 +119,10 @@ def test_paired_gaps_by_hand():
 
     pg = paired_gaps([1.56, 1.55, 1.57], [1.50, 1.52, 1.49])
     assert [round(g, 6) for g in pg.gaps] == [0.06, 0.03, 0.08]
-    assert abs(pg.mean - 17 / 300) < 1e-12 and abs(pg.margin - (1.55 - 1.52)) < 1e-12
-    assert abs(pg.spread - 0.03) < 1e-12 and not pg.clear  # margin 0.03 is not larger than spread 0.03
+    # mean 17/300, sample std 0.025166, t(0.975, 2) = 4.302653: half-width 0.062512 (by hand, t from a table)
+    assert abs(pg.mean - 17 / 300) < 1e-12 and abs(pg.std - 0.0251661) < 1e-6
+    assert abs(pg.high - pg.low - 2 * 0.0625121) < 1e-5 and pg.low < 0 < pg.high and not pg.clear
+    assert pg.interval() == "+0.057 [−0.006, +0.119]"
     assert paired_gaps([2.0, 2.1], [1.0, 1.05]).clear
     with pytest.raises(ValueError, match="one result per seed"):
         paired_gaps([1.0, 2.0], [1.0])

@@ -17,6 +17,7 @@ from moe_course.fine_grained import fine_grained_config  # noqa: E402
 from moe_course.plots.fine_grained import (  # noqa: E402
     plot_combinations,
     plot_expert_layouts,
+    plot_regime_comparison,
     plot_seed_comparison,
     plot_type_heatmaps,
     type_lift,
@@ -82,3 +83,22 @@ def test_heatmap_rows_with_too_few_tokens_are_masked_and_labelled() -> None:
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["none", "rare", "common"]
     with pytest.raises(ValueError, match="min_count must be an int >= 0"):
         plot_type_heatmaps([table], ["a", "b", "c"], min_count=-1)
+
+
+def test_regime_comparison_draws_means_with_t_intervals() -> None:
+    from moe_course.metrics import t_quantile
+
+    values = {"none": {"a": [1.0, 2.0, 3.0], "b": [2.0, 2.0, 2.0]}, "aux": {"a": [1.0, 1.0, 1.0]}}
+    fig = plot_regime_comparison(values, reference={"dense": [1.5, 2.5]})
+    ax = fig.axes[0]
+    points = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [float(p.get_ydata()[0]) for p in points] == pytest.approx([2.0, 2.0, 1.0])
+    caps = ax.containers[0].lines[2][0].get_segments()[0]  # the first error bar: mean ± t(0.975, 2) · 1 / √3
+    half = t_quantile(0.975, 2) / math.sqrt(3)
+    assert [caps[0][1], caps[1][1]] == pytest.approx([2.0 - half, 2.0 + half])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "aux"]
+    assert any(line.get_linestyle() == "--" and line.get_ydata()[0] == pytest.approx(2.0) for line in ax.lines)
+    with pytest.raises(ValueError, match="at least 2 per-seed results"):
+        plot_regime_comparison({"none": {"a": [1.0]}})
+    with pytest.raises(ValueError, match="values must map each regime"):
+        plot_regime_comparison({})

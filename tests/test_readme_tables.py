@@ -75,15 +75,41 @@ def test_render_fills_a_block_and_refuses_an_unknown_one():
         readme_tables.render("<!-- generated: nope -->\nx\n<!-- end generated: nope -->")
 
 
-def test_loss_free_table_uses_the_sample_std():
+def test_loss_free_table_reports_test_half_losses_and_paired_intervals():
     from moe_course.experiments import load_result
     from moe_course.loss_free import final
-    from moe_course.metrics import mean_std
+    from moe_course.metrics import mean_std, paired_gaps
 
     result = load_result("loss_free_06", "cpu")
-    m, s = mean_std([final(r)["val_loss"] for r in result.records_of("no balancing")])
+    none = [final(r)["test_loss"] for r in result.records_of("no balancing")]
+    bias = [final(r)["test_loss"] for r in result.records_of("loss-free u=0.001")]
+    m, s = mean_std(none)
     table = readme_tables.loss_free_table()
     assert "| no balancing | " in table and f"{m:.3f} ± {s:.3f}" in table
+    assert paired_gaps(none, bias).interval() in table  # the no-balancing row's gap to the bias
+    assert "10 paired seeds" in table and "target 0.3" in table
+
+
+def test_balancing_table_reads_every_experiment_of_notebook_04():
+    from moe_course.experiments import load_result
+    from moe_course.metrics import paired_gaps
+
+    table = readme_tables.balancing_table()
+    sweep = load_result("aux_sweep", "cpu")
+    ref, worse = ([r.test_loss for r in sweep.records_of(label)] for label in ("alpha=0", "alpha=0.01"))
+    pg = paired_gaps(ref, worse)
+    assert "| 0.01 | " in table and f"{pg.interval()}: α = 0 better" in table
+    for heading in ("**Collapse**", "**The router z-loss**", "**Routers**", "Expert choice sees the whole batch"):
+        assert heading in table
+
+
+def test_gap_cell_reads_the_interval_by_the_protocol():
+    from moe_course.metrics import paired_gaps
+
+    assert readme_tables._gap_cell(paired_gaps([2.0, 2.1, 2.2], [1.9, 2.0, 2.1]), "A", "B").endswith(": B better")
+    assert readme_tables._gap_cell(paired_gaps([1.9, 2.0, 2.1], [2.0, 2.1, 2.2]), "A", "B").endswith(": A better")
+    assert readme_tables._gap_cell(paired_gaps([2.0, 2.1, 2.2], [2.1, 2.0, 2.2]), "A", "B").endswith(
+        ": none detected")
 
 
 def test_fine_grained_table_reads_the_stored_result():
@@ -91,10 +117,10 @@ def test_fine_grained_table_reads_the_stored_result():
     from moe_course.metrics import mean_std
 
     result = load_result("fine_grained", "cpu")
-    m, s = mean_std([r.val_loss[-1] for r in result.records_of("GShard 8 top-2")])
+    m, s = mean_std([r.test_loss for r in result.records_of("GShard 8 top-2, none")])
     table = readme_tables.fine_grained_table()
-    assert f"| GShard-style, 8 experts top-2 | {m:.3f} ± {s:.3f} |" in table
-    assert "trained on DeepSeek's own corpus, evaluated on the Pile" in table
+    assert f"| none | {m:.3f} ± {s:.3f} |" in table
+    assert "chosen on the tuning half" in table and "shared expert switched off" in table
 
 
 def test_bench_profile_rows_put_the_multiplies_first_then_the_largest_extra_time():

@@ -96,37 +96,58 @@ def _row_03(_: Path | None, solutions: Path | None) -> Row:
                "arXiv:1701.06538, §1)", "solutions/03 output")
 
 
-def _mean_val(result, label: str) -> float:
-    return result.mean(label, "val_loss")
+def _test(result, label: str) -> list[float]:
+    return [r.test_loss for r in result.records_of(label)]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _compare(result, a: str, b: str, a_name: str, b_name: str) -> str:
+    """Test-half losses of two arms and the protocol's reading of their paired 95% interval (a − b)."""
+    from moe_course.metrics import paired_gaps
+
+    pg = paired_gaps(_test(result, a), _test(result, b))
+    word = (f"{b_name} better" if pg.low > 0 else f"{a_name} better" if pg.high < 0 else "no difference detected")
+    return (f"test loss {_mean(_test(result, a)):.3f} ({a_name}) vs {_mean(_test(result, b)):.3f} ({b_name}), "
+            f"paired gap {pg.interval()}: {word}")
 
 
 def _row_04(results: Path | None, _: Path | None) -> Row:
     r = load_result("aux_sweep", "cpu", results)
-    before, after = _mean_val(r, "alpha=0"), _mean_val(r, "alpha=0.01")
-    verdict = "the loss rose here: not reproduced at our scale" if after > before else "reproduced"
-    return Row("04", "Switch auxiliary loss weight alpha, 3 seeds",
-               f"MaxVio {r.mean('alpha=0', 'max_vio'):.2f} (alpha 0) -> {r.mean('alpha=0.01', 'max_vio'):.2f} "
-               f"(alpha 0.01); val loss {before:.3f} -> {after:.3f}",
+    n = len(r.seeds)
+    return Row("04", f"Switch auxiliary loss weight alpha 0 vs 0.01, {n} paired seeds, test half",
+               f"MaxVio {r.mean('alpha=0', 'max_vio'):.2f} -> {r.mean('alpha=0.01', 'max_vio'):.2f}; "
+               + _compare(r, "alpha=0", "alpha=0.01", "alpha 0", "alpha 0.01"),
                "alpha = 0.01 balances experts without hurting quality (Fedus, Zoph & Shazeer 2021, "
-               f"arXiv:2101.03961, §2.2); {verdict}", "data/results/aux_sweep-cpu.json")
+               "arXiv:2101.03961, §2.2); balance reproduced, quality at our scale in the interval",
+               "data/results/aux_sweep-cpu.json")
 
 
 def _row_05(results: Path | None, _: Path | None) -> Row:
+    from moe_course.experiments.fine_grained import tuned_regime
+
     r = load_result("fine_grained", "cpu", results)
-    return Row("05", "GShard 8 top-2 vs DeepSeekMoE 1 shared + 31 top-7, equal total and active, 4 seeds",
-               f"val loss {_mean_val(r, 'GShard 8 top-2'):.3f} -> {_mean_val(r, 'DeepSeekMoE 1+31 top-7'):.3f}",
+    g, d = "GShard 8 top-2", "DeepSeekMoE 1+31 top-7"
+    rg, rd = tuned_regime(r, g), tuned_regime(r, d)
+    return Row("05", f"GShard 8 top-2 vs DeepSeekMoE 1 shared + 31 top-7, equal total and active, each at its "
+               f"Switch-loss weight chosen on the tuning half ({rg}; {rd}), {len(r.seeds)} paired seeds",
+               _compare(r, f"{g}, {rg}", f"{d}, {rd}", "GShard", "DeepSeekMoE"),
                "DeepSeekMoE beats GShard at equal parameters (Dai et al. 2024, arXiv:2401.06066, Table 1)",
                "data/results/fine_grained-cpu.json")
 
 
 def _row_06(results: Path | None, _: Path | None) -> Row:
+    from moe_course.course.readme_tables import LOSS_FREE_PAPER_1B
     from moe_course.loss_free import stats
 
     r = load_result("loss_free_06", "cpu", results)
-    aux, free = "aux alpha=1e-2", "loss-free u=1e-3"
-    return Row("06", "sigmoid gate: aux loss (alpha 1e-2) vs loss-free bias (u 1e-3), 3 seeds",
+    aux, free = f"aux alpha={LOSS_FREE_PAPER_1B['aux_alpha']:g}", "loss-free u=0.001"
+    return Row("06", f"sigmoid gate: aux loss (alpha {LOSS_FREE_PAPER_1B['aux_alpha']:g}, Wang et al.'s baseline) vs "
+               f"loss-free bias (u 1e-3), {len(r.seeds)} paired seeds, test half",
                f"MaxVio_global {stats(r, aux, 'max_vio_global')[0]:.2f} -> {stats(r, free, 'max_vio_global')[0]:.2f}; "
-               f"val loss {_mean_val(r, aux):.3f} -> {_mean_val(r, free):.3f}",
+               + _compare(r, aux, free, "aux", "bias"),
                "loss-free: better balance and lower perplexity (Wang et al. 2024, arXiv:2408.15664, Table 2)",
                "data/results/loss_free_06-cpu.json")
 
@@ -143,14 +164,14 @@ def _row_07(_: Path | None, solutions: Path | None) -> Row:
 
 
 def _row_08(results: Path | None, _: Path | None) -> Row:
+    from moe_course.metrics import paired_gaps
+
     r = load_result("capstone", "cpu", results)
-    dense, best = r.records_of("dense"), r.records_of("MoE recipe")
-    d = [x.val_loss[-1] for x in dense]
-    b = [x.val_loss[-1] for x in best]
+    d = [x.val_loss[-1] for x in r.records_of("dense")]
+    b = [x.val_loss[-1] for x in r.records_of("MoE recipe")]
     return Row("08", f"dense twin vs the course's recipe MoE, equal active parameters, tokens and tuning, {len(d)} "
-               "seeds, test half of the validation files",
-               f"val loss {sum(d) / len(d):.3f} -> {sum(b) / len(b):.3f} nats/byte (margin {min(d) - max(b):.3f} "
-               "between the worst MoE and the best dense run)",
+               "paired seeds, test half of the validation files",
+               f"val loss {_mean(d):.3f} -> {_mean(b):.3f} nats/byte, paired gap {paired_gaps(d, b).interval()}",
                "more experts at equal compute lower the loss (Shazeer et al. 2017, arXiv:1701.06538, Fig. 2; "
                "Dai et al. 2024)", "data/results/capstone-cpu.json")
 

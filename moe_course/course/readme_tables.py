@@ -21,12 +21,14 @@ from pathlib import Path
 from moe_course.course.notebooks import NOTEBOOK_TIMES, learner_minutes
 from moe_course.experiments import ExperimentResult, load_result
 from moe_course.experiments.capstone import BIAS_RATES, CAPSTONE_LABELS, TUNING_LRS, TUNING_WARMUPS, tuning_choice
-from moe_course.metrics import mean_std, paired_gaps
+from moe_course.experiments.fine_grained import M
+from moe_course.experiments.loss_free import BALANCE_TARGETS, balanced_choice
+from moe_course.metrics import PairedGaps, mean_std, paired_gaps
 
 __all__ = [
-    "PAGES", "TABLES", "bench_table", "capstone_table", "describe", "experts_table", "fine_grained_table",
-    "gpu_table", "learner_minutes", "loss_free_table", "main", "notebook_table", "render", "schedule_table",
-    "timings_table",
+    "PAGES", "TABLES", "balancing_table", "bench_table", "capstone_table", "describe", "experts_table",
+    "fine_grained_table", "gpu_table", "learner_minutes", "loss_free_table", "main", "notebook_table",
+    "protocol_text", "render", "schedule_table", "timings_table",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,8 +75,114 @@ def describe(result: ExperimentResult) -> str:
             f"{result.size}.json`.")
 
 
+def _test(result: ExperimentResult, label: str) -> list[float]:
+    return [r.test_loss for r in result.records_of(label)]
+
+
+def _tune_mean(result: ExperimentResult, label: str) -> float:
+    return mean_std([r.tune_loss for r in result.records_of(label)])[0]
+
+
+def _gap_cell(pg: PairedGaps, a: str, b: str) -> str:
+    """A table cell: the paired gap a − b with its 95% interval and the protocol's reading of it."""
+    word = f"{b} better" if pg.low > 0 else f"{a} better" if pg.high < 0 else "none detected"
+    return f"{pg.interval()}: {word}"
+
+
+def _final_mean(result: ExperimentResult, label: str, key: str) -> float:
+    """Mean over seeds of the last logged value of a per-step list of the records (``max_vio`` averaged over layers)."""
+    values = []
+    for r in result.records_of(label):
+        last = getattr(r, key)[-1]
+        values.append(sum(last) / len(last) if isinstance(last, list) else last)
+    return mean_std(values)[0]
+
+
+def protocol_text(_: str | Path | None = None) -> str:
+    """RESULTS.md's statement of the evidence protocol every trained comparison follows."""
+    return ("Every trained comparison follows one protocol. Each model is scored on the whole test half of the "
+            "validation files (`Corpus.val_part(\"test\")`, cut into non-overlapping windows, every byte after the "
+            "first scored once); choices (a loss weight, a learning rate) are made on the tuning half only. Arms are "
+            "trained with the same seeds (data order and, where shapes allow, initialisation), at least 5 of them "
+            "(10 in notebook 06), and compared by their per-seed differences: the mean difference with a 95% "
+            "Student-t interval (`moe_course.metrics.paired_gaps`). \"A beats B\" is written only when that interval "
+            "excludes 0; otherwise \"no difference detected at this scale\", with the interval and the smallest "
+            "difference the seeds could have detected (80% power). In the tables a gap A − B is positive when B has "
+            "the lower loss. The capstone (notebook 08) still has 3 seeds.")
+
+
+def balancing_table(results_dir: str | Path | None = None) -> str:
+    """Notebook 04's stored experiments under the protocol: collapse, the α sweeps, the z-loss and five routers."""
+    sweep = load_result("aux_sweep", "cpu", results_dir)
+    cap = load_result("aux_sweep_capacity", "cpu", results_dir)
+    collapse = load_result("collapse", "cpu", results_dir)
+    zl = load_result("z_loss", "cpu", results_dir)
+    routers = load_result("routers", "cpu", results_dir)
+    lines = [f"- α sweep: {describe(sweep)}", f"- α sweep with capacity: {describe(cap)}",
+             f"- collapse: {describe(collapse)}", f"- z-loss: {describe(zl)}", f"- routers: {describe(routers)}", "",
+             "**The Switch loss weight α** (MaxVio at the end, mean over layers and seeds; losses mean ± sample std; "
+             "the gap to α = 0 is paired over the seeds):", "",
+             "| α | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, 95% interval |",
+             "|---|---|---|---|---|"]
+    for name, result in (("no capacity limit", sweep), ("capacity factor 1", cap)):
+        labels = result.labels
+        ref = _test(result, labels[0])
+        if result is cap:
+            lines += ["", f"With a capacity limit ({name}; the share of token assignments dropped at the end in the "
+                      "last column):", "", "| α | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, "
+                      "95% interval | dropped |", "|---|---|---|---|---|---|"]
+        for label in labels:
+            alpha = label.split("=")[1]
+            gap = "" if label == labels[0] else _gap_cell(paired_gaps(ref, _test(result, label)), "α = 0", alpha)
+            row = (f"| {alpha} | {_final_mean(result, label, 'max_vio'):.2f} | {_tune_mean(result, label):.3f} | "
+                   f"{_pm(_test(result, label))} | {gap} |")
+            lines.append(row + (f" {_final_mean(result, label, 'drop_rate'):.3f} |" if result is cap else ""))
+        best = min(labels, key=lambda lab: _tune_mean(result, lab))
+        if result is sweep:
+            lines += ["", f"Chosen on the tuning half: {best} (α = 0 is the floor of the axis; the grid reaches up to "
+                      f"{labels[-1].split('=')[1]})."]
+    ref_label = collapse.labels[0]
+    lines += ["", f"**Collapse** (no balancing; gaps against {ref_label}):", "",
+              "| run | MaxVio | test half (nats/byte) | gap, 95% interval |", "|---|---|---|---|"]
+    for label in collapse.labels:
+        gap = "" if label == ref_label else _gap_cell(
+            paired_gaps(_test(collapse, ref_label), _test(collapse, label)), ref_label, label)
+        lines.append(f"| {label} | {_final_mean(collapse, label, 'max_vio'):.2f} | {_pm(_test(collapse, label))} | "
+                     f"{gap} |")
+    z0, z1 = zl.labels[0], zl.labels[1]
+    lines += ["", f"**The router z-loss** (trained at learning rate {zl.runs[0]['train']['lr']:g} to provoke large "
+              "logits; router statistics at the last logged step, on the training batch: the largest and smallest "
+              "logit, the mean per-token range max − min over the experts, the top-1 − top-2 gap, the gate entropy "
+              "in nats and the mean logsumexp):", "",
+              f"| statistic | {z0} | {z1} | {z0} − {z1}, 95% interval |", "|---|---|---|---|"]
+    stats_z = (("test loss (nats/byte)", "test_loss"), ("largest logit", "logit_top"),
+               ("smallest logit", "logit_bottom"), ("per-token range", "logit_range"),
+               ("top-1 − top-2 gap", "logit_gap"), ("gate entropy", "gate_entropy"), ("logsumexp", "logit_lse"))
+    for name, key in stats_z:
+        a, b = ([getattr(r, key) if key == "test_loss" else getattr(r, key)[-1] for r in zl.records_of(lab)]
+                for lab in (z0, z1))
+        lines.append(f"| {name} | {_pm(a, 3 if key == 'test_loss' else 2)} | {_pm(b, 3 if key == 'test_loss' else 2)} "
+                     f"| {_gap_cell(paired_gaps(a, b), z0, z1)} |")
+    dense = "dense (same active width)"
+    lines += ["", f"**Routers** against the {dense} twin (gaps: dense − router):", "",
+              "| router | MaxVio | test half (nats/byte) | dense − router, 95% interval |", "|---|---|---|---|"]
+    for label in routers.labels:
+        mv = "" if label == dense else f"{_final_mean(routers, label, 'max_vio'):.2f}"
+        gap = "" if label == dense else _gap_cell(paired_gaps(_test(routers, dense), _test(routers, label)), "dense",
+                                                  label)
+        lines.append(f"| {label} | {mv} | {_pm(_test(routers, label))} | {gap} |")
+    leak = [r.extra["leak"] for r in routers.records_of("expert choice")]
+    b1 = paired_gaps([x["batch1"] for x in leak], [x["batch16"] for x in leak])
+    causal = paired_gaps([x["causal"] for x in leak], [x["batch16_same"] for x in leak])
+    lines += ["", "Expert choice sees the whole batch when it routes, later tokens included. The same trained models "
+              f"scored with one window per batch instead of 16: {b1.interval()} nats/byte (batch 1 − batch 16); "
+              "with every position routed from its own prefix only (causal), against batch 16 on the same windows: "
+              f"{causal.interval()}."]
+    return "\n".join(lines)
+
+
 def capstone_table(results_dir: str | Path | None = None) -> str:
-    """Notebook 08's tuned race, equal-time run, paired gaps and bias rates, from the stored results."""
+    """Notebook 08's tuned race, equal-time run, paired gaps (with their 95% intervals) and bias rates."""
     from moe_course.model import ModelConfig, TinyLM
     from moe_course.params import count_model
 
@@ -102,14 +210,12 @@ def capstone_table(results_dir: str | Path | None = None) -> str:
         m = mean_std(final[label])[0]
         lines.append(f"| {name} | {total / 1e6:.2f} M | {train['lr']:g}, {train['warmup']} | {_pm(final[label])} "
                      f"| {m / math.log(2):.3f} | {', '.join(f'{v:.3f}' for v in final[label])} |")
-    lines += ["", "Paired per-seed gaps (positive: the second model is better), and the worst-against-best margin "
-              "next to the largest seed spread:", ""]
+    lines += ["", "Paired per-seed gaps (positive: the second model is better) and the protocol's reading of their 95% "
+              "interval:", ""]
     for a, b in (("dense", "MoE top-2"), ("dense", "MoE recipe"), ("MoE top-2", "MoE recipe"),
                  ("dense, equal time", "MoE recipe")):
         pg = paired_gaps(final[a], final[b])
-        gaps = ", ".join(f"{g:+.3f}" for g in pg.gaps)
-        lines.append(f"- {a} − {b}: {gaps} (mean {pg.mean:.3f} ± {pg.std:.3f}); margin {pg.margin:+.3f} against "
-                     f"spread {pg.spread:.3f}{'' if pg.clear else ': within the noise'}")
+        lines.append(f"- {', '.join(f'{g:+.3f}' for g in pg.gaps)}: {pg.verdict(a, b)}")
     per_step = {label: mean_std([r.seconds / runs[label]["train"]["steps"] for r in race.records_of(label)])[0]
                 for label in ("dense", "MoE recipe")}
     lines += ["", f"Seconds per step measured in the same runs (two sharing the 2-core machine): the recipe "
@@ -128,47 +234,50 @@ def capstone_table(results_dir: str | Path | None = None) -> str:
 
 
 def loss_free_table(results_dir: str | Path | None = None) -> str:
-    """Notebook 06's comparison, mean ± sample std over seeds, from the stored ``loss_free_06`` result."""
+    """Notebook 06's comparison under the protocol: every α and u, paired gaps to no balancing and to the bias."""
     from moe_course.loss_free import stats
 
     result = load_result("loss_free_06", "cpu", results_dir)
-    head = [describe(result) + " Mean ± sample std over the seeds; MaxVio_global on the validation batches at "
-            "the end, MaxVio_batch averaged over the last quarter of training; the same sigmoid gate in every run.",
-            ""]
-    names = {"no balancing": "no balancing", "aux alpha=1e-3": "Switch aux loss α = 1e-3",
-             "aux alpha=1e-2": "Switch aux loss α = 1e-2", "aux alpha=1e-1": "Switch aux loss α = 1e-1",
-             "loss-free u=1e-3": "routing bias, u = 1e-3", "loss-free u=1e-4": "routing bias, u = 1e-4",
-             "loss-free u=1e-2": "routing bias, u = 1e-2",
-             "loss-free + seq aux 1e-4": "bias u = 1e-3 + sequence-wise aux 1e-4",
-             "loss-free, best 2 of 4 groups": "bias u = 1e-3, best 2 of 4 expert groups"}
-    lines = [*head, "| run | MaxVio_global | MaxVio_batch | val loss (nats/byte) |", "|---|---|---|---|"]
-    for label, name in names.items():
-        cells = []
-        for key, digits in (("max_vio_global", 2), ("max_vio_batch", 2), ("val_loss", 3)):
-            m, s = stats(result, label, key)
-            cells.append(f"{m:.{digits}f} ± {s:.{digits}f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    bias_mv = stats(result, "loss-free u=1e-3", "max_vio_global")
-    aux_mv = stats(result, "aux alpha=1e-2", "max_vio_global")
-    bias_vl, aux_vl = stats(result, "loss-free u=1e-3", "val_loss"), stats(result, "aux alpha=1e-2", "val_loss")
-    none_vl = stats(result, "no balancing", "val_loss")
-    best_aux = min(stats(result, f"aux alpha={a}", "val_loss")[0] for a in ("1e-3", "1e-2", "1e-1"))
     pub = LOSS_FREE_PAPER_1B
-    spread = max(bias_vl[1], aux_vl[1])
-    gap = "smaller" if aux_vl[0] - bias_vl[0] < spread else "larger"
-    lines += ["", f"The routing bias (u = 1e-3) reaches MaxVio_global {bias_mv[0]:.2f} against {aux_mv[0]:.2f} for the "
-              f"Switch loss at α = 1e-2 ({aux_mv[0] / bias_mv[0]:.1f}× lower), with validation loss {bias_vl[0]:.3f} "
-              f"against {aux_vl[0]:.3f}, a gap {gap} than the larger seed std ({spread:.3f}). No balancing at all "
-              f"reaches {none_vl[0]:.3f}, {'better' if none_vl[0] < best_aux else 'no better'} than every "
-              f"auxiliary-loss run ({best_aux:.3f} at best). Wang et al. (arXiv:2408.15664, their 1B model) report "
-              f"MaxVio_global {pub['loss_free_maxvio']:.2f} against {pub['aux_maxvio']:.2f} and perplexity "
-              f"{pub['loss_free_ppl']:.2f} against {pub['aux_ppl']:.2f}. On the sigmoid gate the Switch loss uses each "
-              "token's scores normalised to sum to one, as DeepSeek-V3's balance losses do."]
+    bias = "loss-free u=0.001"
+    lines = [describe(result) + " The same sigmoid gate in every run. MaxVio_global on validation batches at the end; "
+             "MaxVio_batch averaged over the last quarter of training; losses on the test half, mean ± sample std; "
+             "gaps paired over the seeds.", "",
+             "| run | MaxVio_global | MaxVio_batch | tuning half | test half (nats/byte) | no balancing − run | "
+             "run − bias u = 1e-3 |", "|---|---|---|---|---|---|---|"]
+    none = _test(result, "no balancing")
+    for label in result.labels:
+        cells = [f"{stats(result, label, key)[0]:.2f} ± {stats(result, label, key)[1]:.2f}"
+                 for key in ("max_vio_global", "max_vio_batch")]
+        t = _test(result, label)
+        to_none = "" if label == "no balancing" else _gap_cell(paired_gaps(none, t), "none", "run")
+        to_bias = "" if label == bias else _gap_cell(paired_gaps(t, _test(result, bias)), "run", "bias")
+        lines.append(f"| {label} | {' | '.join(cells)} | {_tune_mean(result, label):.3f} | {_pm(t)} | {to_none} | "
+                     f"{to_bias} |")
+    matched = f"aux alpha={pub['aux_alpha']:g}"
+    lines += ["", "On the tuning half alone the lowest loss needs no balancing at all, so each method's setting is the "
+              "one with the lowest tuning-half loss among those that meet a balance requirement, MaxVio_global at most "
+              "a target (both methods alike):", ""]
+    for target in BALANCE_TARGETS:
+        aux, free = (balanced_choice(result, prefix, target) for prefix in ("aux alpha=", "loss-free u="))
+        if aux is None or free is None:
+            lines.append(f"- target {target:g}: no setting of the {'α' if aux is None else 'u'} grid meets it.")
+            continue
+        pg = paired_gaps(_test(result, aux), _test(result, free))
+        lines.append(f"- target {target:g}: {aux} and {free}; {pg.verdict(aux, free)}.")
+    pg = paired_gaps(_test(result, matched), _test(result, bias))
+    lines += ["", f"Against Wang et al.'s loss-controlled baseline weight (α = {pub['aux_alpha']:g}): "
+              f"{pg.verdict(matched, bias)}. Wang et al. (arXiv:2408.15664, their 1B model) report MaxVio_global "
+              f"{pub['loss_free_maxvio']:.2f} against {pub['aux_maxvio']:.2f} and perplexity "
+              f"{pub['loss_free_ppl']:.2f} against {pub['aux_ppl']:.2f}. On the sigmoid gate the Switch loss uses "
+              "each token's scores normalised to sum to one, as DeepSeek-V3's balance losses do."]
     return "\n".join(lines)
 
 
-LOSS_FREE_PAPER_1B = {"loss_free_maxvio": 0.04, "aux_maxvio": 0.72, "loss_free_ppl": 9.50, "aux_ppl": 9.56}
-"""Wang et al. 2024 (arXiv:2408.15664), Table 2, the 1B model: loss-free balancing against the loss-controlled one."""
+LOSS_FREE_PAPER_1B = {"loss_free_maxvio": 0.04, "aux_maxvio": 0.72, "loss_free_ppl": 9.50, "aux_ppl": 9.56,
+                      "aux_alpha": 1e-3}
+"""Wang et al. 2024 (arXiv:2408.15664), Table 2, the 1B model: loss-free balancing against the loss-controlled one,
+whose auxiliary-loss weight α they set to 0.001 (their experimental setup)."""
 
 
 def _notebook_paths(solutions_dir: Path | None = None) -> list[Path]:
@@ -409,51 +518,69 @@ FINE_GRAINED_NAMES = {"GShard 8 top-2": "GShard-style, 8 experts top-2", "fine 3
 
 
 def fine_grained_table(results_dir: str | Path | None = None) -> str:
-    """Notebook 05's comparison at equal expert parameters, from the stored ``fine_grained`` result."""
+    """Notebook 05's layout race under every balancing regime, the shared-expert swap and the probes (protocol)."""
+    from moe_course.experiments.fine_grained import LAYOUTS, REGIMES, tuned_regime
+
     result = load_result("fine_grained", "cpu", results_dir)
-    run = result.runs[0]
-    lines = [f"{describe(result)} Switch aux loss α = {run['model']['aux_loss_coef']:g} in every MoE; equal "
-             "expert parameters, total and active. Final validation loss, mean ± sample std over the seeds; the loss "
-             "increase when each token's best routed experts are masked at evaluation; the mean cosine similarity "
-             "of the experts' outputs on the same tokens, per layer:", "",
-             "| model | val loss (nats/byte) | mask top-1 | mask top-4 | expert output cosine |",
-             "|---|---|---|---|---|"]
-    final = {}
-    for label, name in FINE_GRAINED_NAMES.items():
-        recs = result.records_of(label)
-        final[label] = [r.val_loss[-1] for r in recs]
-        if recs[0].extra.get("redundancy"):
-            red = [r.extra["redundancy"] for r in recs]
-            m1 = sum(x["mask_1"] - x["base"] for x in red) / len(red)
-            m4 = sum(x["mask_4"] - x["base"] for x in red) / len(red)
-            layers = range(len(recs[0].extra["similarity"]))
-            sim = ", ".join(f"{sum(r.extra['similarity'][i] for r in recs) / len(recs):.2f}" for i in layers)
-            lines.append(f"| {name} | {_pm(final[label])} | {m1:+.3f} | {m4:+.3f} | {sim} |")
-        else:
-            lines.append(f"| {name} | {_pm(final[label])} | | | |")
-    g, f, d = (final[k] for k in ("GShard 8 top-2", "fine 32 top-8", "DeepSeekMoE 1+31 top-7"))
-    seeds = len(g)
-    wins_fg = sum(x < y for x, y in zip(f, g, strict=True))
-    wins_dg = sum(x < y for x, y in zip(d, g, strict=True))
-    wins_df = sum(x < y for x, y in zip(d, f, strict=True))
-    order = " < ".join(name for name, _ in sorted((("DeepSeekMoE", mean_std(d)[0]), ("fine-grained", mean_std(f)[0]),
-                                                    ("GShard", mean_std(g)[0])), key=lambda t: t[1]))
-    share = {label: sum(sum(r.extra["specialisation"]["mi_over_h_type"]) / 2 for r in result.records_of(label))
-             / seeds for label in ("GShard 8 top-2", "fine 32 top-8", "DeepSeekMoE 1+31 top-7")}
-    rnd = [v for label in share for r in result.records_of(label) for v in r.extra["specialisation"]["mi_random"]]
+    short = {"GShard 8 top-2": "GShard", "fine 32 top-8": "fine", "DeepSeekMoE 1+31 top-7": "DeepSeekMoE"}
+    dense = "dense (width 128)"
+    lines = [f"{describe(result)} Equal expert parameters, total and active; each layout trained under every "
+             "balancing regime (Switch aux loss at α, or the routing bias of notebook 06 at rate u). Test-half loss, "
+             "mean ± sample std over the seeds:", "",
+             "| regime | " + " | ".join(FINE_GRAINED_NAMES[k] for k in LAYOUTS)
+             + " | GShard − fine | GShard − DeepSeekMoE | fine − DeepSeekMoE |", "|---|---|---|---|---|---|---|"]
+    for regime in REGIMES:
+        t = {k: _test(result, f"{k}, {regime}") for k in LAYOUTS}
+        g, f, d = LAYOUTS
+        gaps = [_gap_cell(paired_gaps(t[a], t[b]), short[a], short[b]) for a, b in ((g, f), (g, d), (f, d))]
+        lines.append(f"| {regime} | " + " | ".join(_pm(t[k]) for k in LAYOUTS) + " | " + " | ".join(gaps) + " |")
+    lines += ["", f"{FINE_GRAINED_NAMES[dense]}: {_pm(_test(result, dense))}.", ""]
+    chosen = {k: tuned_regime(result, k) for k in LAYOUTS}
+    lines += ["Each layout at its own Switch-loss weight, chosen on the tuning half from "
+              "α = 0, 1e-3, 1e-2, 3e-2 (the same search for every layout): "
+              + "; ".join(f"{short[k]} {chosen[k]}" for k in LAYOUTS) + ".", "",
+              "| tuned layouts | gap, 95% interval |", "|---|---|"]
+    tuned = {k: _test(result, f"{k}, {chosen[k]}") for k in LAYOUTS}
+    g, f, d = LAYOUTS
+    for a, b in ((g, f), (g, d), (f, d)):
+        lines.append(f"| {short[a]} − {short[b]} | {_gap_cell(paired_gaps(tuned[a], tuned[b]), short[a], short[b])} |")
+    for k in LAYOUTS:
+        lines.append(f"| dense − {short[k]} | "
+                     f"{_gap_cell(paired_gaps(_test(result, dense), tuned[k]), 'dense', short[k])} |")
+    lines += ["", "The shared expert, tested as DeepSeekMoE §4.5 does: the trained DeepSeekMoE model with its shared "
+              "expert switched off and one more routed expert per token (top-8 of 31), on the whole test half "
+              "(swap − base, paired over the seeds); and masking each token's best routed experts (the next-ranked "
+              "experts take their place, gates renormalised), as a loss increase relative to the model's own base "
+              "loss:", "",
+              "| regime | shared off, one more routed | " + " | ".join(
+                  f"{short[k]}: mask top-1 / top-4" for k in LAYOUTS) + " |", "|---|---|---|---|---|"]
+    for regime in REGIMES:
+        red = {k: [r.extra["redundancy"] for r in result.records_of(f"{k}, {regime}")] for k in LAYOUTS}
+        swap = paired_gaps([x["shared_as_routed"] for x in red[d]], [x["base"] for x in red[d]])
+        cells = []
+        for k in LAYOUTS:
+            rel = [f"{100 * mean_std([(x[f'mask_{m}'] - x['base']) / x['base'] for x in red[k]])[0]:+.1f}%"
+                   for m in (1, 4)]
+            cells.append(" / ".join(rel))
+        lines.append(f"| {regime} | {swap.interval()} | " + " | ".join(cells) + " |")
+    fine = [r.extra for r in result.records_of(f"{f}, none")]
+    if fine and "similarity_blocks" in fine[0]:
+        layers = range(len(fine[0]["similarity_blocks"]))
+        blocks = ", ".join(_pm([x["similarity_blocks"][i] for x in fine], 2) for i in layers)
+        gs = [r.extra for r in result.records_of(f"{g}, none")]
+        per = ", ".join(_pm([x["similarity"][i] for x in gs], 2) for i in layers)
+        lines += ["", f"Expert output similarity at equal width (no balancing; mean cosine between experts' outputs on "
+                  f"the same tokens, per layer, mean ± std over the seeds): GShard's 8 experts {per}; the fine-grained "
+                  f"layout's 8 blocks of {M} fine experts {blocks}."]
     pub = DEEPSEEKMOE_PILE_LOSS
-    lines += ["", f"Mean validation loss: {order}. The DeepSeekMoE paper's 2B models order the same way (Pile loss "
-              f"GShard {pub['GShard']:.3f}, DeepSeekMoE {pub['DeepSeekMoE']:.3f}, its Table 1; trained on "
-              "DeepSeek's own corpus, evaluated on the Pile). Per seed: fine-grained beats GShard in "
-              f"{wins_fg} of {seeds}, DeepSeekMoE beats GShard in {wins_dg} of {seeds} and fine-grained in "
-              f"{wins_df} of {seeds}. The first-choice expert explains "
-              f"{100 * share['GShard 8 top-2']:.0f}% (GShard), {100 * share['fine 32 top-8']:.0f}% (fine-grained) "
-              f"and {100 * share['DeepSeekMoE 1+31 top-7']:.0f}% (DeepSeekMoE) of the Python token type's entropy; "
-              f"a random router with the same loads explains {min(rnd):.2f} to {max(rnd):.2f} bits."]
+    lines += ["", f"For scale: the DeepSeekMoE paper's 2B models, trained on 100B tokens of DeepSeek's own corpus, "
+              f"reach Pile loss {pub['GShard']:.3f} (GShard) and {pub['DeepSeekMoE']:.3f} (DeepSeekMoE) (Dai et al. "
+              "2024, arXiv:2401.06066, Table 1)."]
     return "\n".join(lines)
 
 
 TABLES: dict[str, Callable[[str | Path | None], str]] = {
+    "protocol": protocol_text, "balancing": balancing_table,
     "capstone": capstone_table, "loss_free": loss_free_table, "fine_grained": fine_grained_table,
     "notebooks": notebook_table, "timings": timings_table, "experts": experts_table, "schedule": schedule_table,
     "bench_step": bench_table, "gpu": gpu_table,

@@ -7,10 +7,29 @@ the whole test half of the validation files.
 
 from __future__ import annotations
 
+from typing import Any
+
 from moe_course import loss_free
 from moe_course.experiments.runner import Run, register
 
-__all__: list[str] = []
+__all__ = ["BALANCE_TARGETS", "balanced_choice"]
+
+BALANCE_TARGETS = (0.3, 0.5)
+"""Balance requirements for choosing α and u on the tuning half: MaxVio_global at most this (the busiest expert at
+most 30% or 50% above the mean load). On loss alone the tuning half picks the least balancing (α = 0, u = 0), so
+every balancing method is tuned for the lowest loss among the settings that meet the requirement."""
+
+
+def balanced_choice(result: Any, prefix: str, target: float) -> str | None:
+    """The run label starting with ``prefix`` ("aux alpha=" or "loss-free u=") with the lowest mean tuning-half loss
+    among those whose mean MaxVio_global is at most ``target``; None when no setting of the grid meets it."""
+    if prefix not in ("aux alpha=", "loss-free u="):
+        raise ValueError(f"prefix must be 'aux alpha=' or 'loss-free u=', got {prefix!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+        raise ValueError(f"target must be a MaxVio_global > 0 (e.g. 0.3), got {target!r}")
+    ok = [label for label in result.labels if label.startswith(prefix)
+          and loss_free.stats(result, label, "max_vio_global")[0] <= target]
+    return min(ok, key=lambda label: loss_free.stats(result, label, "tune_loss")[0]) if ok else None
 
 
 @register("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (alpha 1e-4 ... 1e-1), loss-free "

@@ -4,6 +4,7 @@
 ``plot_expert_layouts``      the three layouts at equal parameters: N top-k, m·N top-m·k, K_s shared + rest
 ``plot_combinations``        log10 C(m·N, m·k) as experts are split finer (and DeepSeek-V3's C(256, 8))
 ``plot_seed_comparison``     one final number per run label: every seed as a dot, the mean as a bar
+``plot_regime_comparison``   each layout's mean test loss under each balancing regime, with 95% intervals
 ``plot_type_heatmaps``       per MoE layer, token types × experts: P(expert | type) / P(expert) (lift)
 ===========================  ==========================================================================
 """
@@ -20,9 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from moe_course.fine_grained import FineGrainedConfig, n_combinations
+from moe_course.metrics import mean_std, t_quantile
 from moe_course.plots.style import COLORS, figure_axes, style_axes
 
-__all__ = ["plot_combinations", "plot_expert_layouts", "plot_seed_comparison", "plot_type_heatmaps", "type_lift"]
+__all__ = ["plot_combinations", "plot_expert_layouts", "plot_regime_comparison", "plot_seed_comparison",
+           "plot_type_heatmaps", "type_lift"]
 
 _ROUTED, _CHOSEN, _SHARED = "#d9d9d9", COLORS[1], COLORS[2]
 
@@ -93,6 +96,51 @@ def plot_seed_comparison(values: Mapping[str, Sequence[float]], ylabel: str = "v
         pad = 0.25 * (hi - lo) + 1e-3
         ax.set_ylim(lo - pad, hi + pad)
     style_axes(ax, title, None, ylabel)
+    return fig
+
+
+def _mean_interval(name: str, values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval of the mean of one arm's per-seed results."""
+    if len(values) < 2:
+        raise ValueError(f"{name} needs at least 2 per-seed results for an interval, got {len(values)}")
+    mean, std = mean_std(values)
+    return mean, t_quantile(0.975, len(values) - 1) * std / math.sqrt(len(values))
+
+
+def plot_regime_comparison(values: Mapping[str, Mapping[str, Sequence[float]]],
+                           reference: Mapping[str, Sequence[float]] | None = None,
+                           ylabel: str = "test loss (nats/byte)", title: str | None = None,
+                           ax: Axes | None = None) -> Figure:
+    """One group per regime, one point per layout: mean over seeds with its 95% t-interval, seeds as dots.
+
+    ``values[regime][layout]`` holds the per-seed results; ``reference`` (e.g. a dense twin trained once) is drawn
+    as a horizontal line with its 95% interval shaded.
+    """
+    if not isinstance(values, Mapping) or not values:
+        raise ValueError("values must map each regime to {layout: per-seed results}, got an empty or non-mapping "
+                         f"{type(values).__name__}")
+    layouts = list(dict.fromkeys(lay for row in values.values() for lay in row))
+    fig, ax = figure_axes(ax, (8.0, 3.8))
+    width = 0.8 / max(len(layouts), 1)
+    for i, (regime, row) in enumerate(values.items()):
+        for j, layout in enumerate(layouts):
+            if layout not in row:
+                continue
+            mean, half = _mean_interval(f"values[{regime!r}][{layout!r}]", row[layout])
+            x = i + (j - (len(layouts) - 1) / 2) * width
+            color = COLORS[j % len(COLORS)]
+            ax.errorbar(x, mean, yerr=half, fmt="o", color=color, capsize=3, ms=5,
+                        label=layout if i == 0 else None)
+            ax.scatter(np.full(len(row[layout]), x + 0.25 * width), row[layout], color=color, s=6, alpha=0.4,
+                       zorder=1)
+    for k, (label, seeds) in enumerate((reference or {}).items()):
+        mean, half = _mean_interval(f"reference[{label!r}]", seeds)
+        color = COLORS[(len(layouts) + k) % len(COLORS)]
+        ax.axhline(mean, color=color, ls="--", lw=1, label=f"{label} (95% interval shaded)")
+        ax.axhspan(mean - half, mean + half, color=color, alpha=0.12, lw=0)
+    ax.set_xticks(range(len(values)), list(values), fontsize=8)
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    style_axes(ax, title, "balancing regime", ylabel)
     return fig
 
 
