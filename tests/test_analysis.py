@@ -14,6 +14,7 @@ from moe_course.analysis import (
     random_router_table,
     redundancy,
     routing_tables,
+    shared_as_routed,
     shared_output_share,
     specialisation,
 )
@@ -68,6 +69,25 @@ def test_redundancy_and_probes_on_a_small_model() -> None:
     assert len(sims) == 2 and all(-1 <= s <= 1 for s in sims)
     shares = shared_output_share(model, data, n_tokens=16)
     assert len(shares) == 2 and all(0 < s < 1 for s in shares)
+
+
+def test_shared_as_routed_drops_the_shared_expert_for_one_more_routed_and_restores() -> None:
+    model = tiny(n_shared=1).eval()
+    x = torch.randint(0, 32, (3, 8))
+    before = model(x)[0].detach().clone()
+    layers = model.moe_layers()
+    shared = [layer.shared for layer in layers]
+    with shared_as_routed(model):
+        swapped = model(x)[0].detach()
+        assert all(layer.shared is None and layer.router.k == 3 and layer.top_k == 3 for layer in layers)
+        assert all(layer.last_routing.indices.shape[-1] == 3 for layer in layers)
+    assert not torch.allclose(before, swapped)
+    restored = zip(layers, shared, strict=True)
+    assert all(layer.shared is s and layer.router.k == 2 and layer.top_k == 2 for layer, s in restored)
+    torch.testing.assert_close(model(x)[0], before)  # restored exactly
+    with pytest.raises(ValueError, match="needs a model with shared experts"):
+        with shared_as_routed(tiny()):
+            pass
 
 
 def test_identical_experts_have_similarity_one() -> None:

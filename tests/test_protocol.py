@@ -195,3 +195,29 @@ def test_a_sweep_resumes_and_extends_its_seeds(tmp_path, monkeypatch) -> None:
     assert stored["seeds"] == [0, 1, 2]
     fresh = runner.run_experiment("z_loss", "smoke", seeds=[0], device="cpu", progress=False, save=False)
     assert fresh.records[0].train_loss == result.records[0].train_loss  # a resumed record is the record
+
+
+def test_a_widened_grid_trains_only_its_new_point_and_a_changed_run_retrains(tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from moe_course.experiments import runner
+
+    calls: list[tuple[str, int]] = []
+    real = runner.train_run
+    monkeypatch.setattr(runner, "train_run", lambda run, seed, *a, **kw: calls.append((run.label, seed))
+                        or real(run, seed, *a, **kw))
+    exp = runner.get_experiment("z_loss")
+    runner.run_experiment("z_loss", "smoke", seeds=[0], device="cpu", progress=False, results_dir=tmp_path)
+    base_runs = exp.runs
+    wider = lambda size: [*base_runs(size), replace(base_runs(size)[1], label="z=0.01",  # noqa: E731
+                                                    model=replace(base_runs(size)[1].model, z_loss_coef=1e-2))]
+    monkeypatch.setitem(runner.EXPERIMENTS, "z_loss", replace(exp, build=wider))
+    calls.clear()
+    result = runner.run_experiment("z_loss", "smoke", seeds=[0], device="cpu", progress=False, results_dir=tmp_path)
+    assert calls == [("z=0.01", 0)] and result.labels == ["z=0", "z=0.001", "z=0.01"]  # one new point only
+    changed = lambda size: [replace(r, train=replace(r.train, lr=r.train.lr * 2)) if r.label == "z=0" else r  # noqa: E731
+                            for r in wider(size)]
+    monkeypatch.setitem(runner.EXPERIMENTS, "z_loss", replace(exp, build=changed))
+    calls.clear()
+    runner.run_experiment("z_loss", "smoke", seeds=[0], device="cpu", progress=False, results_dir=tmp_path)
+    assert calls == [("z=0", 0)]  # the run whose configuration changed, and nothing else

@@ -519,7 +519,7 @@ FINE_GRAINED_NAMES = {"GShard 8 top-2": "GShard-style, 8 experts top-2", "fine 3
 
 def fine_grained_table(results_dir: str | Path | None = None) -> str:
     """Notebook 05's layout race under every balancing regime, the shared-expert swap and the probes (protocol)."""
-    from moe_course.experiments.fine_grained import LAYOUTS, REGIMES, tuned_regime
+    from moe_course.experiments.fine_grained import LAYOUTS, REGIMES, TUNED, tuned_regime
 
     result = load_result("fine_grained", "cpu", results_dir)
     short = {"GShard 8 top-2": "GShard", "fine 32 top-8": "fine", "DeepSeekMoE 1+31 top-7": "DeepSeekMoE"}
@@ -536,8 +536,9 @@ def fine_grained_table(results_dir: str | Path | None = None) -> str:
         lines.append(f"| {regime} | " + " | ".join(_pm(t[k]) for k in LAYOUTS) + " | " + " | ".join(gaps) + " |")
     lines += ["", f"{FINE_GRAINED_NAMES[dense]}: {_pm(_test(result, dense))}.", ""]
     chosen = {k: tuned_regime(result, k) for k in LAYOUTS}
-    lines += ["Each layout at its own Switch-loss weight, chosen on the tuning half from "
-              "α = 0, 1e-3, 1e-2, 3e-2 (the same search for every layout): "
+    grid = ", ".join(f"{REGIMES[r].get('aux_loss_coef', 0.0):g}" for r in TUNED)
+    lines += [f"Each layout at its own Switch-loss weight, chosen on the tuning half from α = {grid} (the same "
+              "search for every layout; α = 0 is the floor of the axis): "
               + "; ".join(f"{short[k]} {chosen[k]}" for k in LAYOUTS) + ".", "",
               "| tuned layouts | gap, 95% interval |", "|---|---|"]
     tuned = {k: _test(result, f"{k}, {chosen[k]}") for k in LAYOUTS}

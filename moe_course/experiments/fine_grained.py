@@ -1,5 +1,5 @@
 """Notebook 05's experiment (shared and fine-grained experts): GShard top-2 against its fine-grained and
-DeepSeekMoE versions at equal expert parameters, under five balancing regimes, with the masking, shared-expert
+DeepSeekMoE versions at equal expert parameters, under six balancing regimes, with the masking, shared-expert
 and specialisation probes.
 """
 
@@ -13,7 +13,7 @@ from moe_course.loss_free import course_model as base_model
 from moe_course.loss_free import course_train as base_train
 from moe_course.model import TinyLM
 
-__all__ = ["FINE_GRAINED_SHAPES", "LAYOUTS", "M", "REGIMES", "tuned_regime"]
+__all__ = ["FINE_GRAINED_SHAPES", "LAYOUTS", "M", "REGIMES", "TUNED", "tuned_regime"]
 
 FINE_GRAINED_SHAPES = {  # notebook 05: a GShard-style layer N=8 (16 on GPU) top-2 of width h; m = 4, K_s = 1
     "smoke": dict(block_size=16, n_layer=1, n_head=2, d_model=16, n_experts=4, top_k=2, expert_hidden=16),
@@ -26,13 +26,14 @@ REGIMES = {  # how each layout is kept balanced: the label suffix and the ModelC
     "aux 1e-3": dict(aux_loss_coef=1e-3),
     "aux 1e-2": dict(aux_loss_coef=1e-2),
     "aux 3e-2": dict(aux_loss_coef=3e-2),
+    "aux 1e-1": dict(aux_loss_coef=1e-1),
     "bias 1e-3": dict(bias_update_rate=1e-3),
 }
 
 LAYOUTS = ("GShard 8 top-2", "fine 32 top-8", "DeepSeekMoE 1+31 top-7")
 """The three MoE layouts of the race, each trained under every regime of :data:`REGIMES`."""
-TUNED = ("none", "aux 1e-3", "aux 1e-2", "aux 3e-2")
-"""The Switch-loss weights searched for every layout alike (α = 0, 1e-3, 1e-2, 3e-2); α = 0 is the axis's floor."""
+TUNED = ("none", "aux 1e-3", "aux 1e-2", "aux 3e-2", "aux 1e-1")
+"""The Switch-loss weights searched for every layout alike (α = 0, 1e-3 ... 1e-1); α = 0 is the axis's floor."""
 
 
 def tuned_regime(result: Any, layout: str) -> str:
@@ -55,7 +56,7 @@ def _probe_05(model: TinyLM, corpus: Any) -> dict[str, Any]:
 
 
 @register("fine_grained", "notebook 05: GShard 8 top-2 vs fine-grained 32 top-8 vs DeepSeekMoE 1+31 top-7 under "
-          "five balancing regimes (none, aux 1e-3, 1e-2, 3e-2, bias 1e-3), and dense; equal expert parameters; "
+          "six balancing regimes (none, aux 1e-3, 1e-2, 3e-2, 1e-1, bias 1e-3), and dense; equal expert parameters; "
           "masking, shared-as-routed and specialisation probes", seeds=SEEDS, version=2)
 def _fine_grained(size: str) -> list[Run]:
     from moe_course.fine_grained import comparison_configs

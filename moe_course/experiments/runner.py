@@ -357,11 +357,10 @@ def _configs(runs: Sequence[Run]) -> list[dict[str, Any]]:
             for r in runs]
 
 
-def fingerprint(name: str, size: str) -> str:
-    """Hash of the experiment's configurations at ``size``, the code versions that record them and the corpus."""
+def _fingerprint_blob(name: str, size: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     exp = get_experiment(name)
     _check_size(size)
-    blob = {
+    return {
         "experiment": name,
         "size": size,
         "code_version": CODE_VERSION,
@@ -369,9 +368,19 @@ def fingerprint(name: str, size: str) -> str:
         "corpus_bytes": CORPUS_BYTES[size],
         "corpus_sha256": corpus_sha256(CORPUS_NAME[size]),
         "log_every": LOG_EVERY[size],
-        "runs": _configs(exp.runs(size)),
+        "runs": runs,
     }
+
+
+def _hash(blob: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(name: str, size: str) -> str:
+    """Hash of the experiment's configurations at ``size``, the code versions that record them and the corpus."""
+    return _hash(_fingerprint_blob(name, size, _configs(get_experiment(name).runs(size))))
+
+
 
 
 @dataclass
@@ -505,6 +514,8 @@ def run_experiment(
     bar = tqdm(total=len(runs) * len(seeds), initial=len(runs) * len(seeds) - len(tasks), desc=f"{name} ({size})",
                disable=not progress)
     partial = _partial_path(name, size, results_dir)
+    base = _hash(_fingerprint_blob(name, size, []))
+    configs = {c["label"]: c for c in _configs(runs)}
     lock = threading.Lock()
 
     def keep(record: RunRecord) -> None:
@@ -514,7 +525,8 @@ def run_experiment(
             if save:
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with partial.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"fingerprint": fp, "record": asdict(record)}, separators=(",", ":")) + "\n")
+                    entry = {"fingerprint": fp, "base": base, "run": configs[record.label], "record": asdict(record)}
+                    f.write(json.dumps(entry, separators=(",", ":")) + "\n")
             bar.update()
 
     if jobs == 1 or len(tasks) <= 1:
@@ -559,29 +571,39 @@ def _finished_records(name: str, size: str, fp: str,
                       results_dir: str | Path | None) -> dict[tuple[str, int], RunRecord]:
     """Records already trained with today's configurations: the stored result's and an interrupted sweep's.
 
-    A run is reused only when the fingerprint matches, so a changed configuration retrains everything; this is
-    how a long sweep is split over sessions (interrupt it, run the same command again) or given more seeds
-    (``--seeds 0 ... 9`` after 0 ... 4 trains only the new ones).
+    A record is reused when the code, corpus and experiment versions match and its own run's configuration is
+    unchanged, so a changed run retrains only that run, and a sweep can be split over sessions (interrupt it, run
+    the same command again), given more seeds (``--seeds 0 ... 9`` after 0 ... 4 trains only the new ones) or
+    more runs (a grid widened by one point trains that point).
     """
+    current = {c["label"]: c for c in _configs(get_experiment(name).runs(size))}
     done: dict[tuple[str, int], RunRecord] = {}
+
+    def same_run(label: str, config: dict[str, Any] | None) -> bool:
+        return label in current and config == current[label]
+
     path = result_path(name, size, results_dir)
     if path.exists():
         try:
             blob = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             blob = {}
-        if blob.get("fingerprint") == fp:
+        stored = {c["label"]: c for c in blob.get("runs", [])}
+        if blob.get("runs") is not None and _hash(_fingerprint_blob(name, size, blob["runs"])) == blob.get(
+                "fingerprint"):  # the same code, corpus and versions: compare run by run
             for r in blob.get("records", []):
-                done[(r["label"], r["seed"])] = RunRecord(**r)
+                if same_run(r["label"], stored.get(r["label"])):
+                    done[(r["label"], r["seed"])] = RunRecord(**r)
     partial = _partial_path(name, size, results_dir)
     if partial.exists():
+        base = _hash(_fingerprint_blob(name, size, []))
         for line in partial.read_text(encoding="utf-8").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:  # a line cut short when the sweep was killed
                 continue
-            if entry.get("fingerprint") == fp:
-                r = entry["record"]
+            r = entry["record"]
+            if entry.get("fingerprint") == fp or (entry.get("base") == base and same_run(r["label"], entry.get("run"))):
                 done[(r["label"], r["seed"])] = RunRecord(**r)
     return done
 
