@@ -466,3 +466,76 @@ def test_group_mask_of_the_package_uses_top2_sums():
     choice = torch.tensor([[0.9, 0.0, 0.5, 0.5]])
     assert group_limited_mask(choice, 2, 1, biased=True).tolist() == [[True, True, False, False]]
     assert group_limited_mask(choice, 2, 1, biased=False).tolist() == [[False, False, True, True]]
+
+
+# --- bias_training_loop (★★★) -------------------------------------------------------------------------
+
+
+def _bias_loop(variant: str = "right"):
+    """A learner's training loop, right or with one mistake."""
+    def loop(model, batches, u, lr):
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        pending = {}
+        for x, y in batches:
+            if variant == "late":
+                with torch.no_grad():
+                    for i, layer in enumerate(model.moe_layers()):
+                        if i in pending:
+                            layer.router.expert_bias += u * torch.sign(pending[i].mean() - pending[i])
+            _, loss = model(x, y)
+            if variant != "no zero_grad":
+                opt.zero_grad()
+            loss.backward()
+            if variant != "no step":
+                opt.step()
+            with torch.no_grad():
+                for i, layer in enumerate(model.moe_layers()):
+                    idx = layer.last_routing.indices
+                    if variant == "top-1":
+                        idx = idx[:, :1]
+                    c = torch.bincount(idx.reshape(-1), minlength=layer.n_experts).float()
+                    if variant == "late":
+                        pending[i] = c
+                        continue
+                    if variant == "first layer" and i:
+                        continue
+                    step = {"reversed": torch.sign(c - c.mean()), "proportional": (c.mean() - c) / c.mean(),
+                            "greater-or-equal": torch.where(c >= c.mean(), -1.0, 1.0)}.get(
+                        variant, torch.sign(c.mean() - c))
+                    layer.router.expert_bias += u * step
+                    if variant == "in-place batches":
+                        x.zero_()
+    return loop
+
+
+def test_bias_training_loop_accepts_the_reference(capsys):
+    check.bias_training_loop(_bias_loop())
+    assert capsys.readouterr().out.startswith("OK  bias_training_loop")
+
+
+@pytest.mark.parametrize(("variant", "message"), [
+    ("reversed", "wrong way"),
+    ("proportional", "exactly ±u"),
+    ("late", "one step late"),
+    ("top-1", "first choice"),
+    ("first layer", "only the first MoE layer"),
+    ("no zero_grad", "zero_grad"),
+    ("no step", "optimizer.step()"),
+    ("greater-or-equal", "expert_bias is"),  # an expert exactly at the mean must keep its bias (top-4 of 4)
+    ("in-place batches", "changed its input batches"),
+])
+def test_bias_training_loop_names_each_mistake(variant, message):
+    with pytest.raises(check.CheckError, match=re.escape(message)):
+        check.bias_training_loop(_bias_loop(variant))
+
+
+def test_bias_training_loop_rejects_a_trained_bias():
+    def as_parameter(model, batches, u, lr):
+        for layer in model.moe_layers():
+            bias = layer.router.expert_bias
+            del layer.router.expert_bias
+            layer.router.expert_bias = torch.nn.Parameter(bias.clone())
+        _bias_loop()(model, batches, u, lr)
+
+    with pytest.raises(check.CheckError, match="nn.Parameter"):
+        check.bias_training_loop(as_parameter)

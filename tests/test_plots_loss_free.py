@@ -77,3 +77,23 @@ def test_widget_has_rate_and_skew_controls():
     box.controls["skew"].value = 2.0
     with pytest.raises(ValueError, match="not on the slider"):
         bias_explorer(rate=0.5)
+
+
+def test_plot_tradeoff_curves_one_line_per_method_with_intervals():
+    import pytest
+
+    from moe_course.plots.loss_free import plot_tradeoff_curves
+
+    curves = {"aux": [("0", [2.0, 2.2], [2.30, 2.32]), ("1e-2", [0.4, 0.3], [2.35, 2.37])],
+              "bias": [("1e-3", [0.1, 0.12], [2.29, 2.31])]}
+    fig = plot_tradeoff_curves(curves)
+    ax = fig.axes[0]
+    assert len(ax.containers) == 2  # one errorbar curve per method
+    line = ax.containers[0].lines[0]
+    assert list(line.get_xdata()) == pytest.approx([2.1, 0.35])
+    assert list(line.get_ydata()) == pytest.approx([2.31, 2.36])
+    assert [t.get_text() for t in ax.texts] == ["0", "1e-2", "1e-3"]
+    with pytest.raises(ValueError, match="at least 2"):
+        plot_tradeoff_curves({"aux": [("0", [2.0], [2.3])]})
+    with pytest.raises(ValueError, match="empty"):
+        plot_tradeoff_curves({})

@@ -5,6 +5,9 @@
   2024, arXiv:2408.15664; DeepSeek-V3, arXiv:2412.19437). A plain tensor, never a trained parameter.
 * ``check.biased_topk(fn)``: ``fn(logits (T, N), bias (N,), k) -> (weights (T, k), indices (T, k))``: sigmoid
   scores s; the top-k of s + b are chosen; the weights are the *unbiased* s of the chosen, renormalised.
+* ``check.bias_training_loop(fn)``: ``fn(model, batches, u, lr) -> None`` trains ``model`` in place with SGD and,
+  after every optimizer step, moves each MoE layer's ``router.expert_bias`` by u·sign(c̄ − c) with that batch's
+  counts (★★★; the reference and eight mistakes are recomputed on a tiny TinyLM).
 * ``check.group_limited_topk(fn)``: ``fn(logits, bias, k, n_groups, topk_groups)``: the same gate, but each token
   may only use its ``topk_groups`` best groups of contiguous experts, a group scored by the sum of its two
   highest biased scores (DeepSeek-V3's reference ``Gate``).
@@ -28,18 +31,22 @@ from moe_course.balancing import bias_update as ref_bias_update
 from moe_course.check._core import (
     CheckError,
     as_tensor,
+    call,
     call_unchanged,
     close,
     compare_grads,
     expect_shape,
+    expect_unchanged,
     fail,
+    fn_name,
     ok,
     same_choices,
+    snapshot,
     weights_and_ids,
 )
 from moe_course.routing import Routing, sigmoid_topk
 
-__all__ = ["bias_update", "biased_topk", "group_limited_topk"]
+__all__ = ["bias_training_loop", "bias_update", "biased_topk", "group_limited_topk"]
 
 NOT_TRAINED = ("the bias is not a trained parameter: no optimizer and no gradient touch it. Compute the new "
                "bias from the counts under torch.no_grad() (or from detached counts) and return a plain tensor, "
@@ -410,3 +417,159 @@ def group_limited_topk(fn: Callable[..., Any]) -> None:
                     _group_mistakes(logits, bias, k, n_groups, topk_groups), reference, (n_groups, topk_groups))
     ok("group_limited_topk", "best groups by top-2 biased scores, then biased top-k, unbiased renormalised weights; "
        "ties as topk")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bias update inside a training loop (★★★)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _loop_model(n_experts: int, k: int, seed: int) -> Any:  # noqa: ANN401
+    """A tiny sigmoid-gated TinyLM with 2 MoE layers and no balancing policy of its own."""
+    from moe_course.model import ModelConfig, TinyLM
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, d_model=16, ffn="moe", n_experts=n_experts,
+                      top_k=k, expert_hidden=8, router_score="sigmoid", aux_loss_coef=0.0)
+    return TinyLM(cfg)
+
+
+def _loop_batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, 64, (4, 9), generator=g)
+        out.append((seq[:, :-1].clone(), seq[:, 1:].clone()))
+    return out
+
+
+def _ref_loop(model: Any, batches: list, u: float, lr: float, variant: str = "right") -> None:  # noqa: ANN401
+    """The reference training loop with each mistake switchable: forward, backward, SGD step, then the bias."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    layers = model.moe_layers()
+    pending = [None for _ in layers]  # the one-step-late variant's counts
+    total = [torch.zeros(layer.n_experts) for layer in layers]
+    model.train()
+    for x, y in batches:
+        if variant == "late":  # updates before the forward pass, with the previous step's counts
+            with torch.no_grad():
+                for layer, counts in zip(layers, pending, strict=True):
+                    if counts is not None:
+                        layer.router.expert_bias += u * torch.sign(counts.mean() - counts)
+        _, loss = model(x, y)
+        if variant != "no zero_grad":
+            opt.zero_grad()
+        loss.backward()
+        if variant != "no step":
+            opt.step()
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                idx = layer.last_routing.indices
+                if variant == "top-1 only":
+                    idx = idx[:, :1]
+                counts = torch.bincount(idx.reshape(-1), minlength=layer.n_experts).float()
+                total[i] += counts
+                if variant == "cumulative":
+                    counts = total[i].clone()
+                if variant == "late":
+                    pending[i] = counts
+                    continue
+                if variant == "first layer only" and i > 0:
+                    continue
+                step = {"reversed": torch.sign(counts - counts.mean()),
+                        "proportional": (counts.mean() - counts) / counts.mean()}.get(
+                    variant, torch.sign(counts.mean() - counts))
+                layer.router.expert_bias += u * step
+
+
+_LOOP_MISTAKES = {
+    "reversed": "moved each bias the wrong way: an overloaded expert (cᵢ > c̄) must get a *lower* bias, "
+                "bᵢ + u·sign(c̄ − cᵢ)",
+    "proportional": "moved each bias in proportion to its imbalance; the rule moves every bias by exactly ±u "
+                    "(torch.sign), however large the imbalance",
+    "late": "updated the bias before the forward pass with the previous step's counts, one step late; update "
+            "it right after optimizer.step(), with the counts of the batch just trained on",
+    "top-1 only": "counted only each token's first choice; count all k choices in layer.last_routing.indices",
+    "cumulative": "counted the assignments of all steps so far; each update uses the counts of its own batch only",
+    "first layer only": "updated only the first MoE layer; every layer in model.moe_layers() has its own bias",
+    "no zero_grad": "never reset the gradients, so each step used the sum of all earlier gradients; call "
+                    "optimizer.zero_grad() before loss.backward()",
+    "no step": "never stepped the optimizer: the weights did not train; call optimizer.step() after loss.backward()",
+}
+
+
+def _state(model: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[str]) -> bool:
+    return all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in keys)
+
+
+def _first_difference(fn: Callable[..., Any], model: Any, batches: list, u: float, what: str,  # noqa: ANN401
+                      biases: list[str], weights: list[str]) -> None:
+    """Step by step (plain SGD keeps no state between calls): fail at the first step where the learner differs."""
+    import copy
+
+    mine, ref = copy.deepcopy(model), copy.deepcopy(model)
+    for j, batch in enumerate(batches):
+        call(fn, mine, [batch], u, 0.1, what=what)
+        _ref_loop(ref, [batch], u, 0.1)
+        got, want = _state(mine), _state(ref)
+        if not _same_state(got, want, weights):
+            fail(f"{what}: after training step {j + 1} the weights differ from the reference's; use "
+                 "torch.optim.SGD(model.parameters(), lr=lr): _, loss = model(x, y); zero_grad; loss.backward(); step")
+        bad = next((k for k in biases if not _same_state(got, want, [k])), None)
+        if bad is not None:
+            fail(f"{what}: after training step {j + 1}, {bad} is {[round(v, 4) for v in got[bad].tolist()]}, "
+                 f"expected {[round(v, 4) for v in want[bad].tolist()]}. After optimizer.step(), count each layer's "
+                 "assignments in layer.last_routing.indices (all k choices; an expert exactly at the mean c̄ keeps "
+                 "its bias) and add u·sign(c̄ − c) to layer.router.expert_bias under torch.no_grad()")
+
+
+def bias_training_loop(fn: Callable[..., Any]) -> None:
+    """Check ``fn(model, batches, u, lr) -> None``: SGD training with DeepSeek-V3's bias update after every step."""
+    import copy
+
+    cases = [("8 experts top-2, 4 batches", 8, 2, 4, 1e-2), ("4 experts top-1, 3 batches", 4, 1, 3, 3e-2),
+             ("4 experts top-4 (every expert chosen: counts equal, no bias moves)", 4, 4, 2, 1e-2),
+             ("8 experts top-2, no batches", 8, 2, 0, 1e-2), ("8 experts top-2, u = 0", 8, 2, 3, 0.0)]
+    for n, (label, n_experts, k, n_batches, u) in enumerate(cases):
+        what = f"{fn_name(fn)} on {label}"
+        model = _loop_model(n_experts, k, seed=n)
+        if any(name.endswith("expert_bias") for name, _ in model.named_parameters()):
+            raise AssertionError("the check's model must hold the bias as a buffer")
+        batches = _loop_batches(n_batches, seed=10 + n)
+        start = _state(model)
+        expected = copy.deepcopy(model)
+        _ref_loop(expected, batches, u, 0.1)
+        want = _state(expected)
+        learner = copy.deepcopy(model)
+        before = snapshot(batches)  # the model is trained in place; the batches must stay as they were
+        call(fn, learner, batches, u, 0.1, what=what)
+        expect_unchanged(what, {"batches": batches}, {"batches": before})
+        if any(name.endswith("expert_bias") for name, _ in learner.named_parameters()):
+            fail(f"{what}: expert_bias became an nn.Parameter; {NOT_TRAINED}")
+        got = _state(learner)
+        if set(got) != set(want):
+            fail(f"{what}: the model's state has other entries than before ({sorted(set(got) ^ set(want))}); "
+                 "train the model you were given and change only its weights and its routers' expert_bias")
+        biases = [k_ for k_ in want if k_.endswith("expert_bias")]
+        weights = [k_ for k_ in want if not k_.endswith("expert_bias")]
+        if n_batches and _same_state(got, start, weights) and not _same_state(want, start, weights):
+            fail(f"{what}: {_LOOP_MISTAKES['no step']}")
+        if not _same_state(got, want, biases + weights):
+            for variant, hint in _LOOP_MISTAKES.items():
+                wrong = copy.deepcopy(model)
+                _ref_loop(wrong, batches, u, 0.1, variant)
+                if _same_state(got, _state(wrong), biases + weights) and not _same_state(want, _state(wrong),
+                                                                                          biases + weights):
+                    fail(f"{what}: it looks like you {hint}.")
+            _first_difference(fn, model, batches, u, what, biases, weights)
+            fail(f"{what}: the trained weights or biases differ from the reference's. Use "
+                 "torch.optim.SGD(model.parameters(), lr=lr), and for each (x, y): _, loss = model(x, y); zero_grad; "
+                 "loss.backward(); step; then update the biases")
+        if any(layer.router.expert_bias.requires_grad for layer in learner.moe_layers()):
+            fail(f"{what}: the bias requires grad afterwards; {NOT_TRAINED}")
+    ok("bias_training_loop", "forward, backward, SGD step, then bᵢ += u·sign(c̄ − cᵢ) per layer from that batch's "
+       "counts; equal counts and u = 0 leave the bias alone")

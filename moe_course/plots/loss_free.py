@@ -4,6 +4,8 @@
 ``plot_bias``                  each expert's routing bias over steps (one line per expert)
 ``plot_series``                one statistic over training, one line per run (mean over seeds, band = range)
 ``plot_tradeoff``              MaxVio_global against validation loss, one colour per run, one dot per seed
+``plot_tradeoff_curves``       one curve per balancing method through its settings: mean balance against mean
+                               loss, with the loss's 95% interval over the seeds
 ``bias_explorer``              sliders for the update rate u and the router skew over ``simulate_bias``
 =============================  ==================================================================
 """
@@ -21,7 +23,8 @@ from matplotlib.figure import Figure
 from moe_course.loss_free import BiasSimulation, simulate_bias
 from moe_course.plots.style import COLORS, figure_axes, style_axes
 
-__all__ = ["STATIC_RATES", "bias_explorer", "plot_bias", "plot_series", "plot_tradeoff", "static_bias_figure"]
+__all__ = ["STATIC_RATES", "bias_explorer", "plot_bias", "plot_series", "plot_tradeoff", "plot_tradeoff_curves",
+           "static_bias_figure"]
 
 STATIC_RATES = (1e-4, 1e-3, 1e-2)
 SLIDER_RATES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -72,6 +75,32 @@ def plot_tradeoff(points: Mapping[str, Sequence[tuple[float, float]]], ax: Axes 
         ax.scatter(p[:, 0], p[:, 1], color=COLORS[i % len(COLORS)], label=label, s=28)
     style_axes(ax, title, "MaxVio_global (validation set)", "validation loss (nats/byte)", title_size=10)
     ax.legend(fontsize=7)
+    return ax.figure
+
+
+def plot_tradeoff_curves(curves: Mapping[str, Sequence[tuple[str, Sequence[float], Sequence[float]]]],
+                         ax: Axes | None = None, title: str | None = None,
+                         xlabel: str = "MaxVio_global (validation set)",
+                         ylabel: str = "test loss (nats/byte)") -> Figure:
+    """method -> [(setting, balance per seed, loss per seed)]: a line through the settings' means, each point
+    with the 95% Student-t interval of its mean loss, and the setting written beside it."""
+    from moe_course.metrics import mean_std, t_quantile
+
+    if not curves:
+        raise ValueError("curves must map each method to its settings, got an empty mapping")
+    _, ax = figure_axes(ax, (6.5, 4.2))
+    for i, (method, points) in enumerate(curves.items()):
+        if not points or any(len(xs) != len(ys) or len(ys) < 2 for _, xs, ys in points):
+            raise ValueError(f"{method}: every setting needs the same number (at least 2) of balance and loss values")
+        color = COLORS[i % len(COLORS)]
+        x = [mean_std(xs)[0] for _, xs, _ in points]
+        y = [mean_std(ys)[0] for _, _, ys in points]
+        half = [t_quantile(0.975, len(ys) - 1) * mean_std(ys)[1] / len(ys) ** 0.5 for _, _, ys in points]
+        ax.errorbar(x, y, yerr=half, color=color, marker="o", markersize=4, capsize=3, linewidth=1.4, label=method)
+        for (setting, _, _), xi, yi in zip(points, x, y, strict=True):
+            ax.annotate(setting, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    style_axes(ax, title, xlabel, ylabel, title_size=10)
+    ax.legend(fontsize=8)
     return ax.figure
 
 
