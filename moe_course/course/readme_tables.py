@@ -124,7 +124,8 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
              "the gap to α = 0 is paired over the seeds):", "",
              "| α | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, 95% interval |",
              "|---|---|---|---|---|"]
-    for name, result in (("no capacity limit", sweep), ("capacity factor 1", cap)):
+    cf = cap.runs[0]["model"]["capacity_factor"]
+    for name, result in (("no capacity limit", sweep), (f"capacity factor {cf:g}", cap)):
         labels = result.labels
         ref = _test(result, labels[0])
         if result is cap:

@@ -20,7 +20,7 @@ __all__ = ["ALPHAS", "ALPHAS_CAPACITY", "SEEDS", "Z_LOSSES", "leak_probe"]
 
 SEEDS = (0, 1, 2, 3, 4)  # the protocol's minimum of five paired seeds
 ALPHAS = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the balance-against-quality curve of the Switch loss
-ALPHAS_CAPACITY = (0.0, 1e-3, 1e-2, 1e-1)
+ALPHAS_CAPACITY = (0.0, 1e-3, 1e-2, 1e-1, 3e-1)
 Z_LOSSES = (0.0, 1e-3)
 
 
