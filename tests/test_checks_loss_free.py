@@ -500,8 +500,13 @@ def _bias_loop(variant: str = "right"):
                     if variant == "first layer" and i:
                         continue
                     step = {"reversed": torch.sign(c - c.mean()), "proportional": (c.mean() - c) / c.mean(),
-                            "greater-or-equal": torch.where(c >= c.mean(), -1.0, 1.0)}.get(
+                            "greater-or-equal": torch.where(c >= c.mean(), -1.0, 1.0),
+                            "tokens mean": torch.sign(idx.shape[0] / layer.n_experts - c)}.get(
                         variant, torch.sign(c.mean() - c))
+                    if variant == "rebound":
+                        bias = layer.router.expert_bias
+                        bias = bias + u * step  # a new tensor on a local name: the buffer never changes  # noqa: F841
+                        continue
                     layer.router.expert_bias += u * step
                     if variant == "in-place batches":
                         x.zero_()
@@ -523,6 +528,8 @@ def test_bias_training_loop_accepts_the_reference(capsys):
     ("no step", "optimizer.step()"),
     ("greater-or-equal", "expert_bias is"),  # an expert exactly at the mean must keep its bias (top-4 of 4)
     ("in-place batches", "changed its input batches"),
+    ("tokens mean", "k·T / N"),
+    ("rebound", "never changed the router's bias"),
 ])
 def test_bias_training_loop_names_each_mistake(variant, message):
     with pytest.raises(check.CheckError, match=re.escape(message)):

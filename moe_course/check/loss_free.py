@@ -474,10 +474,12 @@ def _ref_loop(model: Any, batches: list, u: float, lr: float, variant: str = "ri
                 if variant == "late":
                     pending[i] = counts
                     continue
-                if variant == "first layer only" and i > 0:
+                if (variant == "first layer only" and i > 0) or variant == "not written back":
                     continue
+                tokens_mean = torch.full_like(counts, idx.shape[0] / layer.n_experts)  # T / N: forgets the k choices
                 step = {"reversed": torch.sign(counts - counts.mean()),
-                        "proportional": (counts.mean() - counts) / counts.mean()}.get(
+                        "proportional": (counts.mean() - counts) / counts.mean(),
+                        "tokens mean": torch.sign(tokens_mean - counts)}.get(
                     variant, torch.sign(counts.mean() - counts))
                 layer.router.expert_bias += u * step
 
@@ -492,6 +494,10 @@ _LOOP_MISTAKES = {
     "top-1 only": "counted only each token's first choice; count all k choices in layer.last_routing.indices",
     "cumulative": "counted the assignments of all steps so far; each update uses the counts of its own batch only",
     "first layer only": "updated only the first MoE layer; every layer in model.moe_layers() has its own bias",
+    "tokens mean": "compared the counts with T / N (tokens per expert); the mean c̄ is over the k·T assignments, "
+                   "counts.mean() = k·T / N",
+    "not written back": "never changed the router's bias (a new tensor bound to a local name is not the buffer); "
+                        "add to layer.router.expert_bias in place, under torch.no_grad()",
     "no zero_grad": "never reset the gradients, so each step used the sum of all earlier gradients; call "
                     "optimizer.zero_grad() before loss.backward()",
     "no step": "never stepped the optimizer: the weights did not train; call optimizer.step() after loss.backward()",
