@@ -244,3 +244,14 @@ def test_cli_list_run_and_show(tmp_path, capsys):
     assert "z=0.001" in out and "wrote" in out
     assert main(["show", "z_loss", "--size", "smoke", "--results-dir", str(tmp_path)]) == 0
     assert load_result("z_loss", "smoke", tmp_path).seeds == [3]
+
+
+def test_every_router_trains_at_the_learning_rate_its_tuning_chose():
+    from moe_course.experiments import load_result
+    from moe_course.experiments.balancing import ROUTER_LR, ROUTER_LRS, router_lr_choice
+
+    choice = router_lr_choice(load_result("routers_tuning", "cpu"))
+    assert choice == ROUTER_LR
+    assert all(min(ROUTER_LRS) < lr < max(ROUTER_LRS) for lr in choice.values())  # inside the grid
+    race = load_result("routers", "cpu")
+    assert {run["label"]: run["train"]["lr"] for run in race.runs} == ROUTER_LR

@@ -165,7 +165,12 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
         lines.append(f"| {name} | {_pm(a, 3 if key == 'test_loss' else 2)} | {_pm(b, 3 if key == 'test_loss' else 2)} "
                      f"| {_gap_cell(paired_gaps(a, b), z0, z1)} |")
     dense = "dense (same active width)"
-    lines += ["", f"**Routers** against the {dense} twin (gaps: dense − router):", "",
+    from moe_course.experiments.balancing import ROUTER_LR
+
+    tuned = "; ".join(f"{label} {lr:g}" for label, lr in ROUTER_LR.items())
+    lines += ["", f"**Routers** against the {dense} twin (gaps: dense − router), each at the learning rate "
+              f"`routers_tuning` chose on the tuning half (seed 0, four rates, every choice inside the grid): "
+              f"{tuned}.", "",
               "| router | MaxVio | test half (nats/byte) | dense − router, 95% interval |", "|---|---|---|---|"]
     for label in routers.labels:
         mv = "" if label == dense else f"{_final_mean(routers, label, 'max_vio'):.2f}"
