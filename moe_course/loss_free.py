@@ -22,6 +22,7 @@ training batch, ``MaxVio_global`` on the counts of a whole validation set.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +149,22 @@ def max_vio_batch(model: TinyLM) -> float:
     return sum(vios) / len(vios) if vios else math.nan
 
 
+def _fixed_windows(model: TinyLM, data: torch.Tensor, batch_size: int, n_batches: int, seed: int,
+                   device: torch.device) -> Iterator[None]:
+    """Run ``model`` in eval mode on ``n_batches`` fixed windows of ``data`` (seeded), yielding after each forward
+    pass; the training mode is restored afterwards, also when the caller stops early."""
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(n_batches):
+            x, _ = get_batch(data, batch_size, model.cfg.block_size, gen, device)
+            model(x)
+            yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def global_counts(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_batches: int = 8, seed: int = 1234,
                   device: torch.device | None = None) -> list[torch.Tensor]:
@@ -158,19 +175,11 @@ def global_counts(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_bat
     check_int("batch_size", batch_size, 1)
     check_int("n_batches", n_batches, 1)
     device = device or next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
     layers = model.moe_layers()
     counts = [torch.zeros(layer.n_experts, dtype=torch.long, device=device) for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(n_batches):
-            x, _ = get_batch(data, batch_size, model.cfg.block_size, gen, device)
-            model(x)
-            for c, layer in zip(counts, layers, strict=True):
-                c += layer.last_routing.counts(layer.n_experts)
-    finally:
-        model.train(was_training)
+    for _ in _fixed_windows(model, data, batch_size, n_batches, seed, device):
+        for c, layer in zip(counts, layers, strict=True):
+            c += layer.last_routing.counts(layer.n_experts)
     return [c.cpu() for c in counts]
 
 
@@ -294,18 +303,12 @@ def bias_flips(model: TinyLM, data: torch.Tensor, batch_size: int = 16, n_batche
     inputs: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [layer.router.register_forward_pre_hook(lambda _m, args, i=i: inputs[i].append(args[0].detach()))
              for i, layer in enumerate(layers)]
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     try:
-        for _ in range(n_batches):
-            x, _ = get_batch(data, batch_size, model.cfg.block_size, gen, device)
-            model(x)
+        for _ in _fixed_windows(model, data, batch_size, n_batches, seed, next(model.parameters()).device):
+            pass
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     shares = []
     for layer, xs in zip(layers, inputs, strict=True):
         r = layer.router

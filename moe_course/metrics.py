@@ -153,6 +153,10 @@ class PairedGaps:
         """Whether the interval excludes 0: then one model beats the other at this confidence."""
         return self.low > 0 or self.high < 0
 
+    def better(self, a: str = "a", b: str = "b") -> str | None:
+        """The arm the interval says is better (lower loss), or None when it holds 0."""
+        return b if self.low > 0 else a if self.high < 0 else None
+
     def interval(self, digits: int = 3) -> str:
         """The mean gap and its interval for a table cell, e.g. "+0.057 [+0.048, +0.067]"."""
         def sign(x: float) -> str:
@@ -167,10 +171,9 @@ class PairedGaps:
 
         ci = f"{sign(self.mean)}, {self.confidence:.0%} CI [{sign(self.low)}, {sign(self.high)}]"
         seeds = f"{self.n} paired seeds"
-        if self.low > 0:
-            return f"{b} beats {a}: {a} − {b} = {ci} {unit}, {seeds}"
-        if self.high < 0:
-            return f"{a} beats {b}: {a} − {b} = {ci} {unit}, {seeds}"
+        winner = self.better(a, b)
+        if winner is not None:
+            return f"{winner} beats {b if winner == a else a}: {a} − {b} = {ci} {unit}, {seeds}"
         return (f"no difference detected at this scale between {a} and {b}: {a} − {b} = {ci} {unit}, {seeds}; "
                 f"it could detect a gap of about {self.detectable:.{digits}f} (80% power)")
 

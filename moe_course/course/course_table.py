@@ -96,10 +96,6 @@ def _row_03(_: Path | None, solutions: Path | None) -> Row:
                "arXiv:1701.06538, §1)", "solutions/03 output")
 
 
-def _test(result, label: str) -> list[float]:
-    return [r.test_loss for r in result.records_of(label)]
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -108,19 +104,20 @@ def _compare(result, a: str, b: str, a_name: str, b_name: str) -> str:
     """Test-half losses of two arms and the protocol's reading of their paired 95% interval (a − b)."""
     from moe_course.metrics import paired_gaps
 
-    pg = paired_gaps(_test(result, a), _test(result, b))
-    word = (f"{b_name} better" if pg.low > 0 else f"{a_name} better" if pg.high < 0 else "no difference detected")
-    return (f"test loss {_mean(_test(result, a)):.3f} ({a_name}) vs {_mean(_test(result, b)):.3f} ({b_name}), "
-            f"paired gap {pg.interval()}: {word}")
+    pg = paired_gaps(result.test_losses(a), result.test_losses(b))
+    winner = pg.better(a_name, b_name)
+    word = f"{winner} better" if winner else "no difference detected"
+    return (f"test loss {_mean(result.test_losses(a)):.3f} ({a_name}) vs {_mean(result.test_losses(b)):.3f} "
+            f"({b_name}), paired gap {pg.interval()}: {word}")
 
 
 def _quality(result, a: str, b: str) -> str:
     """Whether the paired interval of a − b says that b costs quality at this scale."""
     from moe_course.metrics import paired_gaps
 
-    pg = paired_gaps(_test(result, a), _test(result, b))
-    return ("a quality cost at our scale" if pg.high < 0 else "a quality gain at our scale" if pg.low > 0
-            else "no quality difference detected at our scale")
+    pg = paired_gaps(result.test_losses(a), result.test_losses(b))
+    return {a: "a quality cost at our scale", b: "a quality gain at our scale"}.get(
+        pg.better(a, b), "no quality difference detected at our scale")
 
 
 def _row_04(results: Path | None, _: Path | None) -> Row:

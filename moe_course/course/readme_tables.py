@@ -75,18 +75,14 @@ def describe(result: ExperimentResult) -> str:
             f"{result.size}.json`.")
 
 
-def _test(result: ExperimentResult, label: str) -> list[float]:
-    return [r.test_loss for r in result.records_of(label)]
-
-
 def _tune_mean(result: ExperimentResult, label: str) -> float:
     return mean_std([r.tune_loss for r in result.records_of(label)])[0]
 
 
 def _gap_cell(pg: PairedGaps, a: str, b: str) -> str:
     """A table cell: the paired gap a − b with its 95% interval and the protocol's reading of it."""
-    word = f"{b} better" if pg.low > 0 else f"{a} better" if pg.high < 0 else "none detected"
-    return f"{pg.interval()}: {word}"
+    winner = pg.better(a, b)
+    return f"{pg.interval()}: {winner + ' better' if winner else 'none detected'}"
 
 
 def _final_mean(result: ExperimentResult, label: str, key: str) -> float:
@@ -127,16 +123,16 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
     cf = cap.runs[0]["model"]["capacity_factor"]
     for name, result in (("no capacity limit", sweep), (f"capacity factor {cf:g}", cap)):
         labels = result.labels
-        ref = _test(result, labels[0])
+        ref = result.test_losses(labels[0])
         if result is cap:
             lines += ["", f"With a capacity limit ({name}; the share of token assignments dropped at the end in the "
                       "last column):", "", "| α | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, "
                       "95% interval | dropped |", "|---|---|---|---|---|---|"]
         for label in labels:
             alpha = label.split("=")[1]
-            gap = "" if label == labels[0] else _gap_cell(paired_gaps(ref, _test(result, label)), "α = 0", alpha)
+            gap = "" if label == labels[0] else _gap_cell(paired_gaps(ref, result.test_losses(label)), "α = 0", alpha)
             row = (f"| {alpha} | {_final_mean(result, label, 'max_vio'):.2f} | {_tune_mean(result, label):.3f} | "
-                   f"{_pm(_test(result, label))} | {gap} |")
+                   f"{_pm(result.test_losses(label))} | {gap} |")
             lines.append(row + (f" {_final_mean(result, label, 'drop_rate'):.3f} |" if result is cap else ""))
         best = min(labels, key=lambda lab: _tune_mean(result, lab))
         if result is sweep:
@@ -147,9 +143,9 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
               "| run | MaxVio | test half (nats/byte) | gap, 95% interval |", "|---|---|---|---|"]
     for label in collapse.labels:
         gap = "" if label == ref_label else _gap_cell(
-            paired_gaps(_test(collapse, ref_label), _test(collapse, label)), ref_label, label)
-        lines.append(f"| {label} | {_final_mean(collapse, label, 'max_vio'):.2f} | {_pm(_test(collapse, label))} | "
-                     f"{gap} |")
+            paired_gaps(collapse.test_losses(ref_label), collapse.test_losses(label)), ref_label, label)
+        lines.append(f"| {label} | {_final_mean(collapse, label, 'max_vio'):.2f} | "
+                     f"{_pm(collapse.test_losses(label))} | {gap} |")
     z0, z1 = zl.labels[0], zl.labels[1]
     lines += ["", f"**The router z-loss** (trained at learning rate {zl.runs[0]['train']['lr']:g} to provoke large "
               "logits; router statistics at the last logged step, on the training batch: the largest and smallest "
@@ -174,9 +170,9 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
               "| router | MaxVio | test half (nats/byte) | dense − router, 95% interval |", "|---|---|---|---|"]
     for label in routers.labels:
         mv = "" if label == dense else f"{_final_mean(routers, label, 'max_vio'):.2f}"
-        gap = "" if label == dense else _gap_cell(paired_gaps(_test(routers, dense), _test(routers, label)), "dense",
-                                                  label)
-        lines.append(f"| {label} | {mv} | {_pm(_test(routers, label))} | {gap} |")
+        gap = "" if label == dense else _gap_cell(
+            paired_gaps(routers.test_losses(dense), routers.test_losses(label)), "dense", label)
+        lines.append(f"| {label} | {mv} | {_pm(routers.test_losses(label))} | {gap} |")
     leak = [r.extra["leak"] for r in routers.records_of("expert choice")]
     b1 = paired_gaps([x["batch1"] for x in leak], [x["batch16"] for x in leak])
     causal = paired_gaps([x["causal"] for x in leak], [x["batch16_same"] for x in leak])
@@ -251,13 +247,13 @@ def loss_free_table(results_dir: str | Path | None = None) -> str:
              "gaps paired over the seeds.", "",
              "| run | MaxVio_global | MaxVio_batch | tuning half | test half (nats/byte) | no balancing − run | "
              "run − bias u = 1e-3 |", "|---|---|---|---|---|---|---|"]
-    none = _test(result, "no balancing")
+    none = result.test_losses("no balancing")
     for label in result.labels:
         cells = [f"{stats(result, label, key)[0]:.2f} ± {stats(result, label, key)[1]:.2f}"
                  for key in ("max_vio_global", "max_vio_batch")]
-        t = _test(result, label)
+        t = result.test_losses(label)
         to_none = "" if label == "no balancing" else _gap_cell(paired_gaps(none, t), "none", "run")
-        to_bias = "" if label == bias else _gap_cell(paired_gaps(t, _test(result, bias)), "run", "bias")
+        to_bias = "" if label == bias else _gap_cell(paired_gaps(t, result.test_losses(bias)), "run", "bias")
         lines.append(f"| {label} | {' | '.join(cells)} | {_tune_mean(result, label):.3f} | {_pm(t)} | {to_none} | "
                      f"{to_bias} |")
     matched = f"aux alpha={pub['aux_alpha']:g}"
@@ -269,9 +265,9 @@ def loss_free_table(results_dir: str | Path | None = None) -> str:
         if aux is None or free is None:
             lines.append(f"- target {target:g}: no setting of the {'α' if aux is None else 'u'} grid meets it.")
             continue
-        pg = paired_gaps(_test(result, aux), _test(result, free))
+        pg = paired_gaps(result.test_losses(aux), result.test_losses(free))
         lines.append(f"- target {target:g}: {aux} and {free}; {pg.verdict(aux, free)}.")
-    pg = paired_gaps(_test(result, matched), _test(result, bias))
+    pg = paired_gaps(result.test_losses(matched), result.test_losses(bias))
     lines += ["", f"Against Wang et al.'s loss-controlled baseline weight (α = {pub['aux_alpha']:g}): "
               f"{pg.verdict(matched, bias)}. Wang et al. (arXiv:2408.15664, their 1B model) report MaxVio_global "
               f"{pub['loss_free_maxvio']:.2f} against {pub['aux_maxvio']:.2f} and perplexity "
@@ -536,24 +532,24 @@ def fine_grained_table(results_dir: str | Path | None = None) -> str:
              "| regime | " + " | ".join(FINE_GRAINED_NAMES[k] for k in LAYOUTS)
              + " | GShard − fine | GShard − DeepSeekMoE | fine − DeepSeekMoE |", "|---|---|---|---|---|---|---|"]
     for regime in REGIMES:
-        t = {k: _test(result, f"{k}, {regime}") for k in LAYOUTS}
+        t = {k: result.test_losses(f"{k}, {regime}") for k in LAYOUTS}
         g, f, d = LAYOUTS
         gaps = [_gap_cell(paired_gaps(t[a], t[b]), short[a], short[b]) for a, b in ((g, f), (g, d), (f, d))]
         lines.append(f"| {regime} | " + " | ".join(_pm(t[k]) for k in LAYOUTS) + " | " + " | ".join(gaps) + " |")
-    lines += ["", f"{FINE_GRAINED_NAMES[dense]}: {_pm(_test(result, dense))}.", ""]
+    lines += ["", f"{FINE_GRAINED_NAMES[dense]}: {_pm(result.test_losses(dense))}.", ""]
     chosen = {k: tuned_regime(result, k) for k in LAYOUTS}
     grid = ", ".join(f"{REGIMES[r].get('aux_loss_coef', 0.0):g}" for r in TUNED)
     lines += [f"Each layout at its own Switch-loss weight, chosen on the tuning half from α = {grid} (the same "
               "search for every layout; α = 0 is the floor of the axis): "
               + "; ".join(f"{short[k]} {chosen[k]}" for k in LAYOUTS) + ".", "",
               "| tuned layouts | gap, 95% interval |", "|---|---|"]
-    tuned = {k: _test(result, f"{k}, {chosen[k]}") for k in LAYOUTS}
+    tuned = {k: result.test_losses(f"{k}, {chosen[k]}") for k in LAYOUTS}
     g, f, d = LAYOUTS
     for a, b in ((g, f), (g, d), (f, d)):
         lines.append(f"| {short[a]} − {short[b]} | {_gap_cell(paired_gaps(tuned[a], tuned[b]), short[a], short[b])} |")
     for k in LAYOUTS:
         lines.append(f"| dense − {short[k]} | "
-                     f"{_gap_cell(paired_gaps(_test(result, dense), tuned[k]), 'dense', short[k])} |")
+                     f"{_gap_cell(paired_gaps(result.test_losses(dense), tuned[k]), 'dense', short[k])} |")
     lines += ["", "The shared expert, tested as DeepSeekMoE §4.5 does: the trained DeepSeekMoE model with its shared "
               "expert switched off and one more routed expert per token (top-8 of 31), on the whole test half "
               "(swap − base, paired over the seeds); and masking each token's best routed experts (the next-ranked "

@@ -418,6 +418,10 @@ class ExperimentResult:
         """One row per run and seed: label, seed and the run's final numbers."""
         return [{"label": r.label, "seed": r.seed, **r.final} for r in self.records]
 
+    def test_losses(self, label: str) -> list[float]:
+        """Each seed's loss on the whole test half of the validation files (the protocol's score), in seed order."""
+        return [r.test_loss for r in self.records_of(label)]
+
     def mean(self, label: str, key: str) -> float:
         """Mean over seeds of one final number (e.g. ``"val_loss"``) of run ``label``."""
         records = self.records_of(label)
@@ -508,14 +512,14 @@ def run_experiment(
         check_output_path("results_dir", path)
     start = time.perf_counter()
     fp = fingerprint(name, size)
-    done = _finished_records(name, size, fp, results_dir) if save else {}
+    base = _hash(_fingerprint_blob(name, size, []))  # the code, corpus and versions, without the runs
+    configs = {c["label"]: c for c in _configs(runs)}
+    done = _finished_records(name, size, fp, base, configs, results_dir) if save else {}
     tasks = [(i, run, seed) for i, run in enumerate(runs) for seed in seeds if (run.label, seed) not in done]
     reused = sum(r.seconds for (label, seed), r in done.items() if seed in seeds) / jobs  # earlier sessions' share
     bar = tqdm(total=len(runs) * len(seeds), initial=len(runs) * len(seeds) - len(tasks), desc=f"{name} ({size})",
                disable=not progress)
     partial = _partial_path(name, size, results_dir)
-    base = _hash(_fingerprint_blob(name, size, []))
-    configs = {c["label"]: c for c in _configs(runs)}
     lock = threading.Lock()
 
     def keep(record: RunRecord) -> None:
@@ -567,7 +571,7 @@ def _partial_path(name: str, size: str, results_dir: str | Path | None) -> Path:
     return result_path(name, size, results_dir).with_suffix(".partial.jsonl")
 
 
-def _finished_records(name: str, size: str, fp: str,
+def _finished_records(name: str, size: str, fp: str, base: str, current: dict[str, dict[str, Any]],
                       results_dir: str | Path | None) -> dict[tuple[str, int], RunRecord]:
     """Records already trained with today's configurations: the stored result's and an interrupted sweep's.
 
@@ -576,7 +580,6 @@ def _finished_records(name: str, size: str, fp: str,
     the same command again), given more seeds (``--seeds 0 ... 9`` after 0 ... 4 trains only the new ones) or
     more runs (a grid widened by one point trains that point).
     """
-    current = {c["label"]: c for c in _configs(get_experiment(name).runs(size))}
     done: dict[tuple[str, int], RunRecord] = {}
 
     def same_run(label: str, config: dict[str, Any] | None) -> bool:
@@ -596,7 +599,6 @@ def _finished_records(name: str, size: str, fp: str,
                     done[(r["label"], r["seed"])] = RunRecord(**r)
     partial = _partial_path(name, size, results_dir)
     if partial.exists():
-        base = _hash(_fingerprint_blob(name, size, []))
         for line in partial.read_text(encoding="utf-8").splitlines():
             try:
                 entry = json.loads(line)
