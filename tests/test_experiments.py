@@ -246,12 +246,36 @@ def test_cli_list_run_and_show(tmp_path, capsys):
     assert load_result("z_loss", "smoke", tmp_path).seeds == [3]
 
 
-def test_every_router_trains_at_the_learning_rate_its_tuning_chose():
+@pytest.mark.parametrize("name", ["routers", "aux_sweep", "aux_sweep_capacity"])
+def test_every_arm_trains_at_the_learning_rate_its_tuning_chose(name):
     from moe_course.experiments import load_result
-    from moe_course.experiments.balancing import ROUTER_LR, ROUTER_LRS, router_lr_choice
+    from moe_course.experiments.tuning import LRS, TUNED_LR, lr_choice
 
-    choice = router_lr_choice(load_result("routers_tuning", "cpu"))
-    assert choice == ROUTER_LR
-    assert all(min(ROUTER_LRS) < lr < max(ROUTER_LRS) for lr in choice.values())  # inside the grid
-    race = load_result("routers", "cpu")
-    assert {run["label"]: run["train"]["lr"] for run in race.runs} == ROUTER_LR
+    tuning = load_result(f"{name}_tuning", "cpu")
+    assert tuning.seeds == [0] and {r["train"]["lr"] for r in tuning.runs} == set(LRS)  # the same search for all
+    choice = lr_choice(tuning)
+    assert choice == TUNED_LR[name]
+    assert all(min(LRS) < lr < max(LRS) for lr in choice.values()), choice  # every choice inside the grid
+    race = load_result(name, "cpu")
+    assert {run["label"]: run["train"]["lr"] for run in race.runs} == TUNED_LR[name]
+
+
+def test_tuned_experiment_without_a_table_names_the_fix(monkeypatch):
+    from moe_course.experiments import get_experiment
+    from moe_course.experiments.tuning import TUNED_LR
+
+    monkeypatch.setitem(TUNED_LR, "routers", {})
+    with pytest.raises(ValueError, match=r"run routers_tuning --size cpu"):
+        get_experiment("routers").runs("cpu")
+    assert len(get_experiment("routers").runs("smoke")) == 6  # other sizes train at their base rate
+
+
+
+
+@pytest.mark.parametrize("name", ["aux_sweep", "aux_sweep_capacity"])
+def test_alpha_chosen_on_the_tuning_half_is_not_the_grids_largest(name):
+    from moe_course.experiments import load_result
+
+    sweep = load_result(name, "cpu")
+    tune = {label: sum(r.tune_loss for r in sweep.records_of(label)) / len(sweep.seeds) for label in sweep.labels}
+    assert min(tune, key=tune.get) != sweep.labels[-1]  # α = 0 is the axis's floor; the top must be widened

@@ -117,27 +117,32 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
     lines = [f"- α sweep: {describe(sweep)}", f"- α sweep with capacity: {describe(cap)}",
              f"- collapse: {describe(collapse)}", f"- z-loss: {describe(zl)}", f"- routers: {describe(routers)}", "",
              "**The Switch loss weight α** (MaxVio at the end, mean over layers and seeds; losses mean ± sample std; "
-             "the gap to α = 0 is paired over the seeds):", "",
-             "| α | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, 95% interval |",
-             "|---|---|---|---|---|"]
+             "the gap to α = 0 is paired over the seeds; each α at the learning rate `aux_sweep_tuning` chose for "
+             "it on the tuning half, seed 0, from 7.5e-4, 1.5e-3, 3e-3 and 6e-3, every choice inside that grid):", "",
+             "| α | lr | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, 95% interval |",
+             "|---|---|---|---|---|---|"]
     cf = cap.runs[0]["model"]["capacity_factor"]
     for name, result in (("no capacity limit", sweep), (f"capacity factor {cf:g}", cap)):
         labels = result.labels
         ref = result.test_losses(labels[0])
         if result is cap:
             lines += ["", f"With a capacity limit ({name}; the share of token assignments dropped at the end in the "
-                      "last column):", "", "| α | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, "
-                      "95% interval | dropped |", "|---|---|---|---|---|---|"]
+                      "last column; learning rates from `aux_sweep_capacity_tuning`):", "",
+                      "| α | lr | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, 95% interval | "
+                      "dropped |", "|---|---|---|---|---|---|---|"]
         for label in labels:
             alpha = label.split("=")[1]
             gap = "" if label == labels[0] else _gap_cell(paired_gaps(ref, result.test_losses(label)), "α = 0", alpha)
-            row = (f"| {alpha} | {_final_mean(result, label, 'max_vio'):.2f} | {_tune_mean(result, label):.3f} | "
+            lr = next(run["train"]["lr"] for run in result.runs if run["label"] == label)
+            row = (f"| {alpha} | {lr:g} | {_final_mean(result, label, 'max_vio'):.2f} | "
+                   f"{_tune_mean(result, label):.3f} | "
                    f"{_pm(result.test_losses(label))} | {gap} |")
             lines.append(row + (f" {_final_mean(result, label, 'drop_rate'):.3f} |" if result is cap else ""))
         best = min(labels, key=lambda lab: _tune_mean(result, lab))
-        if result is sweep:
-            lines += ["", f"Chosen on the tuning half: {best} (α = 0 is the floor of the axis; the grid reaches up to "
-                      f"{labels[-1].split('=')[1]})."]
+        where = ("α = 0 is the floor of the axis" if best == labels[0] else "inside the grid" if best != labels[-1]
+                 else "the grid's largest value")
+        lines += ["", f"Chosen on the tuning half: {best} ({where}; the grid reaches up to "
+                  f"{labels[-1].split('=')[1]})."]
     ref_label = collapse.labels[0]
     lines += ["", f"**Collapse** (no balancing; gaps against {ref_label}):", "",
               "| run | MaxVio | test half (nats/byte) | gap, 95% interval |", "|---|---|---|---|"]
@@ -161,9 +166,9 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
         lines.append(f"| {name} | {_pm(a, 3 if key == 'test_loss' else 2)} | {_pm(b, 3 if key == 'test_loss' else 2)} "
                      f"| {_gap_cell(paired_gaps(a, b), z0, z1)} |")
     dense = "dense (same active width)"
-    from moe_course.experiments.balancing import ROUTER_LR
+    from moe_course.experiments.tuning import TUNED_LR
 
-    tuned = "; ".join(f"{label} {lr:g}" for label, lr in ROUTER_LR.items())
+    tuned = "; ".join(f"{label} {lr:g}" for label, lr in TUNED_LR["routers"].items())
     lines += ["", f"**Routers** against the {dense} twin (gaps: dense − router), each at the learning rate "
               f"`routers_tuning` chose on the tuning half (seed 0, four rates, every choice inside the grid): "
               f"{tuned}.", "",

@@ -4,6 +4,7 @@
 ``runner``             ``Run``, ``Experiment``, ``register``, ``train_run``, fingerprinted results
                        (``load_result``, ``run_experiment``) and the command line
 ``balancing``          notebook 04: ``collapse``, ``aux_sweep``, ``aux_sweep_capacity``, ``z_loss``, ``routers``
+``tuning``             ``@tuned``: an experiment and its ``NAME_tuning`` (every arm at the same learning rates)
 ``fine_grained``       notebook 05: ``fine_grained``
 ``loss_free``          notebook 06: ``loss_free_06``
 ``capstone``           notebook 08: ``capstone_tuning``, ``capstone``, ``recipe_bias_rate``, ``experts_sweep``

@@ -12,12 +12,12 @@ from dataclasses import replace
 from typing import Any
 
 from moe_course.experiments.runner import Run, register
+from moe_course.experiments.tuning import tuned
 from moe_course.loss_free import course_model as base_model
 from moe_course.loss_free import course_train as base_train
 from moe_course.model import TinyLM
 
-__all__ = ["ALPHAS", "ALPHAS_CAPACITY", "ROUTER_LR", "ROUTER_LRS", "SEEDS", "Z_LOSSES", "leak_probe",
-           "router_lr_choice"]
+__all__ = ["ALPHAS", "ALPHAS_CAPACITY", "SEEDS", "Z_LOSSES", "leak_probe"]
 
 SEEDS = (0, 1, 2, 3, 4)  # the protocol's minimum of five paired seeds
 ALPHAS = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the balance-against-quality curve of the Switch loss
@@ -60,14 +60,14 @@ def _collapse(size: str) -> list[Run]:
     ]
 
 
-@register("aux_sweep", "notebook 04: Switch auxiliary-loss weight alpha from 0 to 0.1 (7 values)", seeds=SEEDS,
-          version=2)
+@tuned("aux_sweep", "notebook 04: Switch auxiliary-loss weight alpha from 0 to 0.1 (7 values)", seeds=SEEDS,
+       version=3)
 def _aux_sweep(size: str) -> list[Run]:
     return [_run(f"alpha={a:g}", base_model(size, aux_loss_coef=a), base_train(size)) for a in ALPHAS]
 
 
-@register("aux_sweep_capacity", "notebook 04: the alpha sweep with capacity factor 1.25 (Switch trains with a "
-          "capacity limit, so imbalance drops tokens)", seeds=SEEDS, version=2)
+@tuned("aux_sweep_capacity", "notebook 04: the alpha sweep with capacity factor 1.25 (Switch trains with a "
+       "capacity limit, so imbalance drops tokens)", seeds=SEEDS, version=3)
 def _aux_sweep_capacity(size: str) -> list[Run]:
     return [_run(f"alpha={a:g}", base_model(size, aux_loss_coef=a, capacity_factor=1.25), base_train(size))
             for a in ALPHAS_CAPACITY]
@@ -80,42 +80,10 @@ def _z_loss(size: str) -> list[Run]:
             for z in Z_LOSSES]
 
 
-ROUTER_LRS = (7.5e-4, 1.5e-3, 3e-3, 6e-3)
-"""The learning rates every arm of ``routers`` is tuned over (on the tuning half, seed 0), the stored race's 3e-3
-in the middle."""
-
-
-ROUTER_LR = {"token choice, alpha=0.01": 1.5e-3, "token choice, alpha=0": 3e-3, "noisy top-k, alpha=0.01": 3e-3,
-             "expert choice": 1.5e-3, "hash": 3e-3, "dense (same active width)": 3e-3}
-"""Each arm's learning rate in ``routers``: the one ``routers_tuning`` chose on the tuning half (a test keeps them in
-step; every choice lies inside :data:`ROUTER_LRS`)."""
-
-
-def router_lr_choice(result: Any) -> dict[str, float]:
-    """Each arm's learning rate with the lowest tuning-half loss in a stored ``routers_tuning`` result."""
-    choice: dict[str, tuple[float, float]] = {}
-    for label in result.labels:
-        arm, lr = label.rsplit(", lr=", 1)
-        loss = sum(r.tune_loss for r in result.records_of(label)) / len(result.records_of(label))
-        if arm not in choice or loss < choice[arm][1]:
-            choice[arm] = (float(lr), loss)
-    return {arm: lr for arm, (lr, _) in choice.items()}
-
-
-@register("routers_tuning", "notebook 04: every arm of `routers` at three learning rates, seed 0, scored on the "
-          "tuning half (the protocol's equal search)", seeds=(0,), version=1)
-def _routers_tuning(size: str) -> list[Run]:
-    return [_run(f"{r.label}, lr={lr:g}", r.model, replace(r.train, lr=lr)) for r in _arms(size) for lr in ROUTER_LRS]
-
-
-@register("routers", "notebook 04: token choice (alpha 0 and 0.01), noisy top-k, expert choice, hash routing and "
-          "a dense twin, each at its learning rate from routers_tuning", seeds=SEEDS, version=2)
+@tuned("routers", "notebook 04: token choice (alpha 0 and 0.01), noisy top-k, expert choice, hash routing and "
+       "a dense twin", seeds=SEEDS, version=2)
 def _routers(size: str) -> list[Run]:
-    return [replace(r, train=replace(r.train, lr=ROUTER_LR[r.label])) if size == "cpu" else r for r in _arms(size)]
-
-
-def _arms(size: str) -> list[Run]:
-    """The six routers at the course's base settings (learning rate 3e-3 at cpu size)."""
+    """The six routers at the course's base settings (the learning rate is tuned per arm)."""
     shape = base_model(size)
     return [
         _run("token choice, alpha=0.01", base_model(size, aux_loss_coef=1e-2), base_train(size)),
