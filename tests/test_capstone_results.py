@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 from moe_course.course import course_table  # noqa: E402
 from moe_course.experiments import EXPERIMENTS, load_result  # noqa: E402
 from moe_course.experiments.capstone import EQUAL_TIME_STEPS  # noqa: E402
-from moe_course.metrics import mfu  # noqa: E402
+from moe_course.metrics import mfu, paired_gaps  # noqa: E402
 from moe_course.model import ModelConfig, TinyLM  # noqa: E402
 from moe_course.params import count_model, train_flops_per_token  # noqa: E402
 from moe_course.plots.capstone import plot_expert_sweep, plot_seed_curves, plot_tuning  # noqa: E402
@@ -94,8 +94,12 @@ def test_course_table_reads_every_source():
     assert [r.notebook for r in rows] == [f"{i:02d}" for i in range(10)]
     assert all(r.measured and not r.measured.startswith("missing") for r in rows), [r.measured for r in rows]
     # the numbers are the stored ones, not typed in
-    aux = load_result("aux_sweep", "cpu")
-    assert f"{aux.mean('alpha=0', 'max_vio'):.2f}" in rows[4].measured
+    capped = load_result("aux_sweep_capacity", "cpu")
+    assert f"MaxVio {capped.mean('alpha=0', 'max_vio'):.2f}" in rows[4].measured
+    assert f"dropped {capped.mean('alpha=0', 'drop_rate'):.1%}" in rows[4].measured
+    free = load_result("aux_sweep", "cpu")
+    dropless = paired_gaps(free.test_losses("alpha=0"), free.test_losses("alpha=0.01"))
+    assert f"dropless: paired gap {dropless.interval()}" in rows[4].measured
     assert "671B total" in rows[0].measured
     text = course_table.format_rows(rows)
     assert text.count("measured") == 10 and "arXiv:2401.06066" in text
@@ -105,7 +109,7 @@ def test_course_table_names_the_missing_source(tmp_path):
     rows = course_table.course_rows(results_dir=tmp_path, solutions_dir=tmp_path)
     by_nb = {r.notebook: r for r in rows}
     assert "671B" in by_nb["00"].measured  # computed, needs no file
-    assert "python -m moe_course.experiments run aux_sweep --size cpu" in by_nb["04"].measured
+    assert "python -m moe_course.experiments run aux_sweep_capacity --size cpu" in by_nb["04"].measured
     assert "no executed solution notebook 01_" in by_nb["01"].measured
 
 

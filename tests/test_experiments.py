@@ -72,6 +72,10 @@ def test_seeds_give_one_record_each_and_differ(tmp_path):
     assert result.mean("z=0", "val_loss") == pytest.approx((a.val_loss[-1] + b.val_loss[-1]) / 2)
     with pytest.raises(KeyError, match="no run 'nope'"):
         result.records_of("nope")
+    assert result.run_of("z=0.001")["model"]["z_loss_coef"] == 1e-3
+    with pytest.raises(KeyError, match="no run 'nope'"):
+        result.run_of("nope")
+    assert len(result.tune_losses("z=0")) == 2 and result.tune_losses("z=0") == [a.tune_loss, b.tune_loss]
 
 
 def test_alpha_sweep_covers_the_switch_values():
@@ -277,5 +281,5 @@ def test_alpha_chosen_on_the_tuning_half_is_not_the_grids_largest(name):
     from moe_course.experiments import load_result
 
     sweep = load_result(name, "cpu")
-    tune = {label: sum(r.tune_loss for r in sweep.records_of(label)) / len(sweep.seeds) for label in sweep.labels}
+    tune = {label: sum(sweep.tune_losses(label)) / len(sweep.seeds) for label in sweep.labels}
     assert min(tune, key=tune.get) != sweep.labels[-1]  # α = 0 is the axis's floor; the top must be widened

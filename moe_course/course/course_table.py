@@ -100,15 +100,19 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _compare(result, a: str, b: str, a_name: str, b_name: str) -> str:
-    """Test-half losses of two arms and the protocol's reading of their paired 95% interval (a − b)."""
+def _gap(result, a: str, b: str, a_name: str, b_name: str) -> str:
+    """The paired 95% interval of two arms' test-half losses (a − b) and the protocol's reading of it."""
     from moe_course.metrics import paired_gaps
 
     pg = paired_gaps(result.test_losses(a), result.test_losses(b))
     winner = pg.better(a_name, b_name)
-    word = f"{winner} better" if winner else "no difference detected"
+    return f"paired gap {pg.interval()}: " + (f"{winner} better" if winner else "no difference detected")
+
+
+def _compare(result, a: str, b: str, a_name: str, b_name: str) -> str:
+    """Test-half losses of two arms, then their paired gap and its reading."""
     return (f"test loss {_mean(result.test_losses(a)):.3f} ({a_name}) vs {_mean(result.test_losses(b)):.3f} "
-            f"({b_name}), paired gap {pg.interval()}: {word}")
+            f"({b_name}), " + _gap(result, a, b, a_name, b_name))
 
 
 def _quality(result, a: str, b: str) -> str:
@@ -121,20 +125,15 @@ def _quality(result, a: str, b: str) -> str:
 
 
 def _row_04(results: Path | None, _: Path | None) -> Row:
-    from moe_course.metrics import paired_gaps
-
     r = load_result("aux_sweep_capacity", "cpu", results)
     free = load_result("aux_sweep", "cpu", results)
     cf = r.runs[0]["model"]["capacity_factor"]
-    dropless = paired_gaps(free.test_losses("alpha=0"), free.test_losses("alpha=0.01"))
-    winner = dropless.better("alpha 0", "alpha 0.01")
     return Row("04", f"Switch loss alpha 0 vs 0.01, capacity {cf:g} and dropless, {len(r.seeds)} paired seeds, "
                "tuned learning rates",
                f"capacity {cf:g}: MaxVio {r.mean('alpha=0', 'max_vio'):.2f} -> {r.mean('alpha=0.01', 'max_vio'):.2f}, "
                f"dropped {r.mean('alpha=0', 'drop_rate'):.1%} -> {r.mean('alpha=0.01', 'drop_rate'):.1%}; "
                + _compare(r, "alpha=0", "alpha=0.01", "alpha 0", "alpha 0.01")
-               + f"; dropless: paired gap {dropless.interval()}: "
-               + (f"{winner} better" if winner else "no difference detected"),
+               + "; dropless: " + _gap(free, "alpha=0", "alpha=0.01", "alpha 0", "alpha 0.01"),
                "alpha = 0.01 balances experts without hurting quality (Fedus, Zoph & Shazeer 2021, "
                f"arXiv:2101.03961, §2.2); balance reproduced; with a capacity limit "
                f"{_quality(r, 'alpha=0', 'alpha=0.01')}, dropless {_quality(free, 'alpha=0', 'alpha=0.01')}",

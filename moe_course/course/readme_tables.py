@@ -76,7 +76,7 @@ def describe(result: ExperimentResult) -> str:
 
 
 def _tune_mean(result: ExperimentResult, label: str) -> float:
-    return mean_std([r.tune_loss for r in result.records_of(label)])[0]
+    return mean_std(result.tune_losses(label))[0]
 
 
 def _gap_cell(pg: PairedGaps, a: str, b: str) -> str:
@@ -133,7 +133,7 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
         for label in labels:
             alpha = label.split("=")[1]
             gap = "" if label == labels[0] else _gap_cell(paired_gaps(ref, result.test_losses(label)), "α = 0", alpha)
-            lr = next(run["train"]["lr"] for run in result.runs if run["label"] == label)
+            lr = result.run_of(label)["train"]["lr"]
             row = (f"| {alpha} | {lr:g} | {_final_mean(result, label, 'max_vio'):.2f} | "
                    f"{_tune_mean(result, label):.3f} | "
                    f"{_pm(result.test_losses(label))} | {gap} |")

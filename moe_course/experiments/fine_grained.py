@@ -42,8 +42,8 @@ def tuned_regime(result: Any, layout: str) -> str:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
     def tune(regime: str) -> float:
-        recs = result.records_of(f"{layout}, {regime}")
-        return sum(r.tune_loss for r in recs) / len(recs)
+        losses = result.tune_losses(f"{layout}, {regime}")
+        return sum(losses) / len(losses)
 
     return min(TUNED, key=tune)
 

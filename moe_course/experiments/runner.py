@@ -418,9 +418,20 @@ class ExperimentResult:
         """One row per run and seed: label, seed and the run's final numbers."""
         return [{"label": r.label, "seed": r.seed, **r.final} for r in self.records]
 
+    def run_of(self, label: str) -> dict[str, Any]:
+        """The stored configuration (label, model, train, …) of the run called ``label``."""
+        for run in self.runs:
+            if run["label"] == label:
+                return run
+        raise KeyError(f"no run {label!r} in {self.experiment}; runs: {', '.join(self.labels)}")
+
     def test_losses(self, label: str) -> list[float]:
         """Each seed's loss on the whole test half of the validation files (the protocol's score), in seed order."""
         return [r.test_loss for r in self.records_of(label)]
+
+    def tune_losses(self, label: str) -> list[float]:
+        """Each seed's loss on the whole tuning half (what settings are chosen by), in seed order."""
+        return [r.tune_loss for r in self.records_of(label)]
 
     def mean(self, label: str, key: str) -> float:
         """Mean over seeds of one final number (e.g. ``"val_loss"``) of run ``label``."""

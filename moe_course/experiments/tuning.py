@@ -36,8 +36,8 @@ def lr_choice(result: Any) -> dict[str, float]:
     choice: dict[str, tuple[float, float]] = {}
     for label in result.labels:
         arm, lr = label.rsplit(", lr=", 1)
-        recs = result.records_of(label)
-        loss = sum(r.tune_loss for r in recs) / len(recs)
+        losses = result.tune_losses(label)
+        loss = sum(losses) / len(losses)
         if arm not in choice or loss < choice[arm][1]:
             choice[arm] = (float(lr), loss)
     return {arm: lr for arm, (lr, _) in choice.items()}
@@ -79,6 +79,6 @@ def format_lr_table(result: Any) -> str:
     width = max(len(arm) for arm in choice) + 2
     rows = [f"{'arm':<{width}}" + "".join(f"{lr:>9g}" for lr in lrs) + "   chosen (tuning half, seed 0)"]
     for arm, lr in choice.items():
-        cells = [result.records_of(f"{arm}, lr={x:g}")[0].tune_loss for x in lrs]
+        cells = [result.tune_losses(f"{arm}, lr={x:g}")[0] for x in lrs]
         rows.append(f"{arm:<{width}}" + "".join(f"{v:9.3f}" for v in cells) + f"   {lr:g}")
     return "\n".join(rows)
