@@ -430,23 +430,20 @@ def course_train(size: str, **overrides: Any) -> TrainConfig:
 
 LOG_EVERY = {"smoke": 2, "cpu": 10, "gpu": 50}  # training steps per recorded point
 U = 1e-3  # DeepSeek-V3's bias update speed
-ALPHAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the aux loss's trade-off curve in loss_free_06
+ALPHAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the aux loss's trade-off curve in loss_free_06
 RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the routing bias's
 SEEDS = tuple(range(10))
-SMALLER = {  # notebook 06 trains 27 runs: at cpu size, a smaller model and half the steps of the course's default
-    "model": {"cpu": dict(block_size=32, d_model=32, expert_hidden=32, d_hidden=64)},
-    "train": {"cpu": dict(steps=600, warmup=20, eval_every=50)},
-}
+EVAL_EVERY = {"cpu": 50}  # notebook 06 logs its balance curves twice as often as the course's default at cpu size
 
 
 def base_model(size: str, **overrides: Any) -> ModelConfig:
-    """The experiments' MoE TinyLM with DeepSeek-V3's sigmoid gate (smaller at cpu size), ``overrides`` applied."""
-    return course_model(size, **{"router_score": "sigmoid", **SMALLER["model"].get(size, {}), **overrides})
+    """The course's MoE TinyLM (notebook 04's size) with DeepSeek-V3's sigmoid gate, ``overrides`` applied."""
+    return course_model(size, **{"router_score": "sigmoid", **overrides})
 
 
 def base_train(size: str, **overrides: Any) -> TrainConfig:
-    """The experiments' training settings (300 steps at cpu size), ``overrides`` applied."""
-    return course_train(size, **{**SMALLER["train"].get(size, {}), **overrides})
+    """The course's training settings (600 steps at cpu size), evaluated every :data:`EVAL_EVERY` steps."""
+    return course_train(size, **{**({"eval_every": EVAL_EVERY[size]} if size in EVAL_EVERY else {}), **overrides})
 
 
 def track(corpus: Any, cfg: TrainConfig, log_every: int, size: str, device: torch.device | None) -> LossFreeRecorder:

@@ -250,7 +250,7 @@ def test_cli_list_run_and_show(tmp_path, capsys):
     assert load_result("z_loss", "smoke", tmp_path).seeds == [3]
 
 
-@pytest.mark.parametrize("name", ["routers", "aux_sweep", "aux_sweep_capacity"])
+@pytest.mark.parametrize("name", ["routers", "aux_sweep", "aux_sweep_capacity", "fine_grained", "loss_free_06"])
 def test_every_arm_trains_at_the_learning_rate_its_tuning_chose(name):
     from moe_course.experiments import load_result
     from moe_course.experiments.tuning import LRS, TUNED_LR, lr_choice

@@ -138,3 +138,17 @@ def test_experiment_configurations():
     assert len(ex.get_experiment("loss_free_06").seeds) >= 10
     with pytest.raises(ValueError, match="unknown size"):
         lf.base_model("huge")
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_balanced_choices_lie_inside_their_grids(target):
+    from moe_course.experiments.loss_free import BALANCE_TARGETS, balanced_choice
+
+    assert target in BALANCE_TARGETS
+    result = ex.load_result("loss_free_06", "cpu")
+    for prefix, grid in (("aux alpha=", lf.ALPHAS), ("loss-free u=", lf.RATES)):
+        chosen = balanced_choice(result, prefix, target)
+        assert chosen is not None, (prefix, target)
+        # the lowest tuning loss among the settings that meet the target: never the grid's largest, so the
+        # search has seen that more balancing costs more (the smallest may meet no target and is no edge here)
+        assert chosen != f"{prefix}{grid[-1]:g}", (prefix, target, chosen)

@@ -75,6 +75,27 @@ def describe(result: ExperimentResult) -> str:
             f"{result.size}.json`.")
 
 
+def _grid() -> str:
+    """The learning rates every tuned arm is tried at, as prose: "7.5e-4, 1.5e-3, … and 1.2e-2"."""
+    from moe_course.experiments.tuning import LRS
+
+    rates = [f"{lr:.1e}".replace(".0e", "e").replace("e-0", "e-") for lr in LRS]
+    return ", ".join(rates[:-1]) + " and " + rates[-1]
+
+
+def _tuned_lrs(name: str) -> str:
+    """A sentence naming each arm's tuned learning rate of experiment ``name``: the common one, then the others."""
+    from collections import Counter
+
+    from moe_course.experiments.tuning import TUNED_LR
+
+    table = TUNED_LR[name]
+    common = Counter(table.values()).most_common(1)[0][0]
+    others = "; ".join(f"{label} {lr:g}" for label, lr in table.items() if lr != common)
+    return (f"each arm at the learning rate `{name}_tuning` chose for it on the tuning half (seed 0, from {_grid()}, "
+            f"every choice inside that grid): {common:g}" + (f", except {others}" if others else " for every arm"))
+
+
 def _tune_mean(result: ExperimentResult, label: str) -> float:
     return mean_std(result.tune_losses(label))[0]
 
@@ -118,7 +139,7 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
              f"- collapse: {describe(collapse)}", f"- z-loss: {describe(zl)}", f"- routers: {describe(routers)}", "",
              "**The Switch loss weight α** (MaxVio at the end, mean over layers and seeds; losses mean ± sample std; "
              "the gap to α = 0 is paired over the seeds; each α at the learning rate `aux_sweep_tuning` chose for "
-             "it on the tuning half, seed 0, from 7.5e-4, 1.5e-3, 3e-3 and 6e-3, every choice inside that grid):", "",
+             f"it on the tuning half, seed 0, from {_grid()}, every choice inside that grid):", "",
              "| α | lr | MaxVio | tuning half | test half (nats/byte) | α = 0 − this α, 95% interval |",
              "|---|---|---|---|---|---|"]
     cf = cap.runs[0]["model"]["capacity_factor"]
@@ -166,12 +187,7 @@ def balancing_table(results_dir: str | Path | None = None) -> str:
         lines.append(f"| {name} | {_pm(a, 3 if key == 'test_loss' else 2)} | {_pm(b, 3 if key == 'test_loss' else 2)} "
                      f"| {_gap_cell(paired_gaps(a, b), z0, z1)} |")
     dense = "dense (same active width)"
-    from moe_course.experiments.tuning import TUNED_LR
-
-    tuned = "; ".join(f"{label} {lr:g}" for label, lr in TUNED_LR["routers"].items())
-    lines += ["", f"**Routers** against the {dense} twin (gaps: dense − router), each at the learning rate "
-              f"`routers_tuning` chose on the tuning half (seed 0, four rates, every choice inside the grid): "
-              f"{tuned}.", "",
+    lines += ["", f"**Routers** against the {dense} twin (gaps: dense − router), {_tuned_lrs('routers')}.", "",
               "| router | MaxVio | test half (nats/byte) | dense − router, 95% interval |", "|---|---|---|---|"]
     for label in routers.labels:
         mv = "" if label == dense else f"{_final_mean(routers, label, 'max_vio'):.2f}"
@@ -247,7 +263,8 @@ def loss_free_table(results_dir: str | Path | None = None) -> str:
     result = load_result("loss_free_06", "cpu", results_dir)
     pub = LOSS_FREE_PAPER_1B
     bias = "loss-free u=0.001"
-    lines = [describe(result) + " The same sigmoid gate in every run. MaxVio_global on validation batches at the end; "
+    lines = [describe(result) + f" The same sigmoid gate in every run, {_tuned_lrs('loss_free_06')}. "
+             "MaxVio_global on validation batches at the end; "
              "MaxVio_batch averaged over the last quarter of training; losses on the test half, mean ± sample std; "
              "gaps paired over the seeds.", "",
              "| run | MaxVio_global | MaxVio_batch | tuning half | test half (nats/byte) | no balancing − run | "
@@ -532,8 +549,8 @@ def fine_grained_table(results_dir: str | Path | None = None) -> str:
     short = {"GShard 8 top-2": "GShard", "fine 32 top-8": "fine", "DeepSeekMoE 1+31 top-7": "DeepSeekMoE"}
     dense = "dense (width 128)"
     lines = [f"{describe(result)} Equal expert parameters, total and active; each layout trained under every "
-             "balancing regime (Switch aux loss at α, or the routing bias of notebook 06 at rate u). Test-half loss, "
-             "mean ± sample std over the seeds:", "",
+             "balancing regime (Switch aux loss at α, or the routing bias of notebook 06 at rate u), "
+             f"{_tuned_lrs('fine_grained')}. Test-half loss, mean ± sample std over the seeds:", "",
              "| regime | " + " | ".join(FINE_GRAINED_NAMES[k] for k in LAYOUTS)
              + " | GShard − fine | GShard − DeepSeekMoE | fine − DeepSeekMoE |", "|---|---|---|---|---|---|---|"]
     for regime in REGIMES:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from moe_course.experiments.balancing import SEEDS
-from moe_course.experiments.runner import Run, register
+from moe_course.experiments.runner import Run
+from moe_course.experiments.tuning import tuned
 from moe_course.loss_free import course_model as base_model
 from moe_course.loss_free import course_train as base_train
 from moe_course.model import TinyLM
@@ -55,9 +56,9 @@ def _probe_05(model: TinyLM, corpus: Any) -> dict[str, Any]:
                  else 1)
 
 
-@register("fine_grained", "notebook 05: GShard 8 top-2 vs fine-grained 32 top-8 vs DeepSeekMoE 1+31 top-7 under "
-          "six balancing regimes (none, aux 1e-3, 1e-2, 3e-2, 1e-1, bias 1e-3), and dense; equal expert parameters; "
-          "masking, shared-as-routed and specialisation probes", seeds=SEEDS, version=2)
+@tuned("fine_grained", "notebook 05: GShard 8 top-2 vs fine-grained 32 top-8 vs DeepSeekMoE 1+31 top-7 under "
+       "six balancing regimes (none, aux 1e-3, 1e-2, 3e-2, 1e-1, bias 1e-3), and dense; equal expert parameters; "
+       "masking, shared-as-routed and specialisation probes", seeds=SEEDS, version=2)
 def _fine_grained(size: str) -> list[Run]:
     from moe_course.fine_grained import comparison_configs
 

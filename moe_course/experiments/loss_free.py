@@ -1,8 +1,10 @@
 """Notebook 06's experiment (auxiliary-loss-free balancing): a sigmoid-gated MoE with no balancing, the aux loss
-at six weights, DeepSeek-V3's routing bias at five rates, the sequence-wise loss and group-limited routing.
+at eight weights (1e-4 ... 1), DeepSeek-V3's routing bias at five rates, the sequence-wise loss and group-limited
+routing.
 
-The model, training and tracker are notebook 06's own (:mod:`moe_course.loss_free`); ten paired seeds, scored on
-the whole test half of the validation files.
+The model is notebook 04's with a sigmoid gate, the tracker notebook 06's own (:mod:`moe_course.loss_free`); ten
+paired seeds, every setting at its own learning rate (:mod:`moe_course.experiments.tuning`), scored on the whole
+test half of the validation files.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from moe_course import loss_free
-from moe_course.experiments.runner import Run, register
+from moe_course.experiments.runner import Run
+from moe_course.experiments.tuning import tuned
 
 __all__ = ["BALANCE_TARGETS", "balanced_choice"]
 
@@ -32,9 +35,9 @@ def balanced_choice(result: Any, prefix: str, target: float) -> str | None:
     return min(ok, key=lambda label: loss_free.stats(result, label, "tune_loss")[0]) if ok else None
 
 
-@register("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (alpha 1e-4 ... 1e-1), loss-free "
-          "bias (u = 1e-4 ... 1e-2), + sequence-wise aux loss, + group-limited routing", seeds=loss_free.SEEDS,
-          version=2)
+@tuned("loss_free_06", "notebook 06: sigmoid gate with no balancing, aux loss (alpha 1e-4 ... 1), loss-free "
+       "bias (u = 1e-4 ... 1e-2), + sequence-wise aux loss, + group-limited routing", seeds=loss_free.SEEDS,
+       version=2)
 def _loss_free_06(size: str) -> list[Run]:
     m, t = loss_free.base_model, loss_free.base_train(size)
     groups = 4 if m(size).n_experts >= 8 else 2  # DeepSeek-V3: 8 groups (nodes), each token uses at most 4

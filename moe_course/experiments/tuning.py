@@ -1,5 +1,5 @@
-"""The protocol's equal search for notebook 04 (every notebook may use it): each arm of a comparison tuned over the
-same learning rates on the tuning half.
+"""The protocol's equal search for notebooks 04–06: each arm of a comparison tuned over the same learning rates on
+the tuning half.
 
 ``@tuned(name, ...)`` registers two experiments from one ``build(size)``: ``NAME_tuning`` trains every arm at each
 rate of :data:`LRS` (seed 0, scored on the tuning half, no probes), and ``NAME`` trains every arm at the rate that
@@ -17,8 +17,9 @@ from moe_course.experiments.runner import Run, register
 
 __all__ = ["LRS", "TUNED_LR", "format_lr_table", "lr_choice", "tuned"]
 
-LRS = (7.5e-4, 1.5e-3, 3e-3, 6e-3)
-"""The learning rates each arm is tried at: the course's base 3e-3 in the middle, a factor of 2 apart."""
+LRS = (7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2)
+"""The learning rates each arm is tried at: the course's base 3e-3 in the middle, a factor of 2 apart (1.2e-2 was
+added when two arms of 05 and 06 chose 6e-3, the earlier edge)."""
 
 TUNED_LR: dict[str, dict[str, float]] = {
     "routers": {"token choice, alpha=0.01": 1.5e-3, "token choice, alpha=0": 3e-3, "noisy top-k, alpha=0.01": 3e-3,
@@ -27,6 +28,23 @@ TUNED_LR: dict[str, dict[str, float]] = {
                   "alpha=0.01": 1.5e-3, "alpha=0.03": 1.5e-3, "alpha=0.1": 1.5e-3},
     "aux_sweep_capacity": {"alpha=0": 1.5e-3, "alpha=0.001": 3e-3, "alpha=0.01": 1.5e-3, "alpha=0.1": 1.5e-3,
                            "alpha=0.3": 1.5e-3},
+    "fine_grained": {
+        "GShard 8 top-2, none": 3e-3, "fine 32 top-8, none": 3e-3, "DeepSeekMoE 1+31 top-7, none": 3e-3,
+        "dense (width 128)": 3e-3,
+        "GShard 8 top-2, aux 1e-3": 1.5e-3, "fine 32 top-8, aux 1e-3": 3e-3, "DeepSeekMoE 1+31 top-7, aux 1e-3": 3e-3,
+        "GShard 8 top-2, aux 1e-2": 1.5e-3, "fine 32 top-8, aux 1e-2": 3e-3, "DeepSeekMoE 1+31 top-7, aux 1e-2": 3e-3,
+        "GShard 8 top-2, aux 3e-2": 1.5e-3, "fine 32 top-8, aux 3e-2": 3e-3, "DeepSeekMoE 1+31 top-7, aux 3e-2": 3e-3,
+        "GShard 8 top-2, aux 1e-1": 1.5e-3, "fine 32 top-8, aux 1e-1": 3e-3, "DeepSeekMoE 1+31 top-7, aux 1e-1": 3e-3,
+        "GShard 8 top-2, bias 1e-3": 6e-3, "fine 32 top-8, bias 1e-3": 3e-3, "DeepSeekMoE 1+31 top-7, bias 1e-3": 3e-3,
+    },
+    "loss_free_06": {
+        "no balancing": 3e-3, "aux alpha=0.0001": 1.5e-3, "aux alpha=0.001": 3e-3, "aux alpha=0.003": 6e-3,
+        "aux alpha=0.01": 1.5e-3, "aux alpha=0.03": 1.5e-3, "aux alpha=0.1": 1.5e-3, "aux alpha=0.3": 1.5e-3,
+        "aux alpha=1": 1.5e-3,
+        "loss-free u=0.0001": 3e-3,
+        "loss-free u=0.0003": 1.5e-3, "loss-free u=0.001": 1.5e-3, "loss-free u=0.003": 1.5e-3,
+        "loss-free u=0.01": 1.5e-3, "loss-free + seq aux 1e-4": 1.5e-3, "loss-free, best 2 of 4 groups": 3e-3,
+    },
 }
 """Per experiment, each arm's learning rate: the one its ``NAME_tuning`` chose on the tuning half (cpu size)."""
 
