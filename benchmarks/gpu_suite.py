@@ -343,7 +343,9 @@ def check_grouped_experts(device: torch.device, amp: bool, n: int = 8, d: int = 
     fast, loop = run("auto"), run("off")
     names = ("output", "grad_input", "grad_w_gate", "grad_w_up", "grad_w_down")
     errors = {name: _max_rel_err(a, b) for name, a, b in zip(names, fast, loop, strict=True)}
-    dtype = torch.get_autocast_dtype("cuda") if amp and device.type == "cuda" else torch.float32
+    from moe_course.train import amp_dtype
+
+    dtype = amp_dtype(device, amp)  # what the autocast block above ran in (read there, not after it closed)
     tol = 3e-2 if dtype != torch.float32 else 1e-5
     return {"ok": max(errors.values()) <= tol, "tolerance": tol, "errors": errors, "dtype": str(dtype),
             "grouped_mm_used": use_grouped_mm(dtype, device, experts.w_gate), "counts": counts.tolist()}

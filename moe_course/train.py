@@ -182,9 +182,21 @@ def optimizer_kernel(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype:
+    """The dtype training computes in: bf16 on a CUDA GPU that has it natively (Ampere and newer), fp16 (with a
+    GradScaler) on one that only emulates it, such as Colab's T4, float32 elsewhere or with ``enabled=False``."""
+    if device.type != "cuda" or not enabled:
+        return torch.float32
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no emulation flag and counts only native support
+        native = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native else torch.float16
+
+
 def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = amp_dtype(device, enabled)
+    if dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast(device.type, enabled=False)
 
@@ -315,7 +327,7 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), **optimizer_kernel(device),
     )
-    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    use_scaler = amp_dtype(device, cfg.amp) == torch.float16  # fp16 underflows without loss scaling; bf16 does not
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     moe_layers = model.moe_layers()
     n_experts = [m.n_experts for m in moe_layers]

@@ -314,3 +314,25 @@ def test_cli_resume_refusals(tmp_path, corpus_cache, capsys):
     assert main(["--resume", ck, "--steps", "8", "--aux-loss", "0.02", "--top-k", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"preset smoke from step 4 of {ck}" in out and "aux_loss_coef=0.02" in out and "steps=8" in out
+
+
+@pytest.mark.parametrize(("native", "emulated", "expected"), [
+    (True, True, torch.bfloat16),    # Ampere and newer: native bf16, no scaler
+    (False, True, torch.float16),    # Colab's T4 (sm_75): bf16 only emulated, so fp16 with a GradScaler
+    (False, False, torch.float16),   # older GPUs
+])
+def test_amp_dtype_uses_native_bf16_only(monkeypatch, native, emulated, expected):
+    from moe_course.train import amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: emulated if including_emulation else native)
+    assert amp_dtype(torch.device("cuda")) == expected
+    assert amp_dtype(torch.device("cuda"), enabled=False) == torch.float32
+    assert amp_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_amp_dtype_on_a_torch_without_the_emulation_flag(monkeypatch):
+    from moe_course.train import amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # torch < 2.3: native support only
+    assert amp_dtype(torch.device("cuda")) == torch.float16
