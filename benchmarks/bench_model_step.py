@@ -218,6 +218,7 @@ def make_batch(cfg: ModelConfig, batch_size: int, device: torch.device, seed: in
 def measure_steps(
     configs: Mapping[str, tuple[ModelConfig, int]], device: torch.device, repeats: int, clock: str = "wall",
     amp: bool | None = None, peak_flops: float | None = None, warmup: int = 3, label: str = "",
+    deadline: float | None = None,
 ) -> dict:
     """Time one training step of each model round-robin; return rows and ratios (the first model is the reference).
 
@@ -225,7 +226,8 @@ def measure_steps(
     on CUDA). ``peak_flops``: the device's peak for MFU (default: from the device name; None where unknown,
     and on the CPU). The result is what ``--json`` writes: ``rows[name]`` with parameters, best and median ms,
     tokens/s, FLOPs per token and MFU; ``ratio_best`` / ``ratio_median`` (step time of the second model over
-    the first) and ``recipe_ratio_*`` (the third over the first).
+    the first) and ``recipe_ratio_*`` (the third over the first). ``deadline``: see
+    :func:`moe_course.timing.samples_many`; ``repeats_done`` says how many rounds were timed.
     """
     amp = device.type == "cuda" if amp is None else amp
     seed_everything(0)
@@ -234,14 +236,15 @@ def measure_steps(
         model = TinyLM(cfg).to(device).train()
         x, y = make_batch(cfg, batch_size, device)
         models[name], steps[name], tokens[name] = model, train_step(model, x, y, amp), x.numel()
-    samples = samples_many(steps, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
+    samples = samples_many(steps, repeats=repeats, warmup=warmup, clock=CLOCKS[clock], deadline=deadline)
     best = {k: min(v) for k, v in samples.items()}
     median = {k: statistics.median(v) for k, v in samples.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     if peak_flops is None and device.type == "cuda":
         peak_flops = peak_bf16_flops(name)
     result = {"device": name, "torch": torch.__version__, "experts": label, "threads": torch.get_num_threads(),
-              "clock": clock, "repeats": repeats, "amp": amp, "peak_flops": peak_flops, "rows": {}}
+              "clock": clock, "repeats": repeats, "repeats_done": len(next(iter(samples.values()))), "amp": amp,
+              "peak_flops": peak_flops, "rows": {}}
     for kind, model in models.items():
         total, active = count_model(model)
         tps = tokens[kind] / best[kind]

@@ -79,19 +79,21 @@ def build_layers(d: int, h: int, n: int, k: int, names: Sequence[str] = LAYERS) 
 
 
 def measure_layers(tokens: int, d: int, h: int, n: int, k: int, device: torch.device, repeats: int,
-                   clock: str = "wall", amp: bool = False, names: Sequence[str] = LAYERS, warmup: int = 2) -> dict:
+                   clock: str = "wall", amp: bool = False, names: Sequence[str] = LAYERS, warmup: int = 2,
+                   deadline: float | None = None) -> dict:
     """Forward + backward time of each layer, round-robin; ``rows[name]`` holds median and fastest ms and the
     median over the dense FFN's (``x_dense``); ``sparse_vs_dense`` and ``soft_vs_sparse`` where both were run."""
     seed_everything(0)
     x = torch.randn(tokens, d, device=device, requires_grad=True)
     layers = build_layers(d, h, n, k, names)
     steps = {name: step_fn(layer.to(device), x, amp) for name, layer in layers.items()}
-    samples = samples_many(steps, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
+    samples = samples_many(steps, repeats=repeats, warmup=warmup, clock=CLOCKS[clock], deadline=deadline)
     median = {name: statistics.median(s) for name, s in samples.items()}
     best = {name: min(s) for name, s in samples.items()}
     ref = median.get("dense FFN")
     result = {"device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": tokens,
-              "d_model": d, "expert_hidden": h, "n_experts": n, "top_k": k, "repeats": repeats, "clock": clock,
+              "d_model": d, "expert_hidden": h, "n_experts": n, "top_k": k, "repeats": repeats,
+              "repeats_done": len(next(iter(samples.values()))), "clock": clock,
               "amp": amp, "rows": {name: {"median_ms": 1e3 * median[name], "min_ms": 1e3 * best[name],
                                           "x_dense": median[name] / ref if ref else None} for name in median}}
     if "dense FFN" in median and "MoE grouped" in median:

@@ -584,8 +584,9 @@ def stage_bench(suite: Suite) -> dict[str, Any]:
     amp = device.type == "cuda"
     models = suite_models(suite.size)
     configs = {kind: (cfg, batch) for kind, (cfg, batch, _) in models.items()}
+    deadline = suite.start + suite.budget_s  # repeats stop at the budget; every model keeps its samples
     steps = measure_steps(configs, device, settings["bench_repeats"], clock="wall", amp=amp,
-                          label="grouped")
+                          label="grouped", deadline=deadline)
     name = _device_name(device)
     peak = peak_bf16_flops(name) if device.type == "cuda" else None
     dense = steps["rows"]["dense"]["tokens_per_s"]
@@ -610,7 +611,8 @@ def stage_bench(suite: Suite) -> dict[str, Any]:
     layer = settings["layer"]
     result["layer"] = measure_layers(layer["tokens"], layer["d"], layer["h"], layer["n"], layer["k"], device,
                                      settings["layer_repeats"], amp=amp,
-                                     names=("dense FFN", "MoE grouped", "MoE sorted (list)", "soft mixture"))
+                                     names=("dense FFN", "MoE grouped", "MoE sorted (list)", "soft mixture"),
+                                     deadline=deadline)
     suite.write("bench.json", result)
     suite.log(f"  layer: MoE grouped / dense FFN = {result['layer']['sparse_vs_dense']:.2f} (median)")
     if suite.left() <= 0:
@@ -618,6 +620,9 @@ def stage_bench(suite: Suite) -> dict[str, Any]:
         return result
     profiles: dict[str, Any] = {"device": name, "size": suite.size, "steps": settings["profile_steps"], "models": {}}
     for kind, (cfg, batch, label) in models.items():
+        if suite.left() <= 0:
+            suite.log(f"  budget spent: the profile stops before {kind}")
+            break
         try:
             profile = profile_presets({kind: (cfg, batch)}, device, settings["profile_steps"], amp)[kind]
             profiles["models"][kind] = {"label": label, **profile}

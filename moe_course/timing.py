@@ -71,13 +71,14 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
 
 def samples_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int = 5, warmup: int = 1,
                  threads: int | None = None, clock: Callable[[], float] | None = None,
-                 **kwargs: Any) -> dict[str, list[float]]:
+                 deadline: float | None = None, **kwargs: Any) -> dict[str, list[float]]:
     """Seconds of every call of each ``fn(*args, **kwargs)`` in ``fns``, measured round-robin.
 
     Each round times every function once, in order, so slow periods of a shared machine hit all of them
     rather than whichever happened to run then. ``threads``, if given, sets PyTorch's CPU thread count for
     the measurement (restored afterwards); one thread gives steadier CPU numbers when other programs
-    compete for the cores.
+    compete for the cores. ``deadline`` (a ``time.monotonic()`` value) ends the measurement after the first
+    whole round that finishes past it, so every function keeps the same number of samples, at least one.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -93,6 +94,8 @@ def samples_many(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int
         for name, fn in fns.items():
             samples[name] += time_samples(fn, *args, repeats=1, warmup=warmup, clock=clock, **kwargs)
         for _ in range(repeats - 1):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             for name, fn in fns.items():
                 samples[name] += time_samples(fn, *args, repeats=1, warmup=0, clock=clock, **kwargs)
     finally:

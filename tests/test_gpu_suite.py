@@ -141,6 +141,18 @@ def test_a_spent_budget_stops_before_the_benchmarks_and_the_capstone(tmp_path):
     assert "budget spent" in log and "stopping before stage 3 (bench) and stage 4 (capstone)" in log
 
 
+def test_the_bench_stage_stops_its_repeats_at_the_budget(tmp_path):
+    sys.path.insert(0, str(SUITE.parent))
+    import gpu_suite
+
+    suite = gpu_suite.Suite(tmp_path, budget_s=1e-3, size="smoke", device=torch.device("cpu"))  # spent at once
+    result = gpu_suite.stage_bench(suite)
+    assert suite.settings["bench_repeats"] > 1 and result["model_step"]["repeats_done"] == 1  # one whole round
+    assert "layer" not in result and not (tmp_path / "profile.json").exists()
+    assert "budget spent: the layer benchmark and the profile are skipped" in (tmp_path / "suite.log").read_text(
+        encoding="utf-8")
+
+
 def test_the_capstone_stops_before_a_seed_that_would_not_fit(tmp_path):
     sys.path.insert(0, str(SUITE.parent))
     import gpu_suite

@@ -73,3 +73,20 @@ def test_time_many_orders_by_cost() -> None:
 def test_time_many_rejects_bad_counts(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         time_many({"f": lambda: None}, **kwargs)
+
+
+def test_samples_many_stops_at_the_deadline_after_a_whole_round() -> None:
+    samples_many = timing.samples_many
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    spent = samples_many(fns, repeats=50, warmup=0, deadline=time.monotonic() - 1)  # already past
+    assert {k: len(v) for k, v in spent.items()} == {"a": 1, "b": 1} and calls == ["a", "b"]
+    full = samples_many(fns, repeats=4, warmup=0, deadline=time.monotonic() + 60)
+    assert {k: len(v) for k, v in full.items()} == {"a": 4, "b": 4}  # a far deadline changes nothing
+
+    def slow() -> None:
+        time.sleep(0.02)
+
+    start = time.monotonic()
+    timed = samples_many({"x": slow, "y": slow}, repeats=1000, warmup=0, deadline=start + 0.2)
+    assert len(timed["x"]) == len(timed["y"]) and 2 <= len(timed["x"]) < 1000  # whole rounds, stopped early
