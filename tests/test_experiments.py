@@ -274,8 +274,6 @@ def test_tuned_experiment_without_a_table_names_the_fix(monkeypatch):
     assert len(get_experiment("routers").runs("smoke")) == 6  # other sizes train at their base rate
 
 
-
-
 @pytest.mark.parametrize("name", ["aux_sweep", "aux_sweep_capacity"])
 def test_alpha_chosen_on_the_tuning_half_is_not_the_grids_largest(name):
     from moe_course.experiments import load_result

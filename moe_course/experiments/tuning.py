@@ -49,15 +49,26 @@ TUNED_LR: dict[str, dict[str, float]] = {
 """Per experiment, each arm's learning rate: the one its ``NAME_tuning`` chose on the tuning half (cpu size)."""
 
 
+def _search_label(arm: str, lr: float) -> str:
+    """The label of one arm at one rate in ``NAME_tuning``: "hash, lr=0.003"."""
+    return f"{arm}, lr={lr:g}"
+
+
+def _arm_and_lr(label: str) -> tuple[str, float]:
+    """The arm and rate a ``NAME_tuning`` label was made from (the inverse of :func:`_search_label`)."""
+    arm, lr = label.rsplit(", lr=", 1)
+    return arm, float(lr)
+
+
 def lr_choice(result: Any) -> dict[str, float]:
     """Each arm's learning rate with the lowest mean tuning-half loss in a stored ``NAME_tuning`` result."""
     choice: dict[str, tuple[float, float]] = {}
     for label in result.labels:
-        arm, lr = label.rsplit(", lr=", 1)
+        arm, lr = _arm_and_lr(label)
         losses = result.tune_losses(label)
         loss = sum(losses) / len(losses)
         if arm not in choice or loss < choice[arm][1]:
-            choice[arm] = (float(lr), loss)
+            choice[arm] = (lr, loss)
     return {arm: lr for arm, (lr, _) in choice.items()}
 
 
@@ -67,7 +78,7 @@ def tuned(name: str, description: str, seeds: tuple[int, ...], version: int) -> 
 
     def wrap(build: Callable[[str], list[Run]]) -> Callable[[str], list[Run]]:
         def search(size: str) -> list[Run]:
-            return [replace(r, label=f"{r.label}, lr={lr:g}", train=replace(r.train, lr=lr), probe=None)
+            return [replace(r, label=_search_label(r.label, lr), train=replace(r.train, lr=lr), probe=None)
                     for r in build(size) for lr in LRS]
 
         def race(size: str) -> list[Run]:
@@ -92,11 +103,11 @@ def tuned(name: str, description: str, seeds: tuple[int, ...], version: int) -> 
 
 def format_lr_table(result: Any) -> str:
     """A stored ``NAME_tuning`` result as a table: each arm's tuning-half loss at every rate, and its choice."""
-    lrs = sorted({float(label.rsplit(", lr=", 1)[1]) for label in result.labels})
+    lrs = sorted({_arm_and_lr(label)[1] for label in result.labels})
     choice = lr_choice(result)
     width = max(len(arm) for arm in choice) + 2
     rows = [f"{'arm':<{width}}" + "".join(f"{lr:>9g}" for lr in lrs) + "   chosen (tuning half, seed 0)"]
     for arm, lr in choice.items():
-        cells = [result.tune_losses(f"{arm}, lr={x:g}")[0] for x in lrs]
+        cells = [result.tune_losses(_search_label(arm, x))[0] for x in lrs]
         rows.append(f"{arm:<{width}}" + "".join(f"{v:9.3f}" for v in cells) + f"   {lr:g}")
     return "\n".join(rows)
