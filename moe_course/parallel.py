@@ -13,10 +13,11 @@ expert-parallel MoE is organised the same way):
 5. **combine**: a second all-to-all sends the results back, and each rank adds them to its tokens, weighted
    by the routing weights (shared experts, replicated, run locally).
 
-Both all-to-alls are differentiable (``all_to_all_single_autograd``: the backward pass of a dispatch is a
-combine and vice versa), so gradients reach the input, the router and every expert. Balancing sees the whole
-batch: the routing-bias update uses the global counts (an all-reduce) and the auxiliary losses are split into
-per-rank shares that add up to the single-process value.
+Both all-to-alls are differentiable (:class:`_AllToAll`, a small ``autograd.Function`` around
+``dist.all_to_all_single``: the backward pass of a dispatch is a combine and vice versa), so gradients reach
+the input, the router and every expert. Balancing sees the whole batch: the routing-bias update uses the
+global counts (an all-reduce) and the auxiliary losses are split into per-rank shares that add up to the
+single-process value.
 
 :func:`launch` spawns W local processes (gloo on CPU, NCCL on CUDA), runs a function of this module on each,
 and returns their results; ``python -m moe_course.parallel`` runs a demo, also under ``torchrun``.
@@ -159,17 +160,43 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 # collectives
 
 
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits whose backward is the reverse all-to-all (splits swapped).
+
+    The gradient of a row is wanted where the row came from: rank i sent ``input_splits[j]`` rows to rank j,
+    so the backward pass sends the gradients of those rows from j back to i, the same exchange read the other
+    way round. Written out here rather than taken from ``torch.distributed._functional_collectives``, whose
+    backward hangs on torch 2.4 (no autograd kernel for ``wait_tensor``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))  # (sum(output_splits), ...)
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        output_splits, input_splits = ctx.splits
+        grad_x = grad.new_empty((sum(input_splits), *grad.shape[1:]))  # (sum(input_splits), ...)
+        dist.all_to_all_single(grad_x, grad.contiguous(), input_splits, output_splits, group=ctx.group)
+        return grad_x, None, None, None
+
+
 def all_to_all(x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
                group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Differentiable ``all_to_all_single`` with uneven splits: rows ``input_splits[j]`` go to rank j.
 
-    The backward pass is the reverse all-to-all of the gradient (splits swapped).
+    Blocking (the call returns once the rows have arrived, so the timings below stay honest); the backward
+    pass is the reverse all-to-all of the gradient.
     """
-    from torch.distributed._functional_collectives import all_to_all_single_autograd
-
+    if sum(input_splits) != x.shape[0]:
+        raise ValueError(f"input_splits sum to {sum(input_splits)} but x has {x.shape[0]} rows; "
+                         "pass one count per rank that adds up to the rows of x")
     group = group or dist.group.WORLD
-    out = all_to_all_single_autograd(x.contiguous(), list(output_splits), list(input_splits), group)
-    return torch.ops._c10d_functional.wait_tensor(out)  # wait now: the timings below stay honest
+    return _AllToAll.apply(x, [int(n) for n in output_splits], [int(n) for n in input_splits], group)
 
 
 def _exchange(send: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -415,6 +442,8 @@ def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, th
     except BaseException:  # noqa: BLE001 - reported to the parent, which names this rank
         results.put((rank, "error", _pack(traceback.format_exc())))
     finally:
+        results.close()
+        results.join_thread()  # the message is on the pipe before the group goes: torch 2.4's destroy holds the GIL
         if dist.is_initialized():
             dist.destroy_process_group()
 
