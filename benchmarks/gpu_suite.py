@@ -613,8 +613,13 @@ def stage_bench(suite: Suite) -> dict[str, Any]:
                                      settings["layer_repeats"], amp=amp,
                                      names=("dense FFN", "MoE grouped", "MoE sorted (list)", "soft mixture"),
                                      deadline=deadline)
+    from moe_course.experts import use_grouped_mm  # "MoE grouped" runs a per-expert loop where grouped_mm is absent
+
+    result["layer"]["grouped_mm_used"] = use_grouped_mm(torch.bfloat16 if amp else torch.float32, device,
+                                                        torch.empty(1, 64, 64, device=device))
     suite.write("bench.json", result)
-    suite.log(f"  layer: MoE grouped / dense FFN = {result['layer']['sparse_vs_dense']:.2f} (median)")
+    how = "" if result["layer"]["grouped_mm_used"] else " (no grouped_mm here: GroupedExperts' per-expert loop)"
+    suite.log(f"  layer: MoE grouped / dense FFN = {result['layer']['sparse_vs_dense']:.2f} (median){how}")
     if suite.left() <= 0:
         suite.log("  budget spent: the profile is skipped")
         return result

@@ -39,13 +39,14 @@ Subpackages
 =====================  ==========================================================================
 """
 
-from moe_course.device import environment_report, pick_device, seed_everything
+from moe_course.device import environment_report, pick_device, pin_threads, seed_everything
 
 __version__ = "0.1.0"
 
 __all__ = [
     "environment_report",
     "pick_device",
+    "pin_threads",
     "seed_everything",
     "__version__",
 ]

@@ -52,6 +52,21 @@ def has_gpu(device: torch.device | None = None) -> bool:
     return device.type in ("cuda", "mps")
 
 
+def pin_threads(device: torch.device, threads: int = 1) -> int:
+    """On the CPU, run PyTorch on ``threads`` threads; return the count before. Other devices: unchanged.
+
+    A sum split over more threads is added up in another order, so trained numbers would depend on the
+    machine's core count (a laptop, Binder, CI); every notebook pins one thread so its recorded outputs
+    reproduce anywhere. Tiny models also train fastest on one core: their many small ops wait on each other.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    return before
+
+
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and torch (all devices) so that a notebook prints the same numbers each run."""
     random.seed(seed)

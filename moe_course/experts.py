@@ -192,6 +192,9 @@ class _GradContiguous(torch.autograd.Function):
         return grad.contiguous()
 
 
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+"""Whether this torch has ``torch.nn.functional.grouped_mm`` (added in 2.9; before it, a per-expert loop runs)."""
+
 GROUPED_MM = os.environ.get("MOE_GROUPED_MM", "auto")
 """``auto`` (use grouped_mm where it applies), ``on`` or ``off``: lets benchmarks compare the two paths."""
 
@@ -201,7 +204,7 @@ def use_grouped_mm(dtype: torch.dtype, device: torch.device, weight: torch.Tenso
 
     CPU: fp32 (torch >= 2.9), row strides a multiple of 16 bytes. CUDA: bf16 on SM >= 80 (Ampere, Hopper).
     """
-    if GROUPED_MM == "off" or not hasattr(F, "grouped_mm"):
+    if GROUPED_MM == "off" or not HAS_GROUPED_MM:
         return False
     size = torch.finfo(dtype).bits // 8
     if (weight.shape[1] * size) % 16 or (weight.shape[2] * size) % 16:

@@ -115,6 +115,19 @@ def test_ci_runs_the_readme_test_command():
     assert "torch==2.13.0" in ci, "CI must pin the local CPU wheel so it never downloads CUDA packages"
 
 
+def test_ci_tests_the_oldest_torch_the_package_admits_and_a_recent_one():
+    ci = (ROOT / ".ci" / "run").read_text()
+    versions = re.search(r"^for version in ([\d. ]+); do\n\s+make test-torch TORCH=\"\$version\"", ci, re.MULTILINE)
+    assert versions, "CI must run `make test-torch` for the supported torch range"
+    tested = versions.group(1).split()
+    floor = next(_spec(r) for r in _project()["dependencies"] if _name(r) == "torch")
+    assert floor == f">={tested[0]}", f"pyproject admits torch{floor} but CI tests {tested[0]} as the oldest"
+    for path in (ROOT / "environment.yml", ROOT / "binder" / "environment.yml"):
+        assert f"pytorch-cpu>={tested[0]}" in path.read_text(), f"{path.name} states another torch floor"
+    as_tuple = [tuple(int(p) for p in v.split(".")) for v in tested]
+    assert len(tested) == 2 and as_tuple[1] > (2, 13, 0) > as_tuple[0], "test one release on each side of the pin"
+
+
 def test_makefile_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("lab:", "test:", "exercises:", "execute:"):
@@ -168,3 +181,20 @@ def test_pick_device_names_the_bad_device(bad, monkeypatch):
     monkeypatch.setenv("MOE_DEVICE", bad)
     with pytest.raises(ValueError, match=rf"MOE_DEVICE='{bad}'"):
         pick_device()
+
+
+def test_pin_threads_sets_the_cpu_count_returns_the_old_one_and_leaves_other_devices():
+    from moe_course.device import pin_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert pin_threads(torch.device("cpu")) == 2 and torch.get_num_threads() == 1
+        assert pin_threads(torch.device("cpu"), 2) == 1 and torch.get_num_threads() == 2
+        assert pin_threads(torch.device("meta")) == 2 and torch.get_num_threads() == 2  # not the CPU: untouched
+        for bad in (0, -1, 1.5, True, "1"):
+            with pytest.raises(ValueError, match="threads must be a positive int"):
+                pin_threads(torch.device("cpu"), bad)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

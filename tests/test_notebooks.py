@@ -850,3 +850,18 @@ def test_make_test_compares_with_the_environment_make_execute_records_with() -> 
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                               env={**os.environ, "ATEN_CPU_CAPABILITY": value})
         assert done.stdout.strip() == value.upper()  # the variable takes effect in a fresh interpreter
+
+
+@pytest.mark.parametrize("solution", SOLUTION_PATHS, ids=lambda p: p.name)
+def test_every_notebook_pins_one_cpu_thread_where_it_picks_its_device(solution: Path) -> None:
+    """Recorded outputs must not depend on the core count: one CPU thread from the imports cell on, never changed."""
+    cells = [c for c in read_notebook(solution).cells if c.cell_type == "code"]
+    where = [i for i, c in enumerate(cells) if "device = pick_device()" in c.source]
+    assert len(where) == 1, f"{solution.name}: expected one `device = pick_device()` cell, found {len(where)}"
+    first = cells[where[0]].source
+    assert "device = pick_device()\npin_threads(device)" in first, (
+        f"{solution.name}: call pin_threads(device) right after pick_device() (moe_course.device.pin_threads)")
+    assert not any("pick_device" in c.source or "torch.set_num_threads" in c.source or "TinyLM(" in c.source
+                   for c in cells[:where[0]]), f"{solution.name}: work before the device and threads are set"
+    changed = [i for i, c in enumerate(cells) if "set_num_threads" in c.source]
+    assert not changed, f"{solution.name}: code cells {changed} change the thread count after pin_threads"
