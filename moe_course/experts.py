@@ -193,7 +193,7 @@ class _GradContiguous(torch.autograd.Function):
 
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-"""Whether this torch has ``torch.nn.functional.grouped_mm`` (added in 2.9; before it, a per-expert loop runs)."""
+"""Whether this torch has ``torch.nn.functional.grouped_mm`` (2.13 and 2.14 have it; 2.4 runs a per-expert loop)."""
 
 GROUPED_MM = os.environ.get("MOE_GROUPED_MM", "auto")
 """``auto`` (use grouped_mm where it applies), ``on`` or ``off``: lets benchmarks compare the two paths."""

@@ -61,7 +61,7 @@ def test_suite_runs_from_a_bare_checkout_and_writes_every_file(suite_run):
     assert env["tqdm_stand_in"] is True
     if HAS_GROUPED_MM:
         assert env["grouped_mm"]["exists"] and env["grouped_mm"]["runs"] and env["grouped_mm"]["max_rel_err"] < 1e-5
-    else:  # torch < 2.9: recorded as absent, and the package says it falls back
+    else:  # an older torch (2.4): recorded as absent, and the package says it falls back
         assert env["grouped_mm"]["exists"] is False and env["grouped_mm"]["package_uses_it"] is False
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["cpu_count"] >= 1
     assert env["peak_bf16_tflops"] is None and len(env["source_sha256"]) == 16
