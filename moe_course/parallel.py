@@ -35,7 +35,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -160,6 +161,66 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 # collectives
 
 
+_RECORDS: dict[str, Any] | None = None
+"""While :func:`record_collectives` runs: its settings and the records of this rank's all-to-alls."""
+
+
+def _bytes_written() -> int | None:
+    """Bytes this process has written so far (Linux's /proc/self/io ``wchar``; None elsewhere).
+
+    gloo sends over TCP with write calls, so the difference around a collective counts what it put on the
+    sockets, headers included: a count made by the kernel, not from the split sizes.
+    """
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+@contextmanager
+def record_collectives(sync: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """Record each differentiable all-to-all this rank runs inside the block, forward and backward.
+
+    A record: ``name`` (``dispatch``/``combine``), ``pass`` (``forward``/``backward``), ``payload_bytes`` (rows
+    for other ranks × their bytes, from the splits), ``wire_bytes`` (what the process wrote during the call,
+    counted by the kernel; None off Linux or on NCCL, whose bytes bypass the sockets), ``seconds`` (the call)
+    and ``wait_s``: with ``sync``, every rank first waits in a barrier, so ``wait_s`` is the time spent waiting
+    for the slowest rank to arrive and ``seconds`` the exchange alone. Every rank must use the same ``sync``.
+    """
+    global _RECORDS
+    if _RECORDS is not None:
+        raise RuntimeError("record_collectives is already active on this rank: do not nest it")
+    _RECORDS = {"sync": bool(sync), "records": []}
+    try:
+        yield _RECORDS["records"]
+    finally:
+        _RECORDS = None
+
+
+def _exchange_rows(out: torch.Tensor, x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                   group: dist.ProcessGroup, name: str, which: str) -> None:
+    """``dist.all_to_all_single`` of rows, recorded while :func:`record_collectives` is active."""
+    if _RECORDS is None:
+        dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+        return
+    wait = 0.0
+    if _RECORDS["sync"]:
+        start = time.perf_counter()
+        dist.barrier(group=group)
+        wait = time.perf_counter() - start
+    rank = dist.get_rank(group)
+    written, start = _bytes_written(), time.perf_counter()
+    dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+    seconds, after = time.perf_counter() - start, _bytes_written()
+    row = math.prod(x.shape[1:]) * x.element_size()  # bytes per row (x may hold no rows)
+    _RECORDS["records"].append({
+        "name": name, "pass": which, "seconds": seconds, "wait_s": wait,
+        "payload_bytes": (sum(input_splits) - input_splits[rank]) * row,
+        "wire_bytes": None if written is None or after is None or dist.get_backend(group) != "gloo"
+        else after - written})
+
+
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits whose backward is the reverse all-to-all (splits swapped).
 
@@ -171,32 +232,32 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, output_splits: list[int], input_splits: list[int],
-                group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.splits, ctx.group = (output_splits, input_splits), group
+                group: dist.ProcessGroup, name: str) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.name = (output_splits, input_splits), group, name
         out = x.new_empty((sum(output_splits), *x.shape[1:]))  # (sum(output_splits), ...)
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        _exchange_rows(out, x.contiguous(), output_splits, input_splits, group, name, "forward")
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         output_splits, input_splits = ctx.splits
         grad_x = grad.new_empty((sum(input_splits), *grad.shape[1:]))  # (sum(input_splits), ...)
-        dist.all_to_all_single(grad_x, grad.contiguous(), input_splits, output_splits, group=ctx.group)
-        return grad_x, None, None, None
+        _exchange_rows(grad_x, grad.contiguous(), input_splits, output_splits, ctx.group, ctx.name, "backward")
+        return grad_x, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+               group: dist.ProcessGroup | None = None, name: str = "all_to_all") -> torch.Tensor:
     """Differentiable ``all_to_all_single`` with uneven splits: rows ``input_splits[j]`` go to rank j.
 
     Blocking (the call returns once the rows have arrived, so the timings below stay honest); the backward
-    pass is the reverse all-to-all of the gradient.
+    pass is the reverse all-to-all of the gradient. ``name`` labels it in :func:`record_collectives`.
     """
     if sum(input_splits) != x.shape[0]:
         raise ValueError(f"input_splits sum to {sum(input_splits)} but x has {x.shape[0]} rows; "
                          "pass one count per rank that adds up to the rows of x")
     group = group or dist.group.WORLD
-    return _AllToAll.apply(x, [int(n) for n in output_splits], [int(n) for n in input_splits], group)
+    return _AllToAll.apply(x, [int(n) for n in output_splits], [int(n) for n in input_splits], group, name)
 
 
 def _exchange(send: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -302,7 +363,7 @@ class ExpertParallelMoE(nn.Module):
         recv = _exchange(send, self.group)  # (W,) rows each rank sends us
         send_list, recv_list = send.tolist(), recv.tolist()
         xs = flat.index_select(0, token_of)  # (A, d) rank-contiguous send buffer
-        xr = all_to_all(xs, recv_list, send_list, self.group)  # (R, d) grouped by source rank
+        xr = all_to_all(xs, recv_list, send_list, self.group, "dispatch")  # (R, d) grouped by source rank
         local_ids = torch.empty(sum(recv_list), dtype=torch.long, device=flat.device)
         dist.all_to_all_single(local_ids, (experts[order] - dest[order] * self.n_local).contiguous(),
                                recv_list, send_list, group=self.group)
@@ -314,7 +375,7 @@ class ExpertParallelMoE(nn.Module):
         clock.append(time.perf_counter())
 
         # 5. send the results back and add them to their tokens, weighted
-        ys = all_to_all(yr, send_list, recv_list, self.group)  # (A, d) in send order
+        ys = all_to_all(yr, send_list, recv_list, self.group, "combine")  # (A, d) in send order
         y = combine(ys, routing.weights.reshape(-1)[pair], token_of, t)
         clock.append(time.perf_counter())
         if self.shared is not None:
@@ -717,10 +778,14 @@ def compare_with_single_process(scenarios: Sequence[dict[str, Any]]) -> list[dic
 
 def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 0, bias: Sequence[float] | None = None,
                   repeats: int = 5, warmup: int = 2, dtype: str = "float32") -> dict[str, Any]:
-    """On every rank: time forward + backward of the expert-parallel layer; report counts, bytes and phases.
+    """On every rank: time training steps of the expert-parallel layer; report counts, bytes and where time goes.
 
-    Phase times (forward) and ``step`` (forward + backward) are the fastest of ``repeats`` runs after
-    ``warmup`` untimed ones (other programs can only make a run slower, so the fastest is the least disturbed).
+    A step is forward + backward with an input that needs its gradient, so all four all-to-alls run (dispatch
+    and combine, each again in the backward pass). ``seconds``: the forward phases and the whole ``step``, the
+    fastest of ``repeats`` runs after ``warmup`` (other programs only make a run slower). ``step_parts``: the
+    fastest of ``repeats`` more steps with a barrier before each all-to-all (:func:`record_collectives`), split
+    into ``waiting`` (for the slowest rank, in those barriers), ``all-to-all`` (the four exchanges) and
+    ``compute`` (the rest: router, sorting, experts, the small count exchanges); ``collectives`` lists its four.
     """
     check_int("tokens_per_rank", tokens_per_rank, 1)
     check_int("repeats", repeats, 1)
@@ -736,18 +801,33 @@ def profile_layer(moe_kwargs: dict[str, Any], tokens_per_rank: int, seed: int = 
     ep = ExpertParallelMoE.from_moe(moe, rank, world).to(getattr(torch, dtype))
     gen = torch.Generator().manual_seed(seed + 1 + rank)  # every rank has its own tokens
     x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device(), getattr(torch, dtype))
-    best: dict[str, float] = {}
-    for i in range(warmup + repeats):
+    x.requires_grad_()  # as inside a model: the backward pass sends the input's gradient back through a dispatch
+
+    def step() -> float:
+        x.grad = None
+        ep.zero_grad(set_to_none=True)
         dist.barrier()
         start = time.perf_counter()
-        y = ep(x)
-        y.float().square().mean().backward()
-        step = time.perf_counter() - start
+        ep(x).float().square().mean().backward()
+        return time.perf_counter() - start
+
+    best: dict[str, float] = {}
+    for i in range(warmup + repeats):
+        seconds = step()
         if i >= warmup:
-            for name, s in {**ep.last_stats["seconds"], "step": step}.items():
+            for name, s in {**ep.last_stats["seconds"], "step": seconds}.items():
                 best[name] = min(best.get(name, math.inf), s)
     stats = dict(ep.last_stats)
+    parts: dict[str, float] | None = None
+    for _ in range(repeats):
+        with record_collectives(sync=True) as records:
+            total = step()
+        waiting, moving = sum(r["wait_s"] for r in records), sum(r["seconds"] for r in records)
+        if parts is None or total < parts["total"]:
+            parts = {"total": total, "waiting": waiting, "all-to-all": moving, "compute": total - waiting - moving}
+            stats["collectives"] = records
     stats["seconds"] = best
+    stats["step_parts"] = parts
     stats["element_size"] = x.element_size()
     return stats
 
@@ -788,7 +868,8 @@ def communication_volume(settings: Sequence[dict[str, Any]], tokens_per_rank: in
     """On every rank, for each MoE setting: one forward pass; the pairs and bytes each all-to-all carried.
 
     Bytes are those of the token rows handed to the collective for other ranks (``split sizes × d ×
-    element size``); rows for the rank's own experts are copied locally and not counted.
+    element size``); rows for the rank's own experts are copied locally and not counted. ``wire_bytes``: what
+    the two exchanges wrote to the sockets, counted by the kernel (:func:`record_collectives`; None off Linux).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     out = []
@@ -797,10 +878,12 @@ def communication_volume(settings: Sequence[dict[str, Any]], tokens_per_rank: in
         ep = ExpertParallelMoE.from_moe(moe, rank, world)
         gen = torch.Generator().manual_seed(seed + 1 + rank)
         x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device())
-        with torch.no_grad():
+        with torch.no_grad(), record_collectives() as records:
             ep(x)
         st = ep.last_stats
-        out.append({"d_model": moe.d_model, "top_k": moe.top_k, "tokens": st["tokens"], "sent": st["sent_pairs"],
+        wire = [r["wire_bytes"] for r in records]
+        out.append({"wire_bytes": None if None in wire else sum(wire),
+                    "d_model": moe.d_model, "top_k": moe.top_k, "tokens": st["tokens"], "sent": st["sent_pairs"],
                     "received": st["received_pairs"], "dispatch_bytes": st["dispatch_bytes"],
                     "combine_bytes": st["combine_bytes"], "metadata_bytes": st["metadata_bytes"],
                     "element_size": x.element_size()})

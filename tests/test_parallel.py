@@ -183,3 +183,43 @@ def test_all_to_all_moves_rows_and_sends_gradients_back(splits):
             offset = sum(splits[src][j] for src in range(i))
             want += [[1000.0 * j + 2 * (offset + r), 1000.0 * j + 2 * (offset + r) + 1] for r in range(splits[i][j])]
         assert grad == want, f"rank {i}'s input gradient {grad} != {want}"
+
+
+def test_a_profiled_step_runs_all_four_all_to_alls_and_counts_their_bytes_on_the_wire():
+    """Training steps (input with a gradient): dispatch and combine, forward and backward, each recorded with the
+    bytes the kernel saw the rank write; with one rank's experts starved, the idle rank waits for the busy one."""
+    size = {"d_model": 64, "d_hidden": 256, "n_experts": 4, "top_k": 2}
+    settings = [{"moe_kwargs": size, "tokens_per_rank": 256, "repeats": 2, "warmup": 1},
+                {"moe_kwargs": size, "tokens_per_rank": 1024, "repeats": 3, "warmup": 1,
+                 "bias": [10.0, 10.0, 0.0, 0.0]}]  # every token to experts 0 and 1, both on rank 0
+    volume = [{**size, "top_k": k} for k in (1, 2)]
+    results = launch(parallel.run_all, 2, [(parallel.profile_layers, (settings,)),
+                                           (parallel.communication_volume, (volume, 96))], timeout_s=120)
+    for profiles, volumes in results:
+        for p in profiles:
+            records = p["collectives"]
+            assert [(r["name"], r["pass"]) for r in records] == [
+                ("dispatch", "forward"), ("combine", "forward"), ("combine", "backward"), ("dispatch", "backward")]
+            assert records[0]["payload_bytes"] == p["dispatch_bytes"] and records[1]["payload_bytes"] == p["combine_bytes"]
+            assert records[3]["payload_bytes"] == p["combine_bytes"]  # the gradients of the rows that came back
+            parts = p["step_parts"]
+            assert parts["total"] == pytest.approx(parts["waiting"] + parts["all-to-all"] + parts["compute"])
+            assert min(parts.values()) >= 0 and p["seconds"]["step"] > 0
+            for r in records:
+                if r["wire_bytes"] is not None:  # Linux: the kernel's count, a few header bytes above the rows
+                    assert 0 <= r["wire_bytes"] - r["payload_bytes"] < 1024, r
+        for v in volumes:
+            if v["wire_bytes"] is not None:
+                rows = v["dispatch_bytes"] + v["combine_bytes"]
+                assert 0 <= v["wire_bytes"] - rows < 2048 and rows > 0
+    busy, idle = (results[r][0][1] for r in (0, 1))
+    assert sum(idle["received_pairs"]) == 0 and sum(busy["received_pairs"]) == 2 * 2048
+    assert idle["step_parts"]["waiting"] > busy["step_parts"]["waiting"]  # the straggler sets both ranks' pace
+
+
+def test_record_collectives_cannot_nest():
+    with parallel.record_collectives(), pytest.raises(RuntimeError, match="already active"):
+        with parallel.record_collectives():
+            pass
+    with parallel.record_collectives() as records:  # and it was left clean
+        assert records == []
