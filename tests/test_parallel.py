@@ -200,7 +200,8 @@ def test_a_profiled_step_runs_all_four_all_to_alls_and_counts_their_bytes_on_the
             records = p["collectives"]
             assert [(r["name"], r["pass"]) for r in records] == [
                 ("dispatch", "forward"), ("combine", "forward"), ("combine", "backward"), ("dispatch", "backward")]
-            assert records[0]["payload_bytes"] == p["dispatch_bytes"] and records[1]["payload_bytes"] == p["combine_bytes"]
+            assert records[0]["payload_bytes"] == p["dispatch_bytes"]
+            assert records[1]["payload_bytes"] == p["combine_bytes"]
             assert records[3]["payload_bytes"] == p["combine_bytes"]  # the gradients of the rows that came back
             parts = p["step_parts"]
             assert parts["total"] == pytest.approx(parts["waiting"] + parts["all-to-all"] + parts["compute"])
