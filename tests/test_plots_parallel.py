@@ -68,3 +68,16 @@ def test_phase_times_stack_in_milliseconds():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["rank 0", "rank 1"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(PHASE_COLORS)
     assert plot_phase_times(seconds, legend=False).get_legend() is None
+
+
+def test_phase_times_draw_a_training_step_split_and_refuse_unnamed_parts():
+    from moe_course.plots.parallel import STEP_COLORS
+
+    parts = [{"total": 0.030, "compute": 0.025, "all-to-all": 0.002, "waiting": 0.003},
+             {"total": 0.030, "compute": 0.012, "all-to-all": 0.002, "waiting": 0.016}]
+    ax = plot_phase_times(parts, colors=STEP_COLORS, title="training step")
+    widths = [[b.get_width() for b in ax.patches if abs(b.get_y() + b.get_height() / 2 - r) < 0.5] for r in (0, 1)]
+    assert widths == [pytest.approx([25.0, 2.0, 3.0]), pytest.approx([12.0, 2.0, 16.0])]  # "total" is not a part
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(STEP_COLORS)
+    with pytest.raises(ValueError, match="colors=STEP_COLORS"):
+        plot_phase_times(parts)  # compute / all-to-all / waiting are not forward phases

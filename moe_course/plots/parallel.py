@@ -11,6 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 PHASE_COLORS = {"router": "#8da0cb", "dispatch": "#fc8d62", "experts": "#66c2a5", "combine": "#e78ac3"}
+STEP_COLORS = {"compute": "#66c2a5", "all-to-all": "#fc8d62", "waiting": "#bbbbbb"}
+"""The parts of a training step that ``parallel.profile_layer`` reports in ``step_parts``."""
 STAGES = ("route +\nsort by rank", "all-to-all\n(dispatch)", "local experts\n(grouped GEMM)",
           "all-to-all\n(combine)", "weighted\nsum")
 
@@ -90,14 +92,20 @@ def plot_received_rows(received_per_expert: Sequence[Sequence[int]], ax: Axes | 
 
 
 def plot_phase_times(seconds: Sequence[Mapping[str, float]], ax: Axes | None = None,
-                     title: str = "forward pass per rank", legend: bool = True) -> Axes:
-    """Stacked horizontal bars: each rank's router / dispatch / experts / combine time (milliseconds)."""
+                     title: str = "forward pass per rank", legend: bool = True,
+                     colors: Mapping[str, str] = PHASE_COLORS) -> Axes:
+    """Stacked horizontal bars of each rank's times (milliseconds) in the order and colours of ``colors``:
+    the forward phases by default, :data:`STEP_COLORS` for a training step's compute / all-to-all / waiting."""
     if not seconds:
         raise ValueError("seconds must hold one dict of phase times per rank")
+    unknown = sorted({name for phases in seconds for name in phases} - set(colors) - {"step", "total"})
+    if unknown:
+        raise ValueError(f"seconds has parts {unknown} that colors does not name; pass colors=STEP_COLORS for "
+                         "profile_layer's step_parts")
     ax = ax or plt.subplots(figsize=(7, 0.5 * len(seconds) + 1.5), layout="constrained")[1]
     for r, phases in enumerate(seconds):
         left = 0.0
-        for name, color in PHASE_COLORS.items():
+        for name, color in colors.items():
             ms = 1e3 * phases.get(name, 0.0)
             ax.barh(r, ms, left=left, color=color, label=name if r == 0 else None)
             left += ms
