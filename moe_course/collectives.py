@@ -76,7 +76,12 @@ def _call_source(source: str, name: str, args_by_rank: list[tuple] | None, args:
     namespace: dict[str, Any] = {"torch": torch, "dist": dist, "math": math, "__name__": "__rank__"}
     exec(compile(source, f"<{name} on rank {dist.get_rank()}>", "exec"), namespace)  # noqa: S102
     own = args_by_rank[dist.get_rank()] if args_by_rank is not None else ()
-    return namespace[name](*own, *args)
+    try:
+        return namespace[name](*own, *args)
+    except NameError as err:  # a helper from another cell: the ranks received this function's source alone
+        raise NameError(f"{err} on the ranks: run() sends only the source of {name}(), so a function or variable "
+                        f"defined in another cell is missing there; define or import it inside {name}() (torch, "
+                        "dist and math are available)") from err
 
 
 def run(fn: Callable[..., Any], world: int, *args: Any, args_by_rank: list[tuple] | None = None,

@@ -67,3 +67,13 @@ def test_run_refuses_what_cannot_travel():
 def test_a_failing_rank_is_named():
     with pytest.raises(RankFailed, match="(?s)rank [01] of 2 failed.*TypeError"):
         collectives.run(hello, 2, "not a number")
+
+
+def uses_a_helper_from_another_cell(x):
+    return helper_defined_elsewhere(x)  # noqa: F821 - the point: the ranks cannot see it
+
+
+def test_a_helper_the_ranks_cannot_see_is_named_with_the_fix():
+    with pytest.raises(RankFailed, match=r"helper_defined_elsewhere.*not defined.*on the ranks.*define or import it "
+                                         r"inside uses_a_helper_from_another_cell\(\)"):
+        collectives.run(uses_a_helper_from_another_cell, 2, 1)

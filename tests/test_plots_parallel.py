@@ -81,3 +81,11 @@ def test_phase_times_draw_a_training_step_split_and_refuse_unnamed_parts():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(STEP_COLORS)
     with pytest.raises(ValueError, match="colors=STEP_COLORS"):
         plot_phase_times(parts)  # compute / all-to-all / waiting are not forward phases
+
+
+def test_received_rows_legend_sits_above_every_bar():
+    ax = plot_received_rows([[40, 90, 30, 20], [25, 25, 88, 10], [5, 6, 7, 8], [60, 61, 62, 63]])
+    ax.figure.canvas.draw()
+    legend = ax.get_legend().get_window_extent().transformed(ax.transData.inverted())
+    tallest = max(b.get_height() for b in ax.patches)
+    assert legend.y0 > tallest, f"the legend starts at {legend.y0:.1f} rows, below the tallest bar ({tallest})"

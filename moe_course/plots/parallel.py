@@ -87,7 +87,9 @@ def plot_received_rows(received_per_expert: Sequence[Sequence[int]], ax: Axes | 
     ax.set_ylabel("rows received")
     ax.set_xticks(range(e))
     ax.set_title(title)
-    ax.legend(fontsize=8, ncols=min(5, len(received_per_expert) + 1))
+    biggest = max((max(c) for c in received_per_expert if len(c)), default=0)
+    ax.set_ylim(0, 1.35 * max(biggest, mean, 1))  # headroom: the legend sits above the tallest bar
+    ax.legend(fontsize=8, ncols=min(5, len(received_per_expert) + 1), loc="upper left")
     return ax
 
 
