@@ -293,8 +293,16 @@ class ExpertParallelMoE(nn.Module):
     After a forward pass ``last_stats`` holds the counts, the bytes sent and the time of each phase.
     """
 
-    def __init__(self, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None,
+                 ranks_per_node: int | None = None) -> None:
         super().__init__()
+        if ranks_per_node is not None:
+            check_int("ranks_per_node", ranks_per_node, 1)
+            if world % ranks_per_node:
+                raise ValueError(f"ranks_per_node={ranks_per_node} must divide the world size {world} (whole nodes)")
+            if moe.capacity_factor is not None:
+                raise ValueError("node-deduplicated dispatch (ranks_per_node) has no capacity limit: build the MoE "
+                                 "with capacity_factor=None")
         if not isinstance(moe, MoE):
             raise TypeError(f"moe must be a moe_course.moe.MoE layer to split across ranks, got {type(moe).__name__}")
         if isinstance(moe.router, ExpertChoiceRouter):
@@ -308,6 +316,7 @@ class ExpertParallelMoE(nn.Module):
                              f"{[c.__name__ for c in _GLOBAL_POLICIES]}")
         lo, hi = local_experts(rank, world, moe.n_experts)[0], local_experts(rank, world, moe.n_experts)[-1] + 1
         self.rank, self.world, self.group = rank, world, group
+        self.ranks_per_node = ranks_per_node
         self.d_model, self.n_experts, self.top_k = moe.d_model, moe.n_experts, moe.top_k
         self.n_local, self.first_expert = hi - lo, lo
         self.capacity_factor = moe.capacity_factor
@@ -328,9 +337,13 @@ class ExpertParallelMoE(nn.Module):
         self.last_stats: dict[str, Any] = {}
 
     @classmethod
-    def from_moe(cls, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None) -> ExpertParallelMoE:
-        """Rank ``rank``'s part of ``moe``: its router and shared experts, and experts [r·E/W, (r+1)·E/W)."""
-        return cls(moe, rank, world, group)
+    def from_moe(cls, moe: MoE, rank: int, world: int, group: dist.ProcessGroup | None = None,
+                 ranks_per_node: int | None = None) -> ExpertParallelMoE:
+        """Rank ``rank``'s part of ``moe``: its router and shared experts, and experts [r·E/W, (r+1)·E/W).
+
+        ``ranks_per_node``: dispatch as DeepSeek-V3 does across nodes of that many ranks (:meth:`_by_node`).
+        """
+        return cls(moe, rank, world, group, ranks_per_node)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         if not dist.is_available() or not dist.is_initialized():
@@ -351,6 +364,14 @@ class ExpertParallelMoE(nn.Module):
             cap = expert_capacity(t, self.n_experts, k, self.capacity_factor)
             keep = capacity_mask(routing.indices, self.n_experts, cap)
         clock.append(time.perf_counter())
+        if self.ranks_per_node is not None:
+            y, stats = self._by_node(flat, routing)
+            if self.shared is not None:
+                y = y + self.shared(flat)
+            self.last_routing = routing.detach()
+            self._balance(routing, tuple(shape[:-1]))
+            self.last_stats = {"tokens": t, **stats}
+            return y.reshape(shape)
 
         # 2. sort pairs by destination rank; exchange counts; 3. send the rows
         kept = keep.reshape(-1).nonzero().squeeze(1)  # (A,) pair numbers p = t*k + j that are sent
@@ -394,6 +415,74 @@ class ExpertParallelMoE(nn.Module):
             "seconds": {p: clock[i + 1] - clock[i] for i, p in enumerate(PHASES)},
         }
         return y.reshape(shape)
+
+    def _by_node(self, flat: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, dict[str, Any]]:
+        """DeepSeek-V3's dispatch over nodes of G ranks: each token crosses to a node once, then fans out.
+
+        Stage 1 (between nodes, InfiniBand on a real cluster): every token goes once to each node holding one
+        of its experts, to the rank there with the same position in its node (a "rail" peer), with its k
+        expert ids and routing weights (ids of experts elsewhere: -1). Stage 2 (inside the node, NVLink): that
+        rank forwards the row once to each rank of its node holding its experts. There each pair runs its
+        expert, weighted, and the rows' pairs are summed; the sums return inside the node and are summed per
+        token and node, and those return across nodes and are summed per token. Equal to the single-process
+        layer (tested); every row that crosses a node boundary carries one token for one node, not one pair.
+        """
+        t, k, g = flat.shape[0], self.top_k, self.ranks_per_node
+        n_nodes, node, slot = self.world // g, self.rank // g, self.rank % g
+        experts = routing.indices  # (T, k)
+        owner = expert_owner(experts, self.n_experts, self.world)  # (T, k) rank of each pair
+        pair_node = owner // g  # (T, k)
+        # stage 1: one row per (token, node), sorted by node, to the rail peer n·G + slot
+        present = torch.zeros(t, n_nodes, dtype=torch.bool, device=flat.device)
+        present[torch.arange(t, device=flat.device).repeat_interleave(k), pair_node.reshape(-1)] = True
+        hop_t, hop_n = present.nonzero(as_tuple=True)  # (H,), (H,) in token order
+        order = hop_n.argsort(stable=True)
+        hop_t, hop_n = hop_t[order], hop_n[order]
+        mine = pair_node[hop_t] == hop_n[:, None]  # (H, k) which of the token's pairs live on that node
+        send1 = torch.zeros(self.world, dtype=torch.long, device=flat.device)
+        send1[torch.arange(n_nodes, device=flat.device) * g + slot] = torch.bincount(hop_n, minlength=n_nodes)
+        recv1 = _exchange(send1, self.group)
+        s1, r1 = send1.tolist(), recv1.tolist()
+        x1 = all_to_all(flat.index_select(0, hop_t), r1, s1, self.group, "dispatch (between nodes)")  # (R1, d)
+        w1 = all_to_all(routing.weights[hop_t] * mine, r1, s1, self.group, "weights (between nodes)")  # (R1, k)
+        ids1 = torch.empty(sum(r1), k, dtype=torch.long, device=flat.device)
+        dist.all_to_all_single(ids1, torch.where(mine, experts[hop_t], -1).contiguous(), r1, s1, group=self.group)
+        # stage 2: one row per (arrived row, rank of this node holding one of its experts)
+        on = torch.where(ids1 >= 0, expert_owner(ids1.clamp(min=0), self.n_experts, self.world), -1)  # (R1, k)
+        present2 = torch.zeros(ids1.shape[0], self.world, dtype=torch.bool, device=flat.device)
+        rows, cols = (on >= 0).nonzero(as_tuple=True)
+        present2[rows, on[rows, cols]] = True
+        fwd_h, fwd_r = present2.nonzero(as_tuple=True)  # (F,), (F,)
+        order2 = fwd_r.argsort(stable=True)
+        fwd_h, fwd_r = fwd_h[order2], fwd_r[order2]
+        here = on[fwd_h] == fwd_r[:, None]  # (F, k) which slots that rank computes
+        send2 = torch.bincount(fwd_r, minlength=self.world)
+        recv2 = _exchange(send2, self.group)
+        s2, r2 = send2.tolist(), recv2.tolist()
+        x2 = all_to_all(x1.index_select(0, fwd_h), r2, s2, self.group, "dispatch (inside nodes)")  # (R2, d)
+        w2 = all_to_all(w1[fwd_h] * here, r2, s2, self.group, "weights (inside nodes)")  # (R2, k)
+        local = torch.where(here, ids1[fwd_h] - fwd_r[:, None] * self.n_local, -1)
+        ids2 = torch.empty(sum(r2), k, dtype=torch.long, device=flat.device)
+        dist.all_to_all_single(ids2, local.contiguous(), r2, s2, group=self.group)
+        # the experts: one row per pair, grouped by local expert; weighted sums per arrived row
+        pr, pj = (ids2 >= 0).nonzero(as_tuple=True)  # (P,) pairs computed here
+        by_expert, _, counts = sort_by_expert(ids2[pr, pj][:, None], self.n_local)
+        yp = self.experts(x2.index_select(0, pr[by_expert]), counts).index_select(0, _inverse(by_expert))  # (P, d)
+        y2 = combine(yp, w2[pr, pj], pr, x2.shape[0])  # (R2, d)
+        # back: inside the node (sum per stage-1 row), then across nodes (sum per token)
+        ys2 = all_to_all(y2, s2, r2, self.group, "combine (inside nodes)")  # (F, d)
+        y1 = ys2.new_zeros(x1.shape[0], ys2.shape[-1]).index_add(0, fwd_h, ys2)  # (R1, d)
+        ys1 = all_to_all(y1, s1, r1, self.group, "combine (between nodes)")  # (H, d)
+        y = ys1.new_zeros(t, ys1.shape[-1]).index_add(0, hop_t, ys1)  # (T, d)
+        own_node = range(node * g, (node + 1) * g)
+        pairs = torch.bincount(owner.reshape(-1), minlength=self.world)
+        stats = {
+            "sent_pairs": pairs.tolist(), "received_pairs": r2, "received_per_expert": counts.tolist(),
+            "dropped": 0.0, "between_nodes_rows": s1, "inside_node_rows": s2,
+            "pairs_to_other_nodes": int(sum(n for r, n in enumerate(pairs.tolist()) if r not in own_node)),
+            "rows_to_other_nodes": int(sum(n for r, n in enumerate(s1) if r not in own_node)),
+        }
+        return y.to(flat.dtype), stats
 
     def _balance(self, routing: Routing, batch_shape: tuple[int, ...]) -> None:
         """Aux-loss shares (sum over ranks = the single-process loss) and the step's counts for the bias."""
@@ -744,8 +833,8 @@ def compare_with_single_process(scenarios: Sequence[dict[str, Any]]) -> list[dic
         probe = _probe(tuple(y_ref.shape), 0).to(y_ref.device)
         ((y_ref * probe).sum() + moe.aux_loss).backward()
         # this rank's part
-        ep = ExpertParallelMoE.from_moe(moe, rank, world).train(sc.get("train", False))
-        ep.zero_grad()
+        ep = ExpertParallelMoE.from_moe(moe, rank, world, ranks_per_node=sc.get("ranks_per_node"))
+        ep.train(sc.get("train", False)).zero_grad()
         x = x_all[start:start + tokens[rank]].clone().requires_grad_(True)
         y = ep(shaped(x)).reshape(-1, moe.d_model)
         ((y * probe[start:start + tokens[rank]]).sum() + ep.aux_loss).backward()
@@ -887,6 +976,37 @@ def communication_volume(settings: Sequence[dict[str, Any]], tokens_per_rank: in
                     "received": st["received_pairs"], "dispatch_bytes": st["dispatch_bytes"],
                     "combine_bytes": st["combine_bytes"], "metadata_bytes": st["metadata_bytes"],
                     "element_size": x.element_size()})
+    return out
+
+
+def node_dispatch_volume(moe_kwargs: dict[str, Any], tokens_per_rank: int, ranks_per_node: int, seed: int = 0
+                         ) -> dict[str, Any]:
+    """On every rank: one forward pass of the plain layer and of the node-deduplicated one on the same tokens.
+
+    Returns, for each (``plain``, ``by_node``), the rank's all-to-all records (:func:`record_collectives`: payload
+    from the splits and bytes the kernel counted written) and its rows bound for other nodes: the plain layer
+    sends one row per (token, expert) pair there (``pairs_to_other_nodes``), the node layer one per (token,
+    node) (``rows_to_other_nodes``); ``max_diff``: the largest difference of the two outputs.
+    """
+    check_int("tokens_per_rank", tokens_per_rank, 0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    moe = _reference_layer(moe_kwargs, seed)
+    gen = torch.Generator().manual_seed(seed + 1 + rank)
+    x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device())
+    out: dict[str, Any] = {}
+    ys = []
+    for name, g in (("plain", None), ("by_node", ranks_per_node)):
+        ep = ExpertParallelMoE.from_moe(moe, rank, world, ranks_per_node=g)
+        with torch.no_grad(), record_collectives() as records:
+            ys.append(ep(x))
+        st = ep.last_stats
+        if g is None:
+            own = range(rank // ranks_per_node * ranks_per_node, (rank // ranks_per_node + 1) * ranks_per_node)
+            st = {**st, "pairs_to_other_nodes": sum(n for r, n in enumerate(st["sent_pairs"]) if r not in own)}
+        out[name] = {"records": records, **{key: st[key] for key in ("pairs_to_other_nodes", "rows_to_other_nodes")
+                                            if key in st}}
+    out["max_diff"] = float((ys[0] - ys[1]).abs().max()) if x.numel() else 0.0
+    out["tokens"], out["element_size"], out["d_model"] = tokens_per_rank, x.element_size(), moe.d_model
     return out
 
 
