@@ -260,6 +260,22 @@ def all_to_all(x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequ
     return _AllToAll.apply(x, [int(n) for n in output_splits], [int(n) for n in input_splits], group, name)
 
 
+def _once_per_destination(rows: torch.Tensor, dest: torch.Tensor, n_rows: int, n_dest: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct (row, destination) pairs among ``zip(rows, dest)``, sorted by destination, rows in order."""
+    present = torch.zeros(n_rows, n_dest, dtype=torch.bool, device=rows.device)
+    present[rows, dest] = True
+    row, to = present.nonzero(as_tuple=True)  # row-major: rows in order
+    order = to.argsort(stable=True)
+    return row[order], to[order]
+
+
+def _to_other_nodes(per_rank: Sequence[int], rank: int, ranks_per_node: int) -> int:
+    """The sum of ``per_rank`` over the ranks outside ``rank``'s node (nodes of ``ranks_per_node`` ranks)."""
+    node = rank // ranks_per_node
+    return int(sum(n for r, n in enumerate(per_rank) if r // ranks_per_node != node))
+
+
 def _exchange(send: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Each rank sends one number to every rank (send[j] to rank j) and receives one from each."""
     recv = torch.empty_like(send)
@@ -428,16 +444,13 @@ class ExpertParallelMoE(nn.Module):
         layer (tested); every row that crosses a node boundary carries one token for one node, not one pair.
         """
         t, k, g = flat.shape[0], self.top_k, self.ranks_per_node
-        n_nodes, node, slot = self.world // g, self.rank // g, self.rank % g
+        n_nodes, slot = self.world // g, self.rank % g
         experts = routing.indices  # (T, k)
         owner = expert_owner(experts, self.n_experts, self.world)  # (T, k) rank of each pair
         pair_node = owner // g  # (T, k)
         # stage 1: one row per (token, node), sorted by node, to the rail peer n·G + slot
-        present = torch.zeros(t, n_nodes, dtype=torch.bool, device=flat.device)
-        present[torch.arange(t, device=flat.device).repeat_interleave(k), pair_node.reshape(-1)] = True
-        hop_t, hop_n = present.nonzero(as_tuple=True)  # (H,), (H,) in token order
-        order = hop_n.argsort(stable=True)
-        hop_t, hop_n = hop_t[order], hop_n[order]
+        hop_t, hop_n = _once_per_destination(torch.arange(t, device=flat.device).repeat_interleave(k),
+                                             pair_node.reshape(-1), t, n_nodes)  # (H,), (H,)
         mine = pair_node[hop_t] == hop_n[:, None]  # (H, k) which of the token's pairs live on that node
         send1 = torch.zeros(self.world, dtype=torch.long, device=flat.device)
         send1[torch.arange(n_nodes, device=flat.device) * g + slot] = torch.bincount(hop_n, minlength=n_nodes)
@@ -449,12 +462,8 @@ class ExpertParallelMoE(nn.Module):
         dist.all_to_all_single(ids1, torch.where(mine, experts[hop_t], -1).contiguous(), r1, s1, group=self.group)
         # stage 2: one row per (arrived row, rank of this node holding one of its experts)
         on = torch.where(ids1 >= 0, expert_owner(ids1.clamp(min=0), self.n_experts, self.world), -1)  # (R1, k)
-        present2 = torch.zeros(ids1.shape[0], self.world, dtype=torch.bool, device=flat.device)
         rows, cols = (on >= 0).nonzero(as_tuple=True)
-        present2[rows, on[rows, cols]] = True
-        fwd_h, fwd_r = present2.nonzero(as_tuple=True)  # (F,), (F,)
-        order2 = fwd_r.argsort(stable=True)
-        fwd_h, fwd_r = fwd_h[order2], fwd_r[order2]
+        fwd_h, fwd_r = _once_per_destination(rows, on[rows, cols], ids1.shape[0], self.world)  # (F,), (F,)
         here = on[fwd_h] == fwd_r[:, None]  # (F, k) which slots that rank computes
         send2 = torch.bincount(fwd_r, minlength=self.world)
         recv2 = _exchange(send2, self.group)
@@ -474,13 +483,12 @@ class ExpertParallelMoE(nn.Module):
         y1 = ys2.new_zeros(x1.shape[0], ys2.shape[-1]).index_add(0, fwd_h, ys2)  # (R1, d)
         ys1 = all_to_all(y1, s1, r1, self.group, "combine (between nodes)")  # (H, d)
         y = ys1.new_zeros(t, ys1.shape[-1]).index_add(0, hop_t, ys1)  # (T, d)
-        own_node = range(node * g, (node + 1) * g)
-        pairs = torch.bincount(owner.reshape(-1), minlength=self.world)
+        pairs = torch.bincount(owner.reshape(-1), minlength=self.world).tolist()
         stats = {
-            "sent_pairs": pairs.tolist(), "received_pairs": r2, "received_per_expert": counts.tolist(),
+            "sent_pairs": pairs, "received_pairs": r2, "received_per_expert": counts.tolist(),
             "dropped": 0.0, "between_nodes_rows": s1, "inside_node_rows": s2,
-            "pairs_to_other_nodes": int(sum(n for r, n in enumerate(pairs.tolist()) if r not in own_node)),
-            "rows_to_other_nodes": int(sum(n for r, n in enumerate(s1) if r not in own_node)),
+            "pairs_to_other_nodes": _to_other_nodes(pairs, self.rank, g),
+            "rows_to_other_nodes": _to_other_nodes(s1, self.rank, g),
         }
         return y.to(flat.dtype), stats
 
@@ -1001,8 +1009,7 @@ def node_dispatch_volume(moe_kwargs: dict[str, Any], tokens_per_rank: int, ranks
             ys.append(ep(x))
         st = ep.last_stats
         if g is None:
-            own = range(rank // ranks_per_node * ranks_per_node, (rank // ranks_per_node + 1) * ranks_per_node)
-            st = {**st, "pairs_to_other_nodes": sum(n for r, n in enumerate(st["sent_pairs"]) if r not in own)}
+            st = {**st, "pairs_to_other_nodes": _to_other_nodes(st["sent_pairs"], rank, ranks_per_node)}
         out[name] = {"records": records, **{key: st[key] for key in ("pairs_to_other_nodes", "rows_to_other_nodes")
                                             if key in st}}
     out["max_diff"] = float((ys[0] - ys[1]).abs().max()) if x.numel() else 0.0
