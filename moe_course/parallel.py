@@ -955,6 +955,166 @@ def balance_with_bias(moe_kwargs: dict[str, Any], tokens_per_rank: int, bias: Se
     return received
 
 
+OVERLAP_ARMS = ("whole batch", "exchanges only", "experts only", "one after another", "overlapped",
+                "one after another, experts elsewhere", "overlapped, experts elsewhere")
+"""What :func:`overlap_profile` times, in this order."""
+
+
+def _plan(ep: ExpertParallelMoE, flat: torch.Tensor) -> dict[str, Any]:
+    """Route one micro-batch and exchange its counts: everything its dispatch needs, no rows moved yet."""
+    routing = ep.router(flat)
+    experts = routing.indices.reshape(-1)  # (T*k,) every pair is sent (no capacity)
+    dest = expert_owner(experts, ep.n_experts, ep.world)
+    order = dest.argsort(stable=True)  # (T*k,) pairs in send order
+    send = torch.bincount(dest, minlength=ep.world)
+    recv = _exchange(send, ep.group)
+    return {"flat": flat, "pair": order, "token_of": order // ep.top_k, "weights": routing.weights.reshape(-1)[order],
+            "local_ids": (experts[order] - dest[order] * ep.n_local).contiguous(),
+            "send": send.tolist(), "recv": recv.tolist()}
+
+
+def _pipelined_forward(ep: ExpertParallelMoE, micro_batches: Sequence[torch.Tensor], overlap: bool,
+                       stand_in: Sequence[float] | None = None, experts: bool = True
+                       ) -> tuple[torch.Tensor, list[float]]:
+    """The layer's forward over micro-batches; with ``overlap`` the dispatch of micro-batch i + 1 and the combine
+    of micro-batch i are in flight (``async_op=True``) while the experts of micro-batch i compute.
+
+    ``stand_in``: instead of computing, each micro-batch's experts sleep that many seconds (compute on a device
+    the CPU only waits for; the output is then not the layer's). ``experts=False``: the exchanges alone. Returns
+    the output (T, d) and the seconds each micro-batch's compute took (local experts and shared experts).
+    """
+    def start(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> Any:  # noqa: ANN401
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=ep.group, async_op=True)
+        if overlap:
+            return work
+        work.wait()
+        return None
+
+    def dispatch(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+        xs = p["flat"].index_select(0, p["token_of"])  # (A, d) rank-contiguous send buffer
+        xr = xs.new_empty((sum(p["recv"]), ep.d_model))  # (R, d)
+        ids = p["local_ids"].new_empty(sum(p["recv"]))  # (R,)
+        return xr, ids, [start(xr, xs, p["recv"], p["send"]), start(ids, p["local_ids"], p["recv"], p["send"])]
+
+    plans = [_plan(ep, flat) for flat in micro_batches]
+    pending = dispatch(plans[0])
+    outs, works, seconds = [], [], []
+    for i, p in enumerate(plans):
+        xr, ids, arrived = pending
+        for work in arrived:
+            if work is not None:
+                work.wait()
+        if i + 1 < len(plans):
+            pending = dispatch(plans[i + 1])  # in flight while this micro-batch computes
+        begin = time.perf_counter()
+        if stand_in is not None:
+            time.sleep(stand_in[i])
+            yr = xr
+        elif experts:
+            by_expert, _, counts = sort_by_expert(ids[:, None], ep.n_local)
+            yr = ep.experts(xr.index_select(0, by_expert), counts).index_select(0, _inverse(by_expert))
+        else:
+            yr = xr
+        ys = yr.new_empty((sum(p["send"]), ep.d_model))  # (A, d) results back in send order
+        works.append(start(ys, yr, p["send"], p["recv"]))
+        shared = ep.shared(p["flat"]) if ep.shared is not None and experts and stand_in is None else None
+        seconds.append(time.perf_counter() - begin)
+        outs.append((ys, shared))
+    ys_all = []
+    for p, work, (ys, shared) in zip(plans, works, outs, strict=True):
+        if work is not None:
+            work.wait()
+        y = combine(ys, p["weights"], p["token_of"], p["flat"].shape[0])
+        ys_all.append(y if shared is None else y + shared)
+    return torch.cat(ys_all), seconds
+
+
+def overlap_profile(moe_kwargs: dict[str, Any], tokens_per_rank: int, chunks: int = 4, seed: int = 0,
+                    repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """On every rank: time the layer's forward split into ``chunks`` micro-batches, exchanges blocking or
+    overlapped with the experts of the previous micro-batch; with the experts computed here or elsewhere.
+
+    ``seconds`` (fastest of ``repeats`` after ``warmup``, every rank starting together; the arms alternate so
+    that load from other programs falls on all of them alike): :data:`OVERLAP_ARMS`. "experts elsewhere"
+    replaces each micro-batch's compute by sleeping as long as it took in the fastest "one after another" run,
+    as a rank whose experts run on an accelerator waits for them; its exchanges need only the CPU's time.
+    ``max_diff``: the overlapped output against the unsplit layer's.
+    """
+    check_int("tokens_per_rank", tokens_per_rank, 1)
+    check_int("chunks", chunks, 1)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
+    if tokens_per_rank % chunks:
+        raise ValueError(f"chunks={chunks} must divide tokens_per_rank={tokens_per_rank} (equal micro-batches)")
+    if moe_kwargs.get("capacity_factor") is not None:
+        raise ValueError("overlap_profile times the layer without capacity: leave capacity_factor out of moe_kwargs")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    moe = _reference_layer(moe_kwargs, seed)
+    ep = ExpertParallelMoE.from_moe(moe, rank, world).eval()
+    gen = torch.Generator().manual_seed(seed + 1 + rank)
+    x = torch.randn(tokens_per_rank, moe.d_model, generator=gen).to(rank_device())
+    micro = list(x.split(tokens_per_rank // chunks))
+    best = dict.fromkeys(OVERLAP_ARMS, math.inf)
+    compute = [math.inf] * chunks
+    stand_in = [0.0] * chunks
+
+    def timed(arm: str) -> float:
+        dist.barrier()
+        begin = time.perf_counter()
+        if arm == "whole batch":
+            ep(x)
+        elif arm == "experts only":  # the rows this rank receives, already here: no exchange
+            ep.experts(xr_sorted, counts)
+            if ep.shared is not None:
+                ep.shared(x)
+        else:
+            _, secs = _pipelined_forward(ep, micro, overlap=arm.startswith("overlapped"),
+                                         stand_in=stand_in if arm.endswith("elsewhere") else None,
+                                         experts=arm != "exchanges only")
+            if arm == "one after another":
+                compute[:] = [min(a, b) for a, b in zip(compute, secs, strict=True)]
+        dist.barrier()
+        return time.perf_counter() - begin
+
+    with torch.no_grad():
+        y = ep(x)
+        p = _plan(ep, x)
+        xr = x.new_empty((sum(p["recv"]), ep.d_model))
+        ids = p["local_ids"].new_empty(sum(p["recv"]))
+        dist.all_to_all_single(xr, x.index_select(0, p["token_of"]), p["recv"], p["send"], group=ep.group)
+        dist.all_to_all_single(ids, p["local_ids"], p["recv"], p["send"], group=ep.group)
+        by_expert, _, counts = sort_by_expert(ids[:, None], ep.n_local)
+        xr_sorted = xr.index_select(0, by_expert)
+        for i in range(warmup + repeats):
+            for arm in OVERLAP_ARMS:
+                if arm.endswith("elsewhere"):
+                    stand_in[:] = compute
+                seconds = timed(arm)
+                if i >= warmup:
+                    best[arm] = min(best[arm], seconds)
+        y_overlapped, _ = _pipelined_forward(ep, micro, overlap=True)
+    return {"seconds": best, "compute_s": compute, "chunks": chunks, "tokens": tokens_per_rank,
+            "max_diff": float((y - y_overlapped).abs().max())}
+
+
+def overlap_seeds(moe_kwargs: dict[str, Any], tokens_per_rank: int, chunks: int = 4, seeds: Sequence[int] = range(5),
+                  world: int = 2, progress: bool = False) -> dict[str, Any]:
+    """:func:`overlap_profile` once per seed, each in its own launch (new tokens, weights and processes).
+
+    ``runs``: per seed, each arm's seconds on the slowest rank (a forward pass ends when its slowest rank
+    ends); ``max_diff``: the largest difference of an overlapped output from the unsplit layer's, over all.
+    """
+    from tqdm.auto import tqdm
+
+    runs, worst = [], 0.0
+    for seed in tqdm(list(seeds), desc="seeds", disable=not progress):
+        per_rank = launch(overlap_profile, world, moe_kwargs, tokens_per_rank, chunks, seed, timeout_s=300)
+        runs.append({arm: max(r["seconds"][arm] for r in per_rank) for arm in OVERLAP_ARMS})
+        worst = max([worst] + [r["max_diff"] for r in per_rank])
+    return {"runs": runs, "max_diff": worst, "seeds": list(seeds), "world": world, "chunks": chunks,
+            "tokens_per_rank": tokens_per_rank, "moe": dict(moe_kwargs)}
+
+
 def run_all(calls: Sequence[tuple[Callable[..., Any], tuple]]) -> list[Any]:
     """Run several functions of the package in one process group (one spawn): ``[fn(*args) for fn, args]``."""
     return [fn(*args) for fn, args in calls]

@@ -261,3 +261,27 @@ def test_node_deduplicated_dispatch_sends_one_row_per_token_and_node():
         ExpertParallelMoE(MoE(16, 32, 8, 2), 0, 4, ranks_per_node=3)
     with pytest.raises(ValueError, match="capacity_factor=None"):
         ExpertParallelMoE(MoE(16, 32, 8, 2, capacity_factor=1.0), 0, 4, ranks_per_node=2)
+
+
+def test_the_overlapped_forward_equals_the_layer_and_every_arm_is_timed():
+    """Micro-batches whose exchanges are in flight while the previous one computes give the unsplit layer's
+    output (with a shared expert, on 3 ranks, uneven loads); the stand-in arm sleeps as long as the experts took."""
+    size = {"d_model": 16, "d_hidden": 32, "n_experts": 6, "top_k": 2, "n_shared": 1}
+    for world, chunks in ((2, 4), (3, 3)):
+        results = launch(parallel.overlap_profile, world, size, 48, chunks, 0, 2, 1, timeout_s=120)
+        for r in results:
+            assert r["max_diff"] <= TOL and r["chunks"] == chunks and r["tokens"] == 48
+            assert list(r["seconds"]) == list(parallel.OVERLAP_ARMS)
+            assert all(0 < s < 10 for s in r["seconds"].values())
+            assert len(r["compute_s"]) == chunks and min(r["compute_s"]) > 0
+            assert r["seconds"]["one after another, experts elsewhere"] >= sum(r["compute_s"])  # it waited
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"chunks": 5}, "chunks=5 must divide tokens_per_rank=48"),
+    ({"moe_kwargs": {**SMALL, "n_experts": 4, "capacity_factor": 1.0}}, "without capacity"),
+])
+def test_overlap_profile_names_a_bad_setting(kwargs, message):
+    args = {"moe_kwargs": {**SMALL, "n_experts": 4}, "tokens_per_rank": 48, "chunks": 4, **kwargs}
+    with pytest.raises(RankFailed, match=message):
+        launch(parallel.overlap_profile, 2, args["moe_kwargs"], args["tokens_per_rank"], args["chunks"])

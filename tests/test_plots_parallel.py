@@ -14,6 +14,7 @@ from matplotlib.image import AxesImage  # noqa: E402
 from moe_course.plots.parallel import (  # noqa: E402
     PHASE_COLORS,
     plot_expert_parallel_flow,
+    plot_overlap,
     plot_phase_times,
     plot_received_rows,
 )
@@ -89,3 +90,19 @@ def test_received_rows_legend_sits_above_every_bar():
     legend = ax.get_legend().get_window_extent().transformed(ax.transData.inverted())
     tallest = max(b.get_height() for b in ax.patches)
     assert legend.y0 > tallest, f"the legend starts at {legend.y0:.1f} rows, below the tallest bar ({tallest})"
+
+
+def test_overlap_bars_show_every_arm_each_seed_and_the_floor():
+    runs = [{"exchanges only": 0.030, "experts only": 0.020, "one after another": 0.050, "overlapped": 0.040},
+            {"exchanges only": 0.034, "experts only": 0.022, "one after another": 0.054, "overlapped": 0.042}]
+    ax = plot_overlap(runs)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(runs[0])
+    assert [round(p.get_width(), 6) for p in ax.patches] == [32.0, 21.0, 52.0, 41.0]  # means in ms
+    dots = [line for line in ax.get_lines() if line.get_marker() == "."]
+    assert [list(d.get_xdata()) for d in dots][3] == pytest.approx([40.0, 42.0])
+    floor = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert floor and floor[0].get_xdata()[0] == pytest.approx(32.0)  # the exchanges, the longer of the two
+    with pytest.raises(ValueError, match="one dict of seconds"):
+        plot_overlap([])
+    with pytest.raises(ValueError, match="same arms"):
+        plot_overlap([runs[0], {"overlapped": 1.0}])

@@ -118,3 +118,35 @@ def plot_phase_times(seconds: Sequence[Mapping[str, float]], ax: Axes | None = N
     if legend:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
+
+
+def plot_overlap(runs: Sequence[Mapping[str, float]], ax: Axes | None = None,
+                 title: str = "forward pass in micro-batches: blocking vs overlapped exchanges") -> Axes:
+    """Bars of the mean time (ms) of each arm of ``parallel.overlap_profile`` over runs (one dict of seconds per
+    seed), a dot per run, and the floor of a perfect overlap: the exchanges alone or the experts alone,
+    whichever is longer."""
+    if not runs:
+        raise ValueError("runs must hold one dict of seconds per arm for each seed")
+    arms = list(runs[0])
+    if any(list(r) != arms for r in runs):
+        raise ValueError("every run must time the same arms in the same order")
+    ms = {arm: [1e3 * r[arm] for r in runs] for arm in arms}
+    mean = [sum(v) / len(v) for v in ms.values()]
+    ax = ax or plt.subplots(figsize=(8, 0.4 * len(arms) + 1.4), layout="constrained")[1]
+    colors = ["#bbbbbb" if "only" in arm or arm == "whole batch" else
+              "#66c2a5" if "overlapped" in arm else "#fc8d62" for arm in arms]
+    ax.barh(range(len(arms)), mean, color=colors)
+    for i, arm in enumerate(arms):
+        ax.plot(ms[arm], [i] * len(runs), "k.", markersize=4, label="one seed" if i == 0 else None)
+        ax.text(max(ms[arm]), i, f"  {mean[i]:.1f}", va="center", fontsize=8)
+    if "exchanges only" in ms and "experts only" in ms:
+        floor = max(mean[arms.index("exchanges only")], mean[arms.index("experts only")])
+        ax.axvline(floor, color="black", linestyle="--", linewidth=1,
+                   label="longer of exchanges / experts alone: a perfect overlap")
+    ax.set_yticks(range(len(arms)), arms)
+    ax.set_ylim(len(arms) - 0.5, -1.7)  # a free row on top: the legend covers no bar
+    ax.set_xlim(0, 1.25 * max(max(v) for v in ms.values()))
+    ax.set_xlabel("milliseconds (bars: mean over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right", ncols=2)
+    return ax
