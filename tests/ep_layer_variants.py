@@ -33,6 +33,31 @@ def reference(x, indices, weights, experts, world):
     return torch.zeros_like(x).index_add(0, token_of, results * weights.reshape(-1)[order].unsqueeze(-1))
 
 
+def alternative(x, indices, weights, experts, world):
+    """Another correct answer: unstable sorts, rows repeated per pair, outputs scattered back, weights summed per
+    token with a view; the check must pass it as well."""
+    from moe_course.parallel import all_to_all
+
+    t, k = indices.shape
+    n_local = experts.w_gate.shape[0]
+    dest = (indices // n_local).reshape(-1)  # (T*k,)
+    order = torch.argsort(dest)  # unstable: any order within a destination works if rows and ids follow it
+    send = torch.bincount(dest, minlength=world)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    s, r = send.tolist(), recv.tolist()
+    rows = all_to_all(x.repeat_interleave(k, 0)[order], r, s)
+    ids = torch.empty(sum(r), dtype=torch.long)
+    dist.all_to_all_single(ids, (indices.reshape(-1) % n_local)[order].contiguous(), r, s)
+    perm = torch.sort(ids).indices  # unstable too
+    out = torch.empty_like(rows)
+    out[perm] = experts(rows[perm], torch.bincount(ids, minlength=n_local))
+    back = all_to_all(out, s, r)  # (T*k, d) in send order
+    per_pair = torch.empty_like(back)
+    per_pair[order] = back  # pair p = t*k + j in place p
+    return (per_pair.view(t, k, x.shape[1]) * weights.unsqueeze(-1)).sum(1)
+
+
 
 
 MUTATIONS = {  # name: ((text in reference, replacement), ...), and the check's message for it
@@ -54,6 +79,12 @@ MUTATIONS = {  # name: ((text in reference, replacement), ...), and the check's 
     "sorts_indices_in_place": (("pairs = indices.reshape(-1)",
                                 "indices[:] = indices.flip(1); pairs = indices.reshape(-1)"),
                                "changed its input indices in place"),
+    "mixed_sorts": (("token_of = order // k", "token_of = dest.argsort() // k"),
+                    "differs from one process"),  # rows in one sort's order, their expert ids in another's
+    "float64_output": ((("results * weights.reshape(-1)[order].unsqueeze(-1)",
+                         "results.double() * weights.reshape(-1)[order].unsqueeze(-1).double()"),
+                        ("torch.zeros_like(x)", "torch.zeros_like(x, dtype=torch.float64)")),
+                       "returned float64 for float32 inputs"),
     "returns_early": (("k, n_local = indices.shape[1]", "if x.shape[0] == 0:\n        return torch.zeros_like(x)\n"
                        "    k, n_local = indices.shape[1]"), "timed out|lost its peer|Every rank must call"),
 }
