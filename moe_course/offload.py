@@ -14,7 +14,7 @@ experts), so an expert already cached is a hit even if loading the step's misses
 ``random_trace``           uniform random routing, the baseline without any reuse (LRU hit rate C/N)
 ``record_routing``         run a TinyLM and keep each MoE layer's choices and its speculative guesses
 ``prefetch_recall``        the share of a token's experts that a guess of m experts contains
-``offload_seconds_per_token``  transfer time per decoded token for a hit rate, expert size and link bandwidth
+``offload_seconds_per_token``  time per decoded token from a cache's loads and prefetches, a link and compute
 =========================  ====================================================================================
 
 Speculative prefetch (Eliseev & Mazur, "Fast Inference of Mixture-of-Experts Language Models with Offloading",
@@ -39,6 +39,7 @@ __all__ = [
     "CacheStats",
     "RoutingRecord",
     "batch_trace",
+    "cache_counts",
     "hit_rate_curve",
     "lru_hit_rate",
     "offload_seconds_per_token",
@@ -125,7 +126,7 @@ def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", pref
     request is farthest in the future (Belady's MIN); ``"static"`` holds the fixed set ``keep`` (e.g. the C most
     popular experts) from the start and streams every other expert in for its step without caching it.
     ``prefetch`` (T, p), LRU only: before step t the experts of row t are loaded into the cache (counted in
-    ``prefetched``), as speculative loading does.
+    ``prefetched``), as speculative loading does. ``keep`` with LRU: a warm start, these experts cached first.
 
     The policies count memory alike (C experts stay between steps) but start and cache differently. LRU and
     Belady start cold (empty) and cache each step's experts; a step that needs more experts than fit (m > C)
@@ -144,8 +145,6 @@ def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", pref
         raise ValueError(f"bypass=True is simulated with the belady policy only, got policy={policy!r}")
     rows = _rows(trace)
     if keep is not None or policy == "static":
-        if policy == "lru":
-            raise ValueError("keep=... is the static set or Belady's warm start; the lru policy starts empty")
         keep = _check_keep(keep, capacity)
     if policy == "static":
         return _static(rows, set(keep))
@@ -159,7 +158,7 @@ def simulate_cache(trace: torch.Tensor, capacity: int, policy: str = "lru", pref
                              "of guesses per step")
     if policy == "belady":
         return _belady(rows, capacity, set(keep or ()), bypass)
-    return _lru(rows, capacity, guesses)
+    return _lru(rows, capacity, guesses, keep or ())
 
 
 def _check_keep(keep: object, capacity: int) -> list[int]:
@@ -187,9 +186,10 @@ def _static(rows: list[list[int]], kept: set[int]) -> CacheStats:
     return stats
 
 
-def _lru(rows: list[list[int]], capacity: int, guesses: list[list[int]] | None) -> CacheStats:
+def _lru(rows: list[list[int]], capacity: int, guesses: list[list[int]] | None, start: Sequence[int] = ()
+         ) -> CacheStats:
     stats = CacheStats()
-    cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
+    cache: OrderedDict[int, None] = OrderedDict.fromkeys(start)  # least recently used first
     for t, row in enumerate(rows):
         if guesses is not None:
             for e in guesses[t]:
@@ -239,6 +239,15 @@ def hit_rate_curve(traces: torch.Tensor, capacities: Sequence[int], policy: str 
 
     ``prefetch`` (S, T, p) holds each step's prefetched experts; ``keep[i]`` the static set for ``capacities[i]``.
     """
+    return [stats.hit_rate for stats in cache_counts(traces, capacities, policy, prefetch, keep)]
+
+
+def cache_counts(traces: torch.Tensor, capacities: Sequence[int], policy: str = "lru",
+                 prefetch: torch.Tensor | None = None, keep: Sequence[Sequence[int]] | None = None,
+                 bypass: bool = False) -> list[CacheStats]:
+    """:func:`simulate_cache` summed over traces (S, T, m), one :class:`CacheStats` per capacity: hits, requests,
+    loads on demand and prefetched experts. ``keep[i]``: the static set, or the warm start, for ``capacities[i]``.
+    """
     traces = _as_ids(traces, "traces")
     if traces.dim() != 3:
         raise ValueError(f"traces must be (S, T, m): S sequences of T steps, got shape {tuple(traces.shape)}")
@@ -256,8 +265,8 @@ def hit_rate_curve(traces: torch.Tensor, capacities: Sequence[int], policy: str 
         total = CacheStats()
         for s in range(traces.shape[0]):
             total = total + simulate_cache(traces[s], c, policy, None if prefetch is None else prefetch[s],
-                                           None if keep is None else keep[i])
-        out.append(total.hit_rate)
+                                           None if keep is None else keep[i], bypass)
+        out.append(total)
     return out
 
 
@@ -371,18 +380,21 @@ def prefetch_recall(ranking: torch.Tensor, chosen: torch.Tensor, m: int) -> floa
     return float(found.float().mean())
 
 
-def offload_seconds_per_token(hit_rate: float, n_moe_layers: int, k: int, expert_bytes: float,
-                              link_bytes_per_s: float, other_seconds: float = 0.0) -> float:
-    """Seconds per decoded token (batch 1) when each cache miss loads one expert over a link:
-    n_moe_layers · k · (1 − hit_rate) · expert_bytes / link_bytes_per_s + other_seconds.
+def offload_seconds_per_token(loads: float, prefetched: float, n_moe_layers: int, expert_bytes: float,
+                              link_bytes_per_s: float, compute_s: float = 0.0) -> float:
+    """Seconds per decoded token (batch 1) when experts are copied over a link, from a cache's counts per layer:
+    n_moe_layers · (loads · expert_bytes / link + max(compute_s, prefetched · expert_bytes / link)).
 
-    A lower bound on the time: it assumes the link runs at ``link_bytes_per_s`` and nothing else waits
-    (``other_seconds`` adds the compute, if known).
+    ``loads``: experts copied on demand per layer and token (the misses: the layer stalls until they arrive);
+    ``prefetched``: experts copied ahead per layer and token, during the previous layer's ``compute_s``, so they
+    cost only what their copy takes beyond it. Every expert copied, needed or not, uses the same link. An
+    optimistic model: the link at its rated speed, nothing else waits, the averages stand for every token.
     """
-    check_number("hit_rate", hit_rate, 0.0, 1.0)
+    check_number("loads", loads, 0)
+    check_number("prefetched", prefetched, 0)
     check_int("n_moe_layers", n_moe_layers, 0)
-    check_int("k", k, 1)
     check_number("expert_bytes", expert_bytes, 0)
     check_number("link_bytes_per_s", link_bytes_per_s, positive=True)
-    check_number("other_seconds", other_seconds, 0)
-    return n_moe_layers * k * (1.0 - hit_rate) * expert_bytes / link_bytes_per_s + other_seconds
+    check_number("compute_s", compute_s, 0)
+    copy = expert_bytes / link_bytes_per_s
+    return n_moe_layers * (loads * copy + max(compute_s, prefetched * copy))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from moe_course.model import TinyLM
-from moe_course.offload import batch_trace, hit_rate_curve, prefetch_recall, random_trace, record_routing
+from moe_course.offload import batch_trace, cache_counts, hit_rate_curve, prefetch_recall, random_trace, record_routing
 from moe_course.params import MoEConfig, active_params, flops_per_token, param_breakdown, total_params
 from moe_course.validate import check_ids, check_int, check_number, check_tensor
 
@@ -40,6 +40,7 @@ __all__ = [
     "H100_SXM",
     "Accelerator",
     "DecodeTiming",
+    "busiest_gpu",
     "bytes_per_token",
     "dense_twin",
     "distinct_from_share",
@@ -340,6 +341,32 @@ def placement_load(share: Any, n_gpus: int, redundant: int = 0) -> dict[str, Any
             "copied": hot}
 
 
+
+def busiest_gpu(gpus: Sequence[Sequence[int]], load: Any) -> torch.Tensor:
+    """The busiest GPU's load over the mean for a placement, on loads it need not have been chosen on.
+
+    ``gpus[g]``: the experts GPU g holds (from :func:`placement_load`; an expert on several GPUs splits its load
+    evenly among them); ``load`` (..., N): load per expert, a share of tokens or each step's pair counts.
+    Returns (...,): max over GPUs / mean over GPUs (1.0 where nothing was routed).
+    """
+    load = torch.as_tensor(load, dtype=torch.float64)
+    if load.dim() < 1 or not bool(torch.isfinite(load).all()) or bool((load < 0).any()):
+        raise ValueError("load must be (..., N): one finite value >= 0 per expert (a share or a count)")
+    if isinstance(gpus, (str, bytes)) or not all(isinstance(held, Sequence) for held in gpus):
+        raise TypeError("gpus must be a list of lists of expert ids, one list per GPU (placement_load's 'gpus')")
+    n = load.shape[-1]
+    copies = torch.zeros(n, dtype=torch.float64)
+    for held in gpus:
+        for e in held:
+            check_int("expert id in gpus", e, 0, n - 1, f" (load has {n} experts)")
+            copies[e] += 1
+    if bool((copies == 0).any()):
+        missing = (copies == 0).nonzero().flatten().tolist()
+        raise ValueError(f"gpus must hold every expert at least once; missing {missing}")
+    per_gpu = torch.stack([(load[..., list(held)] / copies[list(held)]).sum(-1) for held in gpus], dim=-1)  # (..., G)
+    mean = per_gpu.mean(-1)
+    return torch.where(mean > 0, per_gpu.max(-1).values / mean.clamp(min=1e-300), torch.ones_like(mean))
+
 # ---------------------------------------------------------------------------------------------------------
 # Decoding speed on this machine
 # ---------------------------------------------------------------------------------------------------------
@@ -517,6 +544,12 @@ def _time_decode(models: Mapping[str, torch.nn.Module], batch_sizes: Sequence[in
 # The stored experiment
 # ---------------------------------------------------------------------------------------------------------
 
+CACHE_POLICIES = ("lru", "belady", "static", "lru_prefetch", "random_lru", "lru_warm", "belady_warm",
+                  "lru_prefetch_warm")
+"""The expert caches :func:`serving_probe` counts: cold (empty at each window's start) unless named ``_warm`` or
+``static`` (both start with the C most popular experts); ``belady_warm`` may also stream an expert without caching
+it, which makes it optimal among all policies that start warm and do not prefetch."""
+
 PROBE_SIZES: dict[str, dict[str, Any]] = {
     "smoke": dict(sequences=8, cache_sequences=4, batches=(1, 2, 4), consecutive=(1, 2, 4), grid_batches=(1, 2),
                   sample=2, decode_batches=(1, 2), prompt_len=4, new_tokens=4, repeats=1),
@@ -580,17 +613,28 @@ def serving_probe(model: torch.nn.Module, corpus: Any, size: str = "cpu") -> dic
     out["consecutive"] = [b for b in opts["consecutive"] if b <= block]
     out["distinct_consecutive"] = [measured_distinct_experts(t, out["consecutive"], n, "consecutive")
                                    for t in traces]
-    lru, belady, static, prefetched, rand = [], [], [], [], []
+    counts: dict[str, list[list[list[int]] | None]] = {name: [] for name in CACHE_POLICIES}
     for i, t in enumerate(traces):
         t = t[:sims]
-        lru.append(hit_rate_curve(t, capacities, "lru"))
-        belady.append(hit_rate_curve(t, capacities, "belady"))
         popular = share[i].argsort(descending=True, stable=True).tolist()
-        static.append(hit_rate_curve(t, capacities, "static", keep=[popular[:c] for c in capacities]))
-        guess = ranked[1][i]
-        prefetched.append(None if guess is None else hit_rate_curve(t, capacities, "lru", prefetch=guess[:sims, :, :k]))
-        rand.append(hit_rate_curve(random_trace(t.shape[1], n, k, gen, sequences=sims), capacities, "lru"))
-    out.update(lru=lru, belady=belady, static=static, lru_prefetch=prefetched, random_lru=rand)
+        warm = [popular[:c] for c in capacities]  # every warm policy starts with the C most popular experts
+        guess = None if ranked[1][i] is None else ranked[1][i][:sims, :, :k]
+        runs = {"lru": cache_counts(t, capacities, "lru"), "belady": cache_counts(t, capacities, "belady"),
+                "static": cache_counts(t, capacities, "static", keep=warm),
+                "lru_prefetch": None if guess is None else cache_counts(t, capacities, "lru", prefetch=guess),
+                "random_lru": cache_counts(random_trace(t.shape[1], n, k, gen, sequences=sims), capacities, "lru"),
+                "lru_warm": cache_counts(t, capacities, "lru", keep=warm),
+                "belady_warm": cache_counts(t, capacities, "belady", keep=warm, bypass=True),
+                "lru_prefetch_warm": None if guess is None else cache_counts(t, capacities, "lru", prefetch=guess,
+                                                                             keep=warm)}
+        for name, stats in runs.items():
+            counts[name].append(None if stats is None else [[c.hits, c.requests, c.loads, c.prefetched]
+                                                            for c in stats])
+    out["cache"] = counts  # [policy][layer][capacity] = [hits, requests, loads, prefetched] over sims windows
+    out["cache_steps"] = sims * block  # decoding steps per layer behind those counts (one token each)
+    for name in ("lru", "belady", "static", "lru_prefetch", "random_lru"):  # the hit rates, as before
+        out[name] = [None if per_layer is None else [h / r if r else 0.0 for h, r, _, _ in per_layer]
+                     for per_layer in counts[name]]
     out["grid_batches"] = [b for b in opts["grid_batches"] if b <= sims]
     out["grid_lru"] = [[hit_rate_curve(batch_trace(t[:sims], b), capacities, "lru") for b in out["grid_batches"]]
                        for t in traces]  # [layer][batch][capacity]
@@ -598,6 +642,9 @@ def serving_probe(model: torch.nn.Module, corpus: Any, size: str = "cpu") -> dic
                                        [prefetch_recall(ranked[a][i], traces[i], m) for m in capacities]
                                        for i in range(len(layers))] for a in (1, 2)}
     out["trace_sample"] = [t[:opts["sample"]].tolist() for t in traces]
+    out["prefetch_sample"] = [None if g is None else g[:opts["sample"], :, :k].tolist() for g in ranked[1]]
+    half = opts["sequences"] // 2  # placement is chosen on one half of the windows and scored on the other
+    out["share_halves"] = [[token_share(t[:half], n).tolist(), token_share(t[half:], n).tolist()] for t in traces]
     weights = model_weight_bytes(model)
     out["weight_bytes"] = {"expert": weights["expert"][0], "other": weights["other"], "total": weights["total"]}
     # the KV cache reproduces the full forward pass on these windows

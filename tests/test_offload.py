@@ -13,6 +13,7 @@ import torch
 from moe_course.model import ModelConfig, TinyLM
 from moe_course.offload import (
     batch_trace,
+    cache_counts,
     hit_rate_curve,
     lru_hit_rate,
     offload_seconds_per_token,
@@ -146,10 +147,25 @@ def test_prefetch_recall_by_hand():
 
 
 def test_offload_seconds_by_hand():
-    # 32 layers x 2 experts x half missing = 32 loads of 100 MB over 25 GB/s = 128 ms, + 10 ms of compute
-    assert offload_seconds_per_token(0.5, 32, 2, 100e6, 25e9, 0.01) == pytest.approx(0.138)
-    with pytest.raises(ValueError, match="hit_rate"):
-        offload_seconds_per_token(1.5, 32, 2, 1.0, 1.0)
+    # one expert = 100 MB over 25 GB/s = 4 ms. 32 layers, 1 miss each: 128 ms; no compute, nothing prefetched
+    assert offload_seconds_per_token(1.0, 0.0, 32, 100e6, 25e9) == pytest.approx(0.128)
+    # 0.5 prefetched per layer (2 ms of copy) hides behind 3 ms of compute: 32 x (4 + 3) ms
+    assert offload_seconds_per_token(1.0, 0.5, 32, 100e6, 25e9, 0.003) == pytest.approx(0.224)
+    # 2 prefetched (8 ms) outlast the compute: the layer waits for the link, 32 x (4 + 8) ms
+    assert offload_seconds_per_token(1.0, 2.0, 32, 100e6, 25e9, 0.003) == pytest.approx(0.384)
+    with pytest.raises(ValueError, match="loads"):
+        offload_seconds_per_token(-1.0, 0.0, 32, 1.0, 1.0)
+
+
+def test_a_warm_lru_starts_with_its_set_and_cache_counts_add_up():
+    trace = torch.tensor([[0, 1], [2, 3], [0, 1]])
+    cold, warm = simulate_cache(trace, 2), simulate_cache(trace, 2, keep=[0, 1])
+    assert (cold.hits, cold.loads) == (0, 6) and (warm.hits, warm.loads) == (2, 4)
+    traces = torch.stack([trace, trace.flip(0)])
+    (c2,) = cache_counts(traces, [2], keep=[[0, 1]])
+    assert (c2.hits, c2.requests, c2.loads, c2.prefetched) == (4, 12, 8, 0)
+    (pf,) = cache_counts(traces, [2], prefetch=traces)  # prefetching the right experts: every request hits
+    assert (pf.hits, pf.loads) == (12, 0) and pf.prefetched == 12  # every expert copied ahead, none on demand
 
 
 def test_errors_name_the_argument():

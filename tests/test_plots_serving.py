@@ -65,6 +65,8 @@ def test_plot_hit_rates_one_line_per_policy():
     assert [list(line.get_ydata()) for line in fig.axes[0].get_lines()] == [[0.1, 0.5, 0.9], [0.2, 0.6, 1.0]]
     with pytest.raises(ValueError, match="3 capacities"):
         plot_hit_rates([1, 2, 3], {"LRU": [0.1]})
+    costs = plot_hit_rates([1, 2], {"LRU": [1.8, 1.2]}, ylabel="experts copied per token", ylim=None).axes[0]
+    assert costs.get_ylabel() == "experts copied per token" and costs.get_ylim()[1] >= 1.8  # not clipped at 1
 
 
 def test_plot_popularity_sorts_each_layer_and_labels_the_experts():

@@ -152,3 +152,19 @@ def test_placement_load_by_hand():
     assert all(len(g) == 3 for g in copied["gpus"]) and sum(0 in g for g in copied["gpus"]) == 2
     with pytest.raises(ValueError, match="must divide"):
         placement_load(share, 3)
+
+
+def test_busiest_gpu_scores_a_placement_on_new_loads_and_splits_copies():
+    from moe_course.serving import busiest_gpu, placement_load
+
+    gpus = [[0, 1], [2, 3]]
+    assert float(busiest_gpu(gpus, [3.0, 1.0, 1.0, 1.0])) == pytest.approx(4 / 3)  # (3 + 1) over the mean 3
+    steps = torch.tensor([[2.0, 0, 0, 2], [0, 0, 0, 0], [1, 1, 1, 1]])
+    assert busiest_gpu(gpus, steps).tolist() == pytest.approx([1.0, 1.0, 1.0])  # an empty step counts as even
+    copied = [[0, 1], [0, 2, 3]]  # expert 0 on both GPUs: each takes half of its load
+    assert float(busiest_gpu(copied, [4.0, 0.0, 1.0, 1.0])) == pytest.approx(4 / 3)  # (2 + 1 + 1) / 3
+    share = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    placed = placement_load(share, 2)
+    assert float(busiest_gpu(placed["gpus"], share)) == pytest.approx(placed["balanced"])  # in sample: the same
+    with pytest.raises(ValueError, match="every expert"):
+        busiest_gpu([[0, 1], [2]], share)

@@ -1,5 +1,6 @@
 """Notebook 09's experiment (serving): the capstone's top-2 MoE and recipe trained as in ``capstone``, then probed
-for routing traces, expert-cache hit rates, prefetch recall and KV-cache decoding speed.
+for routing traces, expert-cache counts (hits, loads, prefetches; cold and warm), prefetch recall and KV-cache
+decoding speed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _serving_probe(size: str) -> Callable[[TinyLM, Any], dict[str, Any]]:
 
 @register("serving_traces", "notebook 09: the capstone's top-2 MoE and recipe (seed 0, trained as in `capstone`), "
           "then their routing traces, expert-cache hit rates, prefetch recall and KV-cache decoding speed",
-          seeds=(0,))
+          seeds=(0,), version=2)
 def _serving_traces(size: str) -> list[Run]:
     _, moe, best = capstone_shapes(size)
     return [replace(run, probe=_serving_probe(size)) for run in (moe, best)]

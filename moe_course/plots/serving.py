@@ -3,7 +3,7 @@
 =========================  =========================================================================================
 ``plot_per_batch``         one line per series against the batch size B (log axis): bytes per token, distinct experts
 ``plot_roofline``          attainable FLOP/s against FLOPs per byte, with points (e.g. an MoE layer at several B)
-``plot_hit_rates``         expert-cache hit rate against the capacity C, one line per policy
+``plot_hit_rates``         expert-cache hit rate (or its cost) against the capacity C, one line per policy
 ``plot_popularity``        each MoE layer's experts sorted by their share of tokens, against the uniform share
 ``plot_decode_split``      milliseconds per decoded token split into attention, router, experts (or FFN), other
 ``plot_prefetch``          recall of speculative prefetch against the number of experts prefetched
@@ -92,18 +92,21 @@ def plot_roofline(peak_flops: float, bytes_per_s: float, points: Mapping[str, tu
 
 
 def plot_hit_rates(capacities: Sequence[int], curves: Mapping[str, Sequence[float | None]], ax: Axes | None = None,
-                   title: str | None = None, styles: Mapping[str, str] | None = None) -> Figure:
-    """Hit rate (y, 0 to 1) against the cache capacity C (x), one line per policy in ``curves``."""
+                   title: str | None = None, styles: Mapping[str, str] | None = None, ylabel: str = "hit rate",
+                   ylim: tuple[float, float] | None = (0, 1.02), legend_loc: str = "lower right") -> Figure:
+    """Hit rate (y, 0 to 1) against the cache capacity C (x), one line per policy in ``curves``; with ``ylabel``
+    and ``ylim=None``, any other per-policy quantity (experts copied per token, tokens per second)."""
     fig, ax = figure_axes(ax, (6.5, 4.0))
     for i, (label, values) in enumerate(curves.items()):
         if len(values) != len(capacities):
             raise ValueError(f"curve {label!r} has {len(values)} values for {len(capacities)} capacities")
         ax.plot(capacities, values, (styles or {}).get(label, "o-"), color=COLORS[i % len(COLORS)], label=label,
                 lw=1.6, ms=3.5)
-    ax.set_ylim(0, 1.02)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xticks(list(capacities))
-    style_axes(ax, title, "experts cached per layer C", "hit rate", title_size=10)
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    style_axes(ax, title, "experts cached per layer C", ylabel, title_size=10)
+    ax.legend(frameon=False, fontsize=8, loc=legend_loc)
     return fig
 
 
