@@ -36,6 +36,7 @@ __all__ = [
     "count_model",
     "flops_per_token",
     "get_published",
+    "kv_cache_bytes_per_token",
     "load_published",
     "memory_bytes",
     "moe_layer_indices",
@@ -315,6 +316,25 @@ def memory_bytes(cfg: MoEConfig, bytes_per_param: float | str = 2.0, active: boo
     count = active_params(cfg) if active else total_params(cfg)
     return math.ceil(count * bytes_per_param)
 
+
+
+def kv_cache_bytes_per_token(cfg: MoEConfig, bytes_per_value: float = 2.0, as_mha: bool = False) -> int:
+    """Bytes one token adds to the KV cache, over all layers; a decoding step reads them back for every past token.
+
+    MHA and GQA cache a key and a value per KV head: 2 · kv_heads · head_size values per layer. MLA (DeepSeek-V2/V3)
+    caches the compressed latent and the shared RoPE key, kv_lora_rank + qk_rope_head_dim values per layer (the
+    up-projections are absorbed into the query and the output at inference; DeepSeek-V2, arXiv:2405.04434, §2.1).
+    ``as_mha=True``: what the same model would cache with one key and value per query head (MLA: the decompressed
+    per-head keys, nope + rope, and values), the baseline GQA and MLA shrink.
+    """
+    if isinstance(bytes_per_value, bool) or not isinstance(bytes_per_value, (int, float)) or not bytes_per_value > 0:
+        raise ValueError(f"bytes_per_value must be a positive number (2 for bf16), got {bytes_per_value!r}")
+    if cfg.attention == "mla":
+        per_layer = (cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) if as_mha
+                     else cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    else:
+        per_layer = 2 * (cfg.n_heads if as_mha else cfg.kv_heads) * cfg.head_size
+    return math.ceil(cfg.n_layers * per_layer * bytes_per_value)
 
 # ----------------------------------------------------------------------------------------------------
 # Counting a real model

@@ -322,3 +322,16 @@ def test_load_published_rejects_bad_files(tmp_path) -> None:
     path.write_text(json.dumps([good]))
     with pytest.raises(ValueError, match='top-level "models" list'):
         load_published(path)
+
+
+def test_kv_cache_bytes_per_token_by_hand():
+    from moe_course.params import kv_cache_bytes_per_token
+
+    v3, mixtral = get_published("DeepSeek-V3"), get_published("Mixtral 8x7B")
+    assert kv_cache_bytes_per_token(v3) == (512 + 64) * 61 * 2 == 70_272  # MLA: latent + RoPE key, bf16
+    assert kv_cache_bytes_per_token(v3, as_mha=True) == 128 * (128 + 64 + 128) * 61 * 2  # per-head K and V
+    assert kv_cache_bytes_per_token(mixtral) == 2 * 8 * 128 * 32 * 2 == 131_072  # GQA: 8 KV heads of 128
+    assert kv_cache_bytes_per_token(mixtral, as_mha=True) == 4 * kv_cache_bytes_per_token(mixtral)  # 32 / 8 heads
+    assert kv_cache_bytes_per_token(mixtral, bytes_per_value=1) == 65_536  # FP8 cache
+    with pytest.raises(ValueError, match="bytes_per_value"):
+        kv_cache_bytes_per_token(mixtral, bytes_per_value=0)
