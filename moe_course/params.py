@@ -36,6 +36,7 @@ __all__ = [
     "count_model",
     "flops_per_token",
     "get_published",
+    "kv_attention_intensity",
     "kv_cache_bytes_per_token",
     "load_published",
     "memory_bytes",
@@ -335,6 +336,24 @@ def kv_cache_bytes_per_token(cfg: MoEConfig, bytes_per_value: float = 2.0, as_mh
     else:
         per_layer = 2 * (cfg.n_heads if as_mha else cfg.kv_heads) * cfg.head_size
     return math.ceil(cfg.n_layers * per_layer * bytes_per_value)
+
+
+def kv_attention_intensity(cfg: MoEConfig, bytes_per_value: float = 2.0, as_mha: bool = False) -> float:
+    """FLOPs per byte of KV cache read when one new token attends to the cached ones (decoding, any batch).
+
+    Per cached token and layer each query head does 2 FLOPs per key value (the score) and 2 per value (the
+    weighted sum) and reads the cache once: GQA's group of heads/kv_heads query heads shares each key and value,
+    so its intensity is that group size over bytes_per_value/2; MHA's is 1 in bf16. MLA with absorbed
+    projections scores against and sums the shared latent directly: 128 heads × 2 × (512 + 64 + 512) FLOPs per
+    576 cached values for DeepSeek-V3. ``as_mha``: the same model with a key and value per query head.
+    """
+    kv = kv_cache_bytes_per_token(cfg, bytes_per_value, as_mha) / cfg.n_layers  # bytes per cached token and layer
+    if cfg.attention == "mla":
+        k_dim, v_dim = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim) if as_mha
+                        else (cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank))
+    else:
+        k_dim = v_dim = cfg.head_size
+    return cfg.n_heads * 2 * (k_dim + v_dim) / kv
 
 # ----------------------------------------------------------------------------------------------------
 # Counting a real model

@@ -335,3 +335,15 @@ def test_kv_cache_bytes_per_token_by_hand():
     assert kv_cache_bytes_per_token(mixtral, bytes_per_value=1) == 65_536  # FP8 cache
     with pytest.raises(ValueError, match="bytes_per_value"):
         kv_cache_bytes_per_token(mixtral, bytes_per_value=0)
+
+
+def test_kv_attention_intensity_by_hand():
+    from moe_course.params import kv_attention_intensity
+
+    v3, mixtral = get_published("DeepSeek-V3"), get_published("Mixtral 8x7B")
+    assert kv_attention_intensity(mixtral) == pytest.approx(4.0)  # 32 query heads share 8 KV heads, bf16
+    assert kv_attention_intensity(mixtral, as_mha=True) == pytest.approx(1.0)
+    assert kv_attention_intensity(mixtral, bytes_per_value=1) == pytest.approx(8.0)  # an FP8 cache
+    # absorbed MLA: 128 heads x 2 x (512 + 64 scored, 512 summed) FLOPs per 576 bf16 values read
+    assert kv_attention_intensity(v3) == pytest.approx(128 * 2 * (576 + 512) / (576 * 2))
+    assert kv_attention_intensity(v3, as_mha=True) == pytest.approx(1.0)

@@ -86,7 +86,7 @@ def plot_roofline(peak_flops: float, bytes_per_s: float, points: Mapping[str, tu
                         color=COLORS[i % len(COLORS)])
     ax.set_xscale("log")
     ax.set_yscale("log")
-    style_axes(ax, title, "arithmetic intensity (FLOPs per byte of weights read)", "FLOP/s", title_size=10)
+    style_axes(ax, title, "arithmetic intensity (FLOPs per byte read from memory)", "FLOP/s", title_size=10)
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     return fig
 
