@@ -968,9 +968,28 @@ def _plan(ep: ExpertParallelMoE, flat: torch.Tensor) -> dict[str, Any]:
     order = dest.argsort(stable=True)  # (T*k,) pairs in send order
     send = torch.bincount(dest, minlength=ep.world)
     recv = _exchange(send, ep.group)
-    return {"flat": flat, "pair": order, "token_of": order // ep.top_k, "weights": routing.weights.reshape(-1)[order],
+    return {"flat": flat, "token_of": order // ep.top_k, "weights": routing.weights.reshape(-1)[order],
             "local_ids": (experts[order] - dest[order] * ep.n_local).contiguous(),
             "send": send.tolist(), "recv": recv.tolist()}
+
+
+def _start(ep: ExpertParallelMoE, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],
+           in_splits: list[int], overlap: bool) -> Any:  # noqa: ANN401
+    """Start an all-to-all of rows; with ``overlap`` return its handle (``wait()`` later), else wait and return None."""
+    work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=ep.group, async_op=True)
+    if overlap:
+        return work
+    work.wait()
+    return None
+
+
+def _dispatch(ep: ExpertParallelMoE, p: dict[str, Any], overlap: bool) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    """Send one planned micro-batch's rows and their local expert ids: (rows (R, d), ids (R,), handles)."""
+    xs = p["flat"].index_select(0, p["token_of"])  # (A, d) rank-contiguous send buffer
+    xr = xs.new_empty((sum(p["recv"]), ep.d_model))  # (R, d)
+    ids = p["local_ids"].new_empty(sum(p["recv"]))  # (R,)
+    return xr, ids, [_start(ep, xr, xs, p["recv"], p["send"], overlap),
+                     _start(ep, ids, p["local_ids"], p["recv"], p["send"], overlap)]
 
 
 def _pipelined_forward(ep: ExpertParallelMoE, micro_batches: Sequence[torch.Tensor], overlap: bool,
@@ -983,21 +1002,8 @@ def _pipelined_forward(ep: ExpertParallelMoE, micro_batches: Sequence[torch.Tens
     the CPU only waits for; the output is then not the layer's). ``experts=False``: the exchanges alone. Returns
     the output (T, d) and the seconds each micro-batch's compute took (local experts and shared experts).
     """
-    def start(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> Any:  # noqa: ANN401
-        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=ep.group, async_op=True)
-        if overlap:
-            return work
-        work.wait()
-        return None
-
-    def dispatch(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
-        xs = p["flat"].index_select(0, p["token_of"])  # (A, d) rank-contiguous send buffer
-        xr = xs.new_empty((sum(p["recv"]), ep.d_model))  # (R, d)
-        ids = p["local_ids"].new_empty(sum(p["recv"]))  # (R,)
-        return xr, ids, [start(xr, xs, p["recv"], p["send"]), start(ids, p["local_ids"], p["recv"], p["send"])]
-
     plans = [_plan(ep, flat) for flat in micro_batches]
-    pending = dispatch(plans[0])
+    pending = _dispatch(ep, plans[0], overlap)
     outs, works, seconds = [], [], []
     for i, p in enumerate(plans):
         xr, ids, arrived = pending
@@ -1005,7 +1011,7 @@ def _pipelined_forward(ep: ExpertParallelMoE, micro_batches: Sequence[torch.Tens
             if work is not None:
                 work.wait()
         if i + 1 < len(plans):
-            pending = dispatch(plans[i + 1])  # in flight while this micro-batch computes
+            pending = _dispatch(ep, plans[i + 1], overlap)  # in flight while this micro-batch computes
         begin = time.perf_counter()
         if stand_in is not None:
             time.sleep(stand_in[i])
@@ -1016,7 +1022,7 @@ def _pipelined_forward(ep: ExpertParallelMoE, micro_batches: Sequence[torch.Tens
         else:
             yr = xr
         ys = yr.new_empty((sum(p["send"]), ep.d_model))  # (A, d) results back in send order
-        works.append(start(ys, yr, p["send"], p["recv"]))
+        works.append(_start(ep, ys, yr, p["send"], p["recv"], overlap))
         shared = ep.shared(p["flat"]) if ep.shared is not None and experts and stand_in is None else None
         seconds.append(time.perf_counter() - begin)
         outs.append((ys, shared))
@@ -1078,11 +1084,7 @@ def overlap_profile(moe_kwargs: dict[str, Any], tokens_per_rank: int, chunks: in
 
     with torch.no_grad():
         y = ep(x)
-        p = _plan(ep, x)
-        xr = x.new_empty((sum(p["recv"]), ep.d_model))
-        ids = p["local_ids"].new_empty(sum(p["recv"]))
-        dist.all_to_all_single(xr, x.index_select(0, p["token_of"]), p["recv"], p["send"], group=ep.group)
-        dist.all_to_all_single(ids, p["local_ids"], p["recv"], p["send"], group=ep.group)
+        xr, ids, _ = _dispatch(ep, _plan(ep, x), overlap=False)  # the rows "experts only" computes on
         by_expert, _, counts = sort_by_expert(ids[:, None], ep.n_local)
         xr_sorted = xr.index_select(0, by_expert)
         for i in range(warmup + repeats):
