@@ -12,6 +12,12 @@ specialisation by token type.
   Python token type of the byte (:class:`~moe_course.corpus.TokenType`). The mutual information I(type;
   expert) measures how much the expert tells about the type; a *random-router baseline* (the same expert
   choices shuffled across tokens, so the same loads) gives what chance alone produces with this many tokens.
+* **Against the byte**: in a byte-level model the type is largely a function of the byte itself (a space is
+  whitespace, ``d`` is mostly a name), so a router that only looked at the byte would already score a high
+  I(type; expert). :func:`byte_routing_tables` keeps the input byte too; :func:`specialisation_by_byte` gives
+  I(type; byte), I(type; expert | byte) (what the expert tells about the type *beyond* the byte: context) and
+  the *byte-lookup router* (every byte value sent to its most common expert), the baseline a router must beat
+  to show more than a byte lookup.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from moe_course.train import evaluate_text
 from moe_course.validate import check_int
 
 __all__ = [
+    "byte_lookup_table",
+    "byte_routing_tables",
+    "conditional_mutual_information",
     "expert_output_similarity",
     "mask_top_experts",
     "mutual_information",
@@ -34,9 +43,11 @@ __all__ = [
     "random_router_table",
     "redundancy",
     "shared_as_routed",
+    "shuffled_within_bytes",
     "routing_tables",
     "shared_output_share",
     "specialisation",
+    "specialisation_by_byte",
     "type_expert_table",
 ]
 
@@ -158,6 +169,106 @@ def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, 
     rows = types.to(chosen.device).long()[:, None].expand_as(chosen)  # (T, 1) or (T, k)
     cells = (rows * n_experts + chosen).reshape(-1)
     return torch.bincount(cells, minlength=n_types * n_experts).reshape(n_types, n_experts)
+
+
+@torch.no_grad()
+def byte_routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, n_types: int,
+                        batch_size: int = 16, n_batches: int = 4, seed: int = 1234) -> list[torch.Tensor]:
+    """Per MoE layer, a (256, n_types, N) count table: tokens by input byte, token type and first-choice expert.
+
+    The same windows as :func:`routing_tables` (same ``seed``), so ``table.sum(0)`` is its (n_types, N) table.
+    """
+    check_int("n_types", n_types, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("n_batches", n_batches, 1)
+    _check_data(data, model.cfg.block_size, types)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    layers = model.moe_layers()
+    tables = [torch.zeros(256 * n_types, layer.n_experts, dtype=torch.long) for layer in layers]
+    with _eval_mode(model):
+        for _ in range(n_batches):
+            x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
+            model(x.to(device))
+            rows = (x.reshape(-1) * n_types + t.reshape(-1))  # (B*T,) one row per (byte, type)
+            for table, layer in zip(tables, layers, strict=True):
+                table += type_expert_table(rows, layer.last_routing.indices.cpu(), 256 * n_types, layer.n_experts)
+    return [t.reshape(256, n_types, -1) for t in tables]
+
+
+def _check_table3(table: Any, name: str = "table") -> None:
+    if not isinstance(table, torch.Tensor) or table.dim() != 3:
+        got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"{name} must be a 3-D tensor of counts (byte x type x expert), e.g. from "
+                         f"byte_routing_tables, got {got}")
+    _check_table(table.reshape(table.shape[0], -1), name)
+    if not table.sum() > 0:
+        raise ValueError(f"{name} is empty (its counts sum to 0): route some text first")
+
+
+def conditional_mutual_information(table: torch.Tensor) -> float:
+    """I(type; expert | byte) in bits of a (byte, type, expert) count table: Σ_b p(b) I(type; expert | B = b).
+
+    What the expert choice tells about the token type once the byte is known: zero for any router that looks
+    only at the byte, whatever its I(type; expert).
+    """
+    _check_table3(table)
+    total = table.sum()
+    out = 0.0
+    for row in table:  # row: (n_types, N) table of one byte value
+        n = row.sum()
+        if n > 0:
+            out += float(n / total) * mutual_information(row)
+    return out
+
+
+def byte_lookup_table(table: torch.Tensor) -> torch.Tensor:
+    """The (n_types, N) table of a *byte-lookup router*: every token of a byte value goes to that byte's most
+    common first-choice expert in ``table`` (byte, type, expert), the best a router blind to context can copy."""
+    _check_table3(table)
+    per_byte = table.sum(dim=1)  # (256, N) tokens of each byte at each expert
+    best = per_byte.argmax(dim=1)  # (256,) the byte's most common expert (lowest index on ties)
+    by_type = table.sum(dim=2)  # (256, n_types) tokens of each byte and type
+    out = torch.zeros(table.shape[1], table.shape[2], dtype=torch.long)
+    out.index_add_(1, best, by_type.T.contiguous())  # column best[b] gets byte b's tokens of every type
+    return out
+
+
+def shuffled_within_bytes(table: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``table`` (byte, type, expert) with the expert choices shuffled among the tokens of each byte value: the
+    same byte-by-expert loads, no use of context; its I(type; expert | byte) is what chance gives this many tokens
+    (the plug-in estimate is biased upward on small counts)."""
+    _check_table3(table)
+    out = torch.zeros_like(table)
+    for b, row in enumerate(table):
+        if row.sum() > 0:
+            out[b] = random_router_table(row, seed + b)
+    return out
+
+
+def specialisation_by_byte(tables: list[torch.Tensor], seed: int = 0,
+                           whitespace: tuple[int, ...] = (9, 10, 13, 32)) -> dict[str, Any]:
+    """Per layer of (byte, type, expert) tables: I(type; expert) against the random router's and the byte-lookup
+    router's, I(type; expert | byte) against its within-byte shuffle; and, for the routed text, I(type; byte) and
+    I(type; is-whitespace) (a "router" that knows only whether the byte is a space, tab or newline). In bits."""
+    for i, t in enumerate(tables):
+        _check_table3(t, f"tables[{i}]")
+    if not tables:
+        raise ValueError("tables is empty: pass one (byte, type, expert) table per MoE layer")
+    flat = [t.sum(dim=0) for t in tables]  # (n_types, N) each
+    by_byte = tables[0].sum(dim=2)  # (256, n_types), the same text in every layer
+    is_ws = torch.zeros(by_byte.shape[0], dtype=torch.bool)
+    is_ws[list(whitespace)] = True
+    ws = torch.stack([by_byte[~is_ws].sum(0), by_byte[is_ws].sum(0)], dim=1)  # (n_types, 2)
+    return {
+        "mi": [mutual_information(t) for t in flat],
+        "mi_given_byte": [conditional_mutual_information(t) for t in tables],
+        "mi_byte_lookup": [mutual_information(byte_lookup_table(t)) for t in tables],
+        "mi_random": [mutual_information(random_router_table(t, seed)) for t in flat],
+        "mi_given_byte_random": [conditional_mutual_information(shuffled_within_bytes(t, seed)) for t in tables],
+        "mi_type_byte": mutual_information(by_byte),
+        "mi_type_whitespace": mutual_information(ws),
+    }
 
 
 @torch.no_grad()

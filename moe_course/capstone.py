@@ -101,7 +101,8 @@ def train_flops_per_token_of(cfg: ModelConfig) -> float:
     (every ``moe_every``-th), the router (d·N) and the SwiGLU experts the token uses, top_k routed and
     n_shared shared ones (3·d·expert_hidden each); then the final norm (d) and the output head tied to the token
     embedding (V·d, counted once; the position embedding is a lookup, no multiply). 6 per weight is forward plus
-    backward (Kaplan et al. 2020, §2.1); 6·L·T·d is causal attention's scores and weighted sum (PaLM, app. B).
+    backward (Kaplan et al. 2020, §2.1); 6·L·T·d is attention's scores and weighted sum under a causal mask, half
+    PaLM's 12·L·H·Q·T for a full T × T block (app. B) and Kaplan et al.'s attention term (Table 1, x3).
     Equal to :func:`moe_course.params.train_flops_per_token` of the built model (tested).
     """
     if not isinstance(cfg, ModelConfig):

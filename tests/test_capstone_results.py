@@ -72,8 +72,10 @@ def test_seed_curves_draw_a_line_per_seed_and_a_mean():
     fig = plot_seed_curves(curves)
     ax = fig.axes[0]
     means = [line for line in ax.get_lines() if line.get_linewidth() > 2]
-    assert len(ax.get_lines()) == 5 and len(means) == 2
+    assert len(ax.get_lines()) == 4 and len(means) == 2
     assert means[0].get_ydata().tolist() == pytest.approx([3.1, 2.45, 2.1])
+    # every legend entry is a line that is drawn: no "mean of 1" for a single seed
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dense (mean of 2 seeds)", "MoE"]
     with pytest.raises(ValueError, match="curves\\['x'\\] is empty"):
         plot_seed_curves({"x": []})
 
@@ -87,6 +89,9 @@ def test_expert_sweep_plot_means_and_labels():
     assert {t.get_text() for t in ax.texts} == {"0.7M", "2.1M"}
     with pytest.raises(ValueError, match="points is empty"):
         plot_expert_sweep({})
+    fig = plot_expert_sweep({4: [2.0], 16: [1.8]}, fit=(math.log(2.0), -0.076, [4, 16]))
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"][0]
+    assert dashed.get_ydata()[0] == pytest.approx(2.0 * 4 ** -0.076) and dashed.get_label() == "fit: L ∝ E^-0.076"
 
 
 def test_course_table_reads_every_source():
@@ -134,7 +139,10 @@ def test_capstone_probe_records_tables_and_a_sample():
     rec = train_run(run, 0, load_corpus(max_bytes=40_000), "smoke")
     tables = rec.extra["type_tables"]
     assert len(tables) == run.model.n_layer and len(tables[0][0]) == run.model.n_experts
-    assert sum(map(sum, tables[0])) == 8 * 16 * run.model.block_size  # n_batches x batch x block
+    assert sum(map(sum, tables[0])) == 32 * 16 * run.model.block_size  # n_batches x batch x block
+    by_byte = rec.extra["by_byte"]
+    assert len(by_byte["mi_given_byte"]) == run.model.n_layer and 0 <= by_byte["mi_type_whitespace"] <= by_byte[
+        "mi_type_byte"] + 1e-9  # a function of the byte tells at most what the byte does
     assert rec.extra["sample"].startswith("def ") and len(rec.extra["sample"].encode("utf-8", "replace")) >= 4
     assert all(math.isfinite(v) for v in rec.extra["mi"])
 

@@ -26,7 +26,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from moe_course.plots.style import COLORS, figure_axes, style_axes
+from moe_course.plots.style import COLORS, expert_colors, figure_axes, style_axes
 
 __all__ = [
     "CollapseSimulation",
@@ -181,7 +181,7 @@ def plot_simulated_load(sim: CollapseSimulation, ax: Axes | None = None, title: 
     """Stacked expert shares of a :class:`CollapseSimulation` over its steps, with the final MaxVio."""
     fig, ax = figure_axes(ax, (6.0, 3.5))
     steps = np.arange(1, len(sim.load) + 1)
-    colors = [COLORS[e % len(COLORS)] for e in range(sim.n_experts)]
+    colors = expert_colors(sim.n_experts)
     ax.stackplot(steps, sim.load.numpy().T, colors=colors, alpha=0.85)
     for e in range(1, sim.n_experts):
         ax.axhline(e / sim.n_experts, color="white", ls=":", lw=0.8)
@@ -265,7 +265,7 @@ def plot_layer_loads(load: Sequence[Sequence[Sequence[float]]], steps: Sequence[
         raise ValueError(f"{len(steps)} steps for {points} log points")
     fig = fig or plt.figure(figsize=(4.2 * layers + 1.2, 3.3), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, layers, sharey=True))
-    colors = [COLORS[e % len(COLORS)] for e in range(n)]
+    colors = expert_colors(n)
     for layer, ax in enumerate(axes):
         ax.stackplot(steps, arr[:, layer].T, colors=colors, alpha=0.85, labels=[f"expert {e}" for e in range(n)])
         for e in range(1, n):

@@ -17,7 +17,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -33,7 +32,7 @@ from matplotlib.transforms import Affine2D
 
 from moe_course.capstone import DEFAULT_CODE, RoutedText, route_text
 from moe_course.corpus import TOKEN_TYPE_NAMES
-from moe_course.plots.style import COLORS, figure_axes, style_axes
+from moe_course.plots.style import COLORS, EXPERT_COLORS, expert_colors, figure_axes, style_axes
 
 __all__ = [
     "EXPERT_COLORS",
@@ -52,7 +51,8 @@ Curve = tuple[Sequence[float], Sequence[float]]
 def plot_seed_curves(curves: Mapping[str, Sequence[Curve]], ax: Axes | None = None, title: str | None = None,
                      xlabel: str = "training tokens", ylabel: str = "validation loss (nats/byte)",
                      bits_axis: bool = True) -> Figure:
-    """``curves[label]``: one ``(x, y)`` pair per seed. Seeds as thin lines, their mean (where x agree) thick.
+    """``curves[label]``: one ``(x, y)`` pair per seed. Seeds as thin lines, their mean (where x agree) thick; a
+    single seed as one thick line.
 
     With ``bits_axis`` a right-hand axis gives the same loss in bits per byte (nats / ln 2).
     """
@@ -61,14 +61,17 @@ def plot_seed_curves(curves: Mapping[str, Sequence[Curve]], ax: Axes | None = No
         if not runs:
             raise ValueError(f"curves[{label!r}] is empty: give one (x, y) pair per seed")
         color = COLORS[i % len(COLORS)]
-        for x, y in runs:
-            ax.plot(x, y, color=color, lw=0.8, alpha=0.45)
+        if len(runs) == 1:  # one seed: its own line is the curve
+            ax.plot(*runs[0], color=color, lw=2.2, label=label)
+            continue
         xs = [tuple(x) for x, _ in runs]
-        if len(set(xs)) == 1:  # same evaluation points: draw the mean over seeds
+        same = len(set(xs)) == 1
+        for j, (x, y) in enumerate(runs):
+            ax.plot(x, y, color=color, lw=0.8, alpha=0.45,
+                    label=None if same or j else f"{label} ({len(runs)} seeds)")
+        if same:  # same evaluation points: draw the mean over seeds
             mean = np.mean([np.asarray(y, dtype=float) for _, y in runs], axis=0)
-            ax.plot(xs[0], mean, color=color, lw=2.2, label=f"{label} (mean of {len(runs)})")
-        else:
-            ax.plot([], [], color=color, lw=2.2, label=label)
+            ax.plot(xs[0], mean, color=color, lw=2.2, label=f"{label} (mean of {len(runs)} seeds)")
     style_axes(ax, title, xlabel, ylabel, title_size=10)
     ax.legend(frameon=False, fontsize=8)
     if bits_axis:
@@ -79,10 +82,12 @@ def plot_seed_curves(curves: Mapping[str, Sequence[Curve]], ax: Axes | None = No
 
 def plot_expert_sweep(points: Mapping[int, Sequence[float]], totals: Mapping[int, int] | None = None,
                       ax: Axes | None = None, title: str | None = None,
-                      ylabel: str = "validation loss (nats/byte)") -> Figure:
+                      ylabel: str = "validation loss (nats/byte)",
+                      fit: tuple[float, float, Sequence[int]] | None = None) -> Figure:
     """``points[E]``: final losses (one per seed) with E experts; E = 1 is the dense twin. Mean line, seed dots.
 
-    ``totals[E]`` (total parameters) is written next to each mean.
+    ``totals[E]`` (total parameters) is written next to each mean. ``fit = (d, b, counts)`` draws the power law
+    log L = d + b·log E (Clark et al. 2022's form at fixed dense size) dashed over the expert counts it was fitted on.
     """
     if not points:
         raise ValueError("points is empty: give {number of experts: [loss per seed]}")
@@ -92,6 +97,11 @@ def plot_expert_sweep(points: Mapping[int, Sequence[float]], totals: Mapping[int
     for e in es:
         ax.scatter([e] * len(points[e]), points[e], color=COLORS[0], s=16, alpha=0.5, zorder=3)
     ax.plot(es, means, color=COLORS[0], lw=2, marker="o", zorder=4, label="mean over seeds")
+    if fit is not None:
+        d, b, counts = fit
+        xs = np.geomspace(min(counts), max(counts), 50)
+        ax.plot(xs, np.exp(d) * xs ** b, color=COLORS[3], lw=1.2, ls="--", zorder=2,
+                label=f"fit: L ∝ E^{b:.3f}")
     if totals:
         for e, m in zip(es, means, strict=True):
             if e in totals:
@@ -142,17 +152,6 @@ def _panels(n: int) -> tuple[Figure, list[Axes]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _palette_32() -> list[str]:
-    """32 qualitative colours: tab20 (10 hues, dark and light) then 12 more from tab20b and tab20c."""
-    cmaps = matplotlib.colormaps
-    tab20 = [cmaps["tab20"](i) for i in range(20)]
-    extra = [cmaps["tab20b"](i) for i in (0, 2, 4, 6, 8, 10, 13, 15, 17, 19)] + [cmaps["tab20c"](i) for i in (4, 9)]
-    return [matplotlib.colors.to_hex(c) for c in tab20 + extra]
-
-
-EXPERT_COLORS: list[str] = _palette_32()
-"""The colour of expert e (e < 32): a qualitative palette; larger N falls back to a continuous colormap."""
-
 TYPE_COLORS: list[str] = ["#7f7f7f", "#e8e8e8", "#2ca02c", "#ff7f0e", "#bcbd22", "#1f77b4", "#9467bd", "#17becf",
                           "#d62728"]
 """The colour of each TokenType (OTHER, WHITESPACE, COMMENT, STRING, DOCSTRING, NAME, KEYWORD, NUMBER, OPERATOR)."""
@@ -161,15 +160,6 @@ CELL_W, CELL_H = 0.115, 0.19  # inches per character cell
 FONT_SIZE = 8.5  # points: DejaVu Sans Mono advances 0.602 em = 5.1 pt = 0.071 in, inside the 0.115 in cell
 _FONT = FontProperties(family="DejaVu Sans Mono")
 _GLYPHS: dict[str, Path] = {}
-
-
-def expert_colors(n_experts: int) -> list[str]:
-    """One colour per expert: the 32-colour qualitative palette, or a continuous colormap beyond 32."""
-    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
-    if n_experts <= len(EXPERT_COLORS):
-        return EXPERT_COLORS[:n_experts]
-    return [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["turbo"](np.linspace(0, 1, n_experts))]
 
 
 def _glyph(byte: int) -> str:

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from moe_course.loss_free import BiasSimulation, simulate_bias
-from moe_course.plots.style import COLORS, figure_axes, style_axes
+from moe_course.plots.style import COLORS, expert_colors, figure_axes, style_axes
 
 __all__ = ["STATIC_RATES", "bias_explorer", "plot_bias", "plot_series", "plot_tradeoff", "plot_tradeoff_curves",
            "static_bias_figure"]
@@ -40,8 +40,9 @@ def plot_bias(bias: Any, steps: Sequence[int] | None = None, ax: Axes | None = N
     x = np.arange(len(b)) if steps is None else np.asarray(steps)
     if len(x) != len(b):
         raise ValueError(f"steps has {len(x)} entries for {len(b)} bias points")
+    colors = expert_colors(b.shape[1])
     for e in range(b.shape[1]):
-        ax.plot(x, b[:, e], color=COLORS[e % len(COLORS)], linewidth=1.2, label=f"E{e}")
+        ax.plot(x, b[:, e], color=colors[e], linewidth=1.2, label=f"E{e}")
     ax.axhline(0.0, color="black", linewidth=0.8)
     style_axes(ax, title, "step", "bias bᵢ", title_size=10)
     return ax.figure
