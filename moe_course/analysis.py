@@ -171,6 +171,27 @@ def type_expert_table(types: torch.Tensor, indices: torch.Tensor, n_types: int, 
     return torch.bincount(cells, minlength=n_types * n_experts).reshape(n_types, n_experts)
 
 
+def _check_routing_args(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, n_types: int,
+                        batch_size: int, n_batches: int) -> None:
+    check_int("n_types", n_types, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("n_batches", n_batches, 1)
+    _check_data(data, model.cfg.block_size, types)
+
+
+def _routed_windows(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, batch_size: int,
+                    n_batches: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.nn.Module]]]:
+    """Route ``n_batches`` fixed random windows of ``data`` in eval mode: (x, types of x, MoE layers) after each."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    layers = model.moe_layers()
+    with _eval_mode(model):
+        for _ in range(n_batches):
+            x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
+            model(x.to(device))
+            yield x, t, layers
+
+
 @torch.no_grad()
 def byte_routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, n_types: int,
                         batch_size: int = 16, n_batches: int = 4, seed: int = 1234) -> list[torch.Tensor]:
@@ -178,21 +199,12 @@ def byte_routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch
 
     The same windows as :func:`routing_tables` (same ``seed``), so ``table.sum(0)`` is its (n_types, N) table.
     """
-    check_int("n_types", n_types, 1)
-    check_int("batch_size", batch_size, 1)
-    check_int("n_batches", n_batches, 1)
-    _check_data(data, model.cfg.block_size, types)
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    layers = model.moe_layers()
-    tables = [torch.zeros(256 * n_types, layer.n_experts, dtype=torch.long) for layer in layers]
-    with _eval_mode(model):
-        for _ in range(n_batches):
-            x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
-            model(x.to(device))
-            rows = (x.reshape(-1) * n_types + t.reshape(-1))  # (B*T,) one row per (byte, type)
-            for table, layer in zip(tables, layers, strict=True):
-                table += type_expert_table(rows, layer.last_routing.indices.cpu(), 256 * n_types, layer.n_experts)
+    _check_routing_args(model, data, types, n_types, batch_size, n_batches)
+    tables = [torch.zeros(256 * n_types, layer.n_experts, dtype=torch.long) for layer in model.moe_layers()]
+    for x, t, layers in _routed_windows(model, data, types, batch_size, n_batches, seed):
+        rows = x.reshape(-1) * n_types + t.reshape(-1)  # (B*T,) one row per (byte, type)
+        for table, layer in zip(tables, layers, strict=True):
+            table += type_expert_table(rows, layer.last_routing.indices.cpu(), 256 * n_types, layer.n_experts)
     return [t.reshape(256, n_types, -1) for t in tables]
 
 
@@ -275,20 +287,11 @@ def specialisation_by_byte(tables: list[torch.Tensor], seed: int = 0,
 def routing_tables(model: torch.nn.Module, data: torch.Tensor, types: torch.Tensor, n_types: int,
                    batch_size: int = 16, n_batches: int = 4, seed: int = 1234) -> list[torch.Tensor]:
     """Per MoE layer, a (n_types, N) count table: tokens of each type whose *first choice* is each expert."""
-    check_int("n_types", n_types, 1)
-    check_int("batch_size", batch_size, 1)
-    check_int("n_batches", n_batches, 1)
-    _check_data(data, model.cfg.block_size, types)
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    layers = model.moe_layers()
-    tables = [torch.zeros(n_types, layer.n_experts, dtype=torch.long) for layer in layers]
-    with _eval_mode(model):
-        for _ in range(n_batches):
-            x, t = _windows(data, types, batch_size, model.cfg.block_size, gen)
-            model(x.to(device))
-            for table, layer in zip(tables, layers, strict=True):
-                table += type_expert_table(t.reshape(-1), layer.last_routing.indices.cpu(), n_types, layer.n_experts)
+    _check_routing_args(model, data, types, n_types, batch_size, n_batches)
+    tables = [torch.zeros(n_types, layer.n_experts, dtype=torch.long) for layer in model.moe_layers()]
+    for _, t, layers in _routed_windows(model, data, types, batch_size, n_batches, seed):
+        for table, layer in zip(tables, layers, strict=True):
+            table += type_expert_table(t.reshape(-1), layer.last_routing.indices.cpu(), n_types, layer.n_experts)
     return tables
 
 

@@ -166,14 +166,12 @@ def knob_losses(result: ExperimentResult) -> dict[str, dict[float, float]]:
     _check_search(result)
     stage1 = grid_choice(result)
     out: dict[str, dict[float, float]] = {}
+    labels = set(result.labels)
     for label in CAPSTONE_LABELS:
-        lr, warmup = stage1[label]["lr"], stage1[label]["warmup"]
-        labels = set(result.labels)
-        if not all(tuning_label(label, lr, warmup, v) in labels for v in KNOBS[label][1]
-                   if v != _preset_knob(result, label)):
-            continue
-        out[label] = {v: _score(result, tuning_label(label, lr, warmup) if v == _preset_knob(result, label)
-                                else tuning_label(label, lr, warmup, v)) for v in KNOBS[label][1]}
+        lr, warmup, preset = stage1[label]["lr"], stage1[label]["warmup"], _preset_knob(result, label)
+        runs = {v: tuning_label(label, lr, warmup, None if v == preset else v) for v in KNOBS[label][1]}
+        if all(run in labels for run in runs.values()):
+            out[label] = {v: _score(result, run) for v, run in runs.items()}
     return out
 
 
@@ -283,16 +281,21 @@ def _preferences(corpus: Any, cfg: Any, log_every: int, size: str, device: Any) 
     return PreferenceTracker(log_every, cfg.steps)
 
 
+def _with_equal_time(shapes: tuple[Run, Run, Run], ratio: float, size: str) -> list[Run]:
+    """The race's three models, plus (except on a GPU) the dense twin trained ``ratio`` times the steps."""
+    runs = list(shapes)
+    if size != "gpu":  # equal time is a CPU question: on a GPU the MoE's step time depends on the kernels
+        dense = shapes[0]
+        steps = round(ratio * dense.train.steps)
+        runs.append(replace(dense, label="dense, equal time", train=replace(dense.train, steps=steps)))
+    return runs
+
+
 @register("capstone", "notebook 08: dense twin vs plain top-2 MoE vs the course's recipe (fine-grained + shared + "
           "loss-free) at equal active parameters and tokens; and a dense run given the recipe's wall-clock time",
           seeds=(0, 1, 2))
 def _capstone(size: str) -> list[Run]:
-    dense, moe, best = capstone_shapes(size)
-    runs = [dense, moe, best]
-    if size != "gpu":  # equal time is a CPU question: on a GPU the MoE's step time depends on the kernels
-        steps = round(EQUAL_TIME_STEPS * dense.train.steps)
-        runs.append(replace(dense, label="dense, equal time", train=replace(dense.train, steps=steps)))
-    return runs
+    return _with_equal_time(capstone_shapes(size), EQUAL_TIME_STEPS, size)
 
 
 BIAS_RATES = (1e-3, 3e-3, 1e-2)
@@ -351,12 +354,7 @@ def capstone_race(size: str) -> list[Run]:
     each at what ``capstone_search`` chose, scored on the whole test half over :data:`RACE_SEEDS`; and the dense
     twin given the recipe's wall-clock time. Registered as the experiment ``capstone_race`` once
     :data:`RACE_TUNED` holds stage 2's choice (until then the cpu size has no tuned settings to train)."""
-    dense, moe, best = race_shapes(size)
-    runs = [dense, moe, best]
-    if size != "gpu":  # equal time is a CPU question: on a GPU the MoE's step time depends on the kernels
-        steps = round(EQUAL_TIME_RATIO * dense.train.steps)
-        runs.append(replace(dense, label="dense, equal time", train=replace(dense.train, steps=steps)))
-    return runs
+    return _with_equal_time(race_shapes(size), EQUAL_TIME_RATIO, size)
 
 
 def capstone_experts(size: str) -> list[Run]:
