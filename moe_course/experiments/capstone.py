@@ -50,7 +50,7 @@ stage-1 choice: the top-2 MoE's auxiliary-loss weight α (0 = no balancing), the
 the dense twin balances nothing, its weight decay, so that every model gets the same number of runs."""
 GRID_CHOICE: dict[str, tuple[float, int]] = {}
 """Each model's stage-1 choice (lr, warm-up) from the stored ``capstone_search`` (a test keeps them equal): the
-point where stage 2 searches the knob. Empty until stage 1 is stored."""
+point where stage 2 searches the knob. Empty until stage 2 is run (stage 1 alone is stored)."""
 
 
 def capstone_shapes(size: str) -> tuple[Run, Run, Run]:
